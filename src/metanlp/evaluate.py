@@ -1,0 +1,176 @@
+"""Meta-trained model -> evaluation: every method on exactly the same episodes, with 95% CIs.
+
+Two protocols:
+- episodic: N-way K-shot episodes with Q queries per class, drawn from one labelled set;
+- full label space (`ways="all"`): every class at once, K shots each, either from a separate support set
+  (every row of the evaluation set is then a query: the protocol of the few-shot intent literature)
+  or from the evaluation set itself (the rest are queries), repeated over `repeats` support draws.
+
+Accuracies are paired: the difference to the baseline is taken episode by episode, so its CI is much
+narrower than the two methods' CIs would suggest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from metanlp.data.episodes import Episode, EpisodeSampler, full_label_space_episode
+from metanlp.data.load import DataError, LabelledTexts
+from metanlp.encoder import TokenizedTexts
+from metanlp.learners import Learner
+from metanlp.progress import progress_bar
+
+BASELINE = "frozen"
+
+
+@dataclass
+class EpisodeOutcome:
+    accuracy: float
+    adapt_seconds: float
+    predict_seconds: float
+
+
+def run_episode(learner: Learner, episode: Episode, support: TokenizedTexts, query: TokenizedTexts,
+                seed: int) -> EpisodeOutcome:
+    """Adapt on the episode's support rows, predict its query rows. Query labels are only used to score."""
+    torch.manual_seed(seed)  # learners that draw random numbers (a new head, minibatches) do so reproducibly
+    labels = [episode.classes[i] for i in episode.support_labels]
+    start = time.perf_counter()
+    classifier = learner.adapt(support.subset(episode.support), labels)
+    adapted = time.perf_counter()
+    predicted = classifier.predict(query.subset(episode.query)).labels
+    done = time.perf_counter()
+    truth = [episode.classes[i] for i in episode.query_labels]
+    accuracy = float(np.mean([p == t for p, t in zip(predicted, truth, strict=True)]))
+    return EpisodeOutcome(accuracy, adapted - start, done - adapted)
+
+
+def mean_ci(values: np.ndarray) -> tuple[float, float]:
+    """Mean and half-width of the 95% CI, 1.96 sd / sqrt(n)."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return float(values.mean()), float("nan")
+    return float(values.mean()), float(1.96 * values.std(ddof=1) / math.sqrt(len(values)))
+
+
+@dataclass
+class Setting:
+    """One evaluation setting: a protocol, a number of ways and shots."""
+
+    ways: int | str  # an int, or "all" for the full label space
+    shots: int
+    episodes: list[Episode] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"all-way {self.shots}-shot" if self.ways == "all" else f"{self.ways}-way {self.shots}-shot"
+
+
+def build_settings(data: LabelledTexts, ways: int | str, shots: list[int], queries: int, episodes: int,
+                   repeats: int, support_data: LabelledTexts | None, seed: int) -> list[Setting]:
+    settings = []
+    for k in shots:
+        setting = Setting(ways, k)
+        if ways == "all":
+            setting.episodes = [full_label_space_episode(support_data or data, data if support_data else None,
+                                                         k, seed + r) for r in range(repeats)]
+        else:
+            if support_data is not None:
+                raise DataError("--support-data is for the full label space (--ways all)")
+            setting.episodes = EpisodeSampler(data, int(ways), k, queries, seed=seed + 1000 * k).take(episodes)
+        settings.append(setting)
+    return settings
+
+
+def evaluate_methods(methods: dict[str, Learner], data: LabelledTexts, settings: list[Setting],
+                     support_data: LabelledTexts | None = None, seed: int = 0, show_progress: bool = True) -> dict:
+    """Run every method on every setting's episodes; the result is JSON-ready."""
+    results: dict = {"settings": []}
+    for setting in settings:
+        entry = {"setting": setting.name, "ways": setting.ways, "shots": setting.shots,
+                 "episodes": len(setting.episodes), "methods": {}}
+        for name, learner in methods.items():
+            learner.eval()
+            query_tokens = learner.encoder.tokenize(data.texts)
+            support_tokens = learner.encoder.tokenize(support_data.texts) if support_data else query_tokens
+            outcomes = []
+            with progress_bar(f"{setting.name} {name}", len(setting.episodes), show_progress) as advance:
+                for i, episode in enumerate(setting.episodes):
+                    outcomes.append(run_episode(learner, episode, support_tokens, query_tokens, seed * 100_003 + i))
+                    advance()
+            accuracies = np.array([o.accuracy for o in outcomes])
+            mean, ci = mean_ci(accuracies)
+            entry["methods"][name] = {
+                "accuracy": mean, "ci95": ci, "per_episode": accuracies.round(6).tolist(),
+                "adapt_ms": 1000 * float(np.mean([o.adapt_seconds for o in outcomes])),
+                "predict_ms": 1000 * float(np.mean([o.predict_seconds for o in outcomes])),
+            }
+        if BASELINE in entry["methods"]:
+            base = np.array(entry["methods"][BASELINE]["per_episode"])
+            for method in entry["methods"].values():
+                diff, ci = mean_ci(np.array(method["per_episode"]) - base)
+                method["diff_vs_frozen"], method["diff_ci95"] = diff, ci
+        results["settings"].append(entry)
+    return results
+
+
+def _pct(value: float) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}"
+
+
+def markdown_table(results: dict) -> str:
+    lines = ["| setting | method | accuracy % (95% CI) | Δ vs frozen, pp (95% CI) | adapt ms/episode | episodes |",
+             "|---|---|---|---|---|---|"]
+    for entry in results["settings"]:
+        for name, m in entry["methods"].items():
+            diff = "—" if name == BASELINE or "diff_vs_frozen" not in m else (
+                f"{100 * m['diff_vs_frozen']:+.1f} ± {_pct(m['diff_ci95'])}")
+            lines.append(f"| {entry['setting']} | {name} | {_pct(m['accuracy'])} ± {_pct(m['ci95'])} | {diff} | "
+                         f"{m['adapt_ms']:.0f} | {entry['episodes']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy_vs_shots(results: dict, path: Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[str, dict[str, list]] = {}
+    for entry in results["settings"]:
+        ways = "all-way" if entry["ways"] == "all" else f"{entry['ways']}-way"
+        for name, m in entry["methods"].items():
+            groups.setdefault(ways, {}).setdefault(name, []).append((entry["shots"], m["accuracy"], m["ci95"]))
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for ax, (ways, methods) in zip(axes[0], groups.items(), strict=True):
+        for name, points in methods.items():
+            points.sort()
+            shots, acc, ci = zip(*points, strict=True)
+            ax.errorbar(shots, [100 * a for a in acc], yerr=[0 if math.isnan(c) else 100 * c for c in ci],
+                        marker="o", capsize=3, label=name)
+        ax.set(title=f"{title} {ways}".strip(), xlabel="shots per class", ylabel="accuracy %")
+        ax.set_xticks(sorted({p[0] for pts in methods.values() for p in pts}))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: dict, out: Path, title: str = "") -> dict[str, Path]:
+    """results.json, results.md and results.png side by side."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    json_path, md_path, png_path = out.with_suffix(".json"), out.with_suffix(".md"), out.with_suffix(".png")
+    json_path.write_text(json.dumps(results, indent=2))
+    md_path.write_text(markdown_table(results))
+    plot_accuracy_vs_shots(results, png_path, title)
+    return {"json": json_path, "markdown": md_path, "plot": png_path}

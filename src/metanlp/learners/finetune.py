@@ -1,0 +1,72 @@
+"""The transfer-learning baseline: a new linear head, and all encoder weights fine-tuned on the support set.
+
+Written functionally: each `adapt` clones the weights into a dict and trains that with
+`torch.func.functional_call`, so the learner itself never changes and earlier classifiers stay valid.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from metanlp.config import FineTuneConfig
+from metanlp.encoder import TextEncoder, TokenizedTexts, autocast
+from metanlp.learners.base import Classifier, Learner, support_targets
+
+
+class FineTune(Learner):
+    name = "finetune"
+
+    def __init__(self, encoder: TextEncoder, config: FineTuneConfig | None = None) -> None:
+        super().__init__(encoder)
+        self.config = config or FineTuneConfig()
+
+    def options(self) -> dict:
+        return {"finetune": self.config}
+
+    def adapt(self, support, labels) -> Classifier:
+        cfg = self.config
+        classes, targets = support_targets(list(labels))
+        tokens = self.tokens(support)
+        device = self.encoder.device
+        weights = {k: v.detach().clone().requires_grad_() for k, v in self.encoder.named_parameters()}
+        head_w = (torch.randn(len(classes), self.encoder.dim) * 0.02).to(device).requires_grad_()
+        head_b = torch.zeros(len(classes), device=device, requires_grad=True)
+        optimizer = torch.optim.AdamW(
+            [{"params": list(weights.values()), "lr": cfg.encoder_lr},
+             {"params": [head_w, head_b], "lr": cfg.head_lr}],
+            weight_decay=cfg.weight_decay,
+        )
+        rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item()))  # follows torch's seed
+        targets = targets.to(device)
+        was_training = self.encoder.training
+        self.encoder.train()  # dropout on while fine-tuning, as in ordinary fine-tuning
+        try:
+            for _ in range(cfg.steps):
+                rows = np.arange(len(tokens))
+                if len(rows) > cfg.batch_size:
+                    rows = rng.choice(rows, size=cfg.batch_size, replace=False)
+                with autocast(device):
+                    embedded = functional_call(self.encoder, weights, (tokens.batch(rows),)).float()
+                loss = F.cross_entropy(embedded @ head_w.T + head_b, targets[torch.as_tensor(rows)])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        finally:
+            self.encoder.train(was_training)
+        tuned = {k: v.detach() for k, v in weights.items()}
+        head_w, head_b = head_w.detach(), head_b.detach()
+
+        def logits(queries: TokenizedTexts) -> torch.Tensor:
+            self.encoder.eval()
+            out = []
+            with torch.no_grad():
+                for start in range(0, len(queries), 128):
+                    rows = np.arange(start, min(start + 128, len(queries)))
+                    with autocast(device):
+                        out.append(functional_call(self.encoder, tuned, (queries.batch(rows),)).float())
+            return (torch.cat(out) @ head_w.T + head_b).cpu()
+
+        return Classifier(classes, self.encoder, logits)

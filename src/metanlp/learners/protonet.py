@@ -1,0 +1,77 @@
+"""Prototypical Networks (Snell et al., 2017) on a Transformer encoder, and the frozen-encoder baseline.
+
+A class is the mean embedding of its support examples; a text goes to the nearest prototype. Meta-training
+fine-tunes the encoder (and a temperature) so that this nearest-prototype rule works on new classes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metanlp.config import ProtoNetConfig
+from metanlp.data.episodes import Episode
+from metanlp.encoder import TextEncoder, TokenizedTexts, autocast
+from metanlp.learners.base import Classifier, Learner, support_targets
+
+
+def prototypes(embeddings: torch.Tensor, targets: torch.Tensor, n_classes: int) -> torch.Tensor:
+    sums = torch.zeros(n_classes, embeddings.shape[1], dtype=embeddings.dtype, device=embeddings.device)
+    sums.index_add_(0, targets.to(embeddings.device), embeddings)
+    counts = torch.bincount(targets, minlength=n_classes).to(embeddings)
+    return sums / counts.unsqueeze(1)
+
+
+def prototype_logits(queries: torch.Tensor, protos: torch.Tensor, distance: str, scale: torch.Tensor):
+    if distance == "cosine":
+        return scale * F.normalize(queries, dim=-1) @ F.normalize(protos, dim=-1).T
+    return -scale * torch.cdist(queries, protos).pow(2) / queries.shape[-1]
+
+
+class ProtoNet(Learner):
+    name = "protonet"
+    meta_trainable = True
+
+    def __init__(self, encoder: TextEncoder, config: ProtoNetConfig | None = None) -> None:
+        super().__init__(encoder)
+        self.config = config or ProtoNetConfig()
+        self.log_scale = nn.Parameter(torch.tensor(math.log(self.config.init_scale)),
+                                      requires_grad=self.config.learn_scale)
+
+    def options(self) -> dict:
+        return {"protonet": self.config}
+
+    def episode_loss(self, tokens: TokenizedTexts, episode: Episode):
+        n_support = len(episode.support)
+        rows = list(episode.support) + list(episode.query)  # one forward pass for support and queries
+        with autocast(self.encoder.device):
+            embedded = self.encoder(tokens.batch(rows)).float()
+        support_targets_ = torch.as_tensor(episode.support_labels)
+        protos = prototypes(embedded[:n_support], support_targets_, len(episode.classes))
+        logits = prototype_logits(embedded[n_support:], protos, self.config.distance, self.log_scale.exp())
+        query_targets = torch.as_tensor(episode.query_labels, device=logits.device)
+        return F.cross_entropy(logits, query_targets), logits
+
+    def adapt(self, support, labels) -> Classifier:
+        classes, targets = support_targets(list(labels))
+        tokens = self.tokens(support)
+        protos = prototypes(self.encoder.embed(tokens), targets, len(classes))
+        scale = self.log_scale.detach().exp().cpu()
+
+        def logits(queries: TokenizedTexts) -> torch.Tensor:
+            return prototype_logits(self.encoder.embed(queries), protos, self.config.distance, scale)
+
+        return Classifier(classes, self.encoder, logits)
+
+
+class FrozenEncoder(ProtoNet):
+    """The untouched pretrained encoder with class prototypes: the baseline every table keeps."""
+
+    name = "frozen"
+    meta_trainable = False
+
+    def __init__(self, encoder: TextEncoder, config: ProtoNetConfig | None = None) -> None:
+        super().__init__(encoder, (config or ProtoNetConfig()).model_copy(update={"learn_scale": False}))

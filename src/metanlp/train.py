@@ -1,0 +1,148 @@
+"""Episodes -> meta-trained learner: the episodic training loop.
+
+Validation every `val_every` episodes on a fixed set of validation episodes (disjoint classes), early
+stopping on validation accuracy, and the best weights kept (written to disk at the end when a directory
+is given).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from metanlp.config import LearnerSpec, TrainConfig
+from metanlp.data.episodes import EpisodeSampler
+from metanlp.data.load import DataError, LabelledTexts, load_labelled
+from metanlp.data.splits import split_classes
+from metanlp.encoder import resolve_device
+from metanlp.evaluate import mean_ci, run_episode
+from metanlp.learners import Learner, save_learner
+from metanlp.progress import progress_bar
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainResult:
+    best_val_accuracy: float
+    best_episode: int
+    episodes_run: int
+    stopped_early: bool
+    history: list[dict] = field(default_factory=list)
+
+
+def validate(learner: Learner, tokens, episodes, seed: int) -> tuple[float, float]:
+    learner.eval()
+    accuracies = [run_episode(learner, ep, tokens, tokens, seed + i).accuracy for i, ep in enumerate(episodes)]
+    return mean_ci(np.array(accuracies))
+
+
+def meta_train(learner: Learner, train_data: LabelledTexts, val_data: LabelledTexts, config: TrainConfig,
+               out_dir: str | Path | None = None, show_progress: bool = True) -> TrainResult:
+    if not learner.meta_trainable:
+        raise ValueError(f"learner {learner.name!r} has nothing to meta-train")
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    learner.to(device)
+    encoder = learner.encoder
+    train_tokens, val_tokens = encoder.tokenize(train_data.texts), encoder.tokenize(val_data.texts)
+    e = config.episode
+    sampler = EpisodeSampler(train_data, e.ways, e.shots, e.queries, seed=config.seed)
+    v = config.val_episode
+    val_episodes = EpisodeSampler(val_data, v.ways, v.shots, v.queries, seed=config.seed + 1).take(
+        config.val_episodes)
+
+    encoder_params = [p for p in encoder.parameters() if p.requires_grad]
+    other_params = [p for n, p in learner.named_parameters() if not n.startswith("encoder.") and p.requires_grad]
+    optimizer = torch.optim.AdamW([
+        {"params": encoder_params, "lr": config.lr, "weight_decay": config.weight_decay},
+        {"params": other_params, "lr": config.scale_lr, "weight_decay": 0.0},
+    ])
+    warmup = max(config.warmup_episodes, 1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+
+    history: list[dict] = []
+    val_acc, val_ci = validate(learner, val_tokens, val_episodes, config.seed)
+    history.append({"episode": 0, "val_accuracy": val_acc, "val_ci95": val_ci})
+    best_acc, best_episode, best_state = val_acc, 0, None
+    stale, losses, accs, stopped_early, step = 0, [], [], False, 0
+    with progress_bar(f"meta-train {learner.name}", config.episodes, show_progress) as advance:
+        for step in range(1, config.episodes + 1):
+            learner.train()
+            episode = sampler.sample()
+            loss, logits = learner.episode_loss(train_tokens, episode)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(learner.parameters(), config.grad_clip)
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            accs.append(float((logits.argmax(-1).cpu().numpy() == episode.query_labels).mean()))
+            advance(loss=float(np.mean(losses[-20:])), acc=float(np.mean(accs[-20:])), val=best_acc)
+            if step % config.val_every and step != config.episodes:
+                continue
+            val_acc, val_ci = validate(learner, val_tokens, val_episodes, config.seed)
+            history.append({"episode": step, "train_loss": float(np.mean(losses)),
+                            "train_accuracy": float(np.mean(accs)), "val_accuracy": val_acc, "val_ci95": val_ci})
+            losses, accs = [], []
+            if val_acc > best_acc:
+                best_acc, best_episode, stale = val_acc, step, 0
+                best_state = {k: v.detach().cpu().clone() for k, v in learner.state_dict().items()}
+            else:
+                stale += 1
+                if stale >= config.patience:
+                    stopped_early = True
+                    break
+    if best_state is not None:
+        learner.load_state_dict(best_state)
+    learner.eval()
+    result = TrainResult(best_acc, best_episode, step, stopped_early, history)
+    if out_dir is not None:  # written once, at the end: an interrupted run leaves no half-trained model
+        save_learner(learner, out_dir)
+        write_history(result, Path(out_dir))
+    return result
+
+
+def write_history(result: TrainResult, out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (out_dir / "history.json").write_text(json.dumps(result.__dict__, indent=2))
+    episodes = [h["episode"] for h in result.history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.errorbar(episodes, [100 * h["val_accuracy"] for h in result.history],
+                yerr=[100 * h["val_ci95"] for h in result.history], marker="o", capsize=3, label="val accuracy")
+    ax.axvline(result.best_episode, color="grey", linestyle="--", label="best checkpoint")
+    ax.set(xlabel="meta-training episode", ylabel="validation accuracy %", title="meta-training")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "learning_curve.png", dpi=120)
+    plt.close(fig)
+
+
+def train_from_config(spec: LearnerSpec, config: TrainConfig, data: str, val_data: str | None,
+                      out_dir: str | Path, show_progress: bool = True) -> TrainResult:
+    """Load and split the corpus, build the learner named in `spec`, meta-train it and save it."""
+    from metanlp.learners import build_learner
+
+    corpus = load_labelled(data)
+    split = split_classes(corpus, spec.split)
+    validation = load_labelled(val_data) if val_data else corpus
+    train_set, val_set = corpus.with_classes(split.train), validation.with_classes(split.val)
+    if len(val_set) == 0:
+        raise DataError(f"{validation.source}: has none of the validation classes {split.val[:5]}")
+    learner = build_learner(spec.learner, spec.encoder, spec)
+    learner.provenance = {"split": spec.split, "classes": split.to_dict(), "train_data": spec.train_data}
+    return meta_train(learner, train_set, val_set, config, out_dir, show_progress)
