@@ -197,6 +197,8 @@ def evaluate(
         help="full label space: draw the K shots per class from this file, score every row of --data")] = None,
     repeats: Annotated[int, typer.Option(help="support draws in the full label space")] = 3,
     exclude_labels: Annotated[str | None, typer.Option(help="labels to leave out, e.g. oos")] = None,
+    finetune_episodes: Annotated[int | None, typer.Option(
+        help="run finetune on only the first N of the same episodes (it costs seconds an episode on CPU)")] = None,
     encoder: Annotated[str, typer.Option(help="encoder for the baselines when no --model")] = DEFAULT_ENCODER,
     seed: int = 0,
     out: Annotated[Path, typer.Option(help="results path; .json, .md and .png are written")] = Path(
@@ -218,10 +220,13 @@ def evaluate(
         support_set = load_labelled(support_data).with_classes(set(query_set.classes))
     settings = build_settings(query_set, ways_value, shot_list, queries, episodes, repeats, support_set, seed)
     learners = _methods(model, encoder, names)
-    results = evaluate_methods(learners, query_set, settings, support_set, seed, show_progress=not quiet)
+    limits = {"finetune": finetune_episodes} if finetune_episodes else None
+    results = evaluate_methods(learners, query_set, settings, support_set, seed, show_progress=not quiet,
+                               episode_limits=limits)
     results["config"] = {"data": data, "model": str(model) if model else None, "split": split, "ways": ways,
                          "shots": shot_list, "queries": queries, "episodes": episodes, "repeats": repeats,
-                         "support_data": support_data, "methods": names, "seed": seed}
+                         "support_data": support_data, "methods": names, "finetune_episodes": finetune_episodes,
+                         "seed": seed}
     paths = write_report(results, out, title=Path(data).stem)
     typer.echo(markdown_table(results))
     typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")

@@ -73,9 +73,10 @@ class ProtoNetConfig(_Strict):
 class FineTuneConfig(_Strict):
     """Transfer-learning baseline: a new linear head and all encoder weights trained on the support set."""
 
-    steps: int = Field(30, ge=1)
-    encoder_lr: float = Field(3e-5, gt=0)
-    head_lr: float = Field(3e-3, gt=0)
+    # Chosen on CLINC150 validation classes (work domain, 5-way 5-shot): more steps cost time, not accuracy.
+    steps: int = Field(15, ge=1)
+    encoder_lr: float = Field(5e-5, gt=0)
+    head_lr: float = Field(1e-2, gt=0)
     batch_size: int = Field(32, ge=1)
     weight_decay: float = Field(0.0, ge=0)
 

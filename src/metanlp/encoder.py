@@ -80,7 +80,7 @@ class TextEncoder(nn.Module):
         if config.name_or_path == TINY_ENCODER:
             tokenizer = AutoTokenizer.from_pretrained(default_encoder_path())
             torch.manual_seed(0)  # the random weights are part of the test fixture: fix them
-            model = BertModel(tiny_bert_config(tokenizer.vocab_size))
+            model = BertModel(tiny_bert_config(tokenizer.vocab_size)).eval()
             model.config._attn_implementation = config.attn_implementation
             return cls(model, tokenizer, config)
         source = default_encoder_path() if config.name_or_path == DEFAULT_ENCODER else config.name_or_path
@@ -124,12 +124,15 @@ class TextEncoder(nn.Module):
     def embed(self, tokens: TokenizedTexts, rows=None, batch_size: int = 128) -> torch.Tensor:
         """Embeddings without gradients, in chunks; rows sorted by length so padding stays small."""
         rows = np.arange(len(tokens)) if rows is None else np.asarray(rows)
+        was_training = self.training
+        self.eval()  # inference embeddings never use dropout, whatever mode the caller left us in
         order = np.argsort(tokens.lengths[torch.as_tensor(rows, dtype=torch.long)].numpy(), kind="stable")
         out = torch.empty(len(rows), self.dim)
         for start in range(0, len(rows), batch_size):
             chunk = order[start : start + batch_size]
             with autocast(self.device):
                 out[torch.as_tensor(chunk)] = self(tokens.batch(rows[chunk])).float().cpu()
+        self.train(was_training)
         return out
 
 

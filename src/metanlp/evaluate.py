@@ -90,8 +90,14 @@ def build_settings(data: LabelledTexts, ways: int | str, shots: list[int], queri
 
 
 def evaluate_methods(methods: dict[str, Learner], data: LabelledTexts, settings: list[Setting],
-                     support_data: LabelledTexts | None = None, seed: int = 0, show_progress: bool = True) -> dict:
-    """Run every method on every setting's episodes; the result is JSON-ready."""
+                     support_data: LabelledTexts | None = None, seed: int = 0, show_progress: bool = True,
+                     episode_limits: dict[str, int] | None = None) -> dict:
+    """Run every method on every setting's episodes; the result is JSON-ready.
+
+    `episode_limits` caps slow methods (fine-tuning costs seconds an episode on a CPU) to the first N episodes
+    of each setting: still the same episodes as the others, so the paired difference uses that common prefix.
+    """
+    episode_limits = episode_limits or {}
     results: dict = {"settings": []}
     for setting in settings:
         entry = {"setting": setting.name, "ways": setting.ways, "shots": setting.shots,
@@ -101,21 +107,23 @@ def evaluate_methods(methods: dict[str, Learner], data: LabelledTexts, settings:
             query_tokens = learner.encoder.tokenize(data.texts)
             support_tokens = learner.encoder.tokenize(support_data.texts) if support_data else query_tokens
             outcomes = []
-            with progress_bar(f"{setting.name} {name}", len(setting.episodes), show_progress) as advance:
-                for i, episode in enumerate(setting.episodes):
+            episodes = setting.episodes[: episode_limits.get(name, len(setting.episodes))]
+            with progress_bar(f"{setting.name} {name}", len(episodes), show_progress) as advance:
+                for i, episode in enumerate(episodes):
                     outcomes.append(run_episode(learner, episode, support_tokens, query_tokens, seed * 100_003 + i))
                     advance()
             accuracies = np.array([o.accuracy for o in outcomes])
             mean, ci = mean_ci(accuracies)
             entry["methods"][name] = {
-                "accuracy": mean, "ci95": ci, "per_episode": accuracies.round(6).tolist(),
+                "accuracy": mean, "ci95": ci, "episodes": len(outcomes), "per_episode": accuracies.round(6).tolist(),
                 "adapt_ms": 1000 * float(np.mean([o.adapt_seconds for o in outcomes])),
                 "predict_ms": 1000 * float(np.mean([o.predict_seconds for o in outcomes])),
             }
         if BASELINE in entry["methods"]:
             base = np.array(entry["methods"][BASELINE]["per_episode"])
             for method in entry["methods"].values():
-                diff, ci = mean_ci(np.array(method["per_episode"]) - base)
+                paired = np.array(method["per_episode"])
+                diff, ci = mean_ci(paired - base[: len(paired)])
                 method["diff_vs_frozen"], method["diff_ci95"] = diff, ci
         results["settings"].append(entry)
     return results
@@ -133,7 +141,7 @@ def markdown_table(results: dict) -> str:
             diff = "—" if name == BASELINE or "diff_vs_frozen" not in m else (
                 f"{100 * m['diff_vs_frozen']:+.1f} ± {_pct(m['diff_ci95'])}")
             lines.append(f"| {entry['setting']} | {name} | {_pct(m['accuracy'])} ± {_pct(m['ci95'])} | {diff} | "
-                         f"{m['adapt_ms']:.0f} | {entry['episodes']} |")
+                         f"{m['adapt_ms']:.0f} | {m['episodes']} |")
     return "\n".join(lines) + "\n"
 
 

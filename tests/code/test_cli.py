@@ -1,0 +1,94 @@
+"""Code tests: the `metanlp` command line, end to end on the tiny encoder, and its bad-input errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import write_jsonl
+from metanlp.cli import app
+
+runner = CliRunner()
+TINY_TRAIN = ["train", "--encoder", "tiny-random-bert", "--episodes", "4", "--val-every", "2", "--val-episodes",
+              "3", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "model"
+    result = runner.invoke(app, [*TINY_TRAIN, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_train_writes_a_model_with_its_split_and_history(tiny_model):
+    spec = json.loads((tiny_model / "learner.json").read_text())
+    assert spec["learner"] == "protonet"
+    assert set(spec["classes"]) == {"train", "val", "test"}
+    assert (tiny_model / "history.json").is_file() and (tiny_model / "learning_curve.png").is_file()
+
+
+def test_evaluate_on_the_models_test_split(tiny_model, tmp_path):
+    out = tmp_path / "eval.json"
+    result = runner.invoke(app, ["evaluate", "--model", str(tiny_model), "--data", "default", "--split", "test",
+                                 "--shots", "1", "--episodes", "4", "--methods", "protonet,frozen,finetune",
+                                 "--finetune-episodes", "2", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    results = json.loads(out.read_text())
+    methods = results["settings"][0]["methods"]
+    assert set(methods) == {"protonet", "frozen", "finetune"}
+    spec = json.loads((tiny_model / "learner.json").read_text())
+    assert results["config"]["split"] == "test" and spec["classes"]["test"]
+    assert out.with_suffix(".md").is_file() and out.with_suffix(".png").is_file()
+
+
+def test_evaluate_any_jsonl_full_label_space(tiny_model, small_jsonl, tmp_path):
+    out = tmp_path / "eval.json"
+    result = runner.invoke(app, ["evaluate", "--model", str(tiny_model), "--data", str(small_jsonl), "--ways", "all",
+                                 "--shots", "2", "--repeats", "2", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    setting = json.loads(out.read_text())["settings"][0]
+    assert setting["setting"] == "all-way 2-shot" and setting["episodes"] == 2
+
+
+def test_predict_prints_labels_and_scores(tiny_model, small_jsonl):
+    result = runner.invoke(app, ["predict", "--model", str(tiny_model), "--support", str(small_jsonl),
+                                 "--text", "pizza example", "--text", "rain example", "--json"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.strip().splitlines()]
+    assert [line["text"] for line in lines] == ["pizza example", "rain example"]
+    assert all(line["label"] in {"weather", "music", "food", "travel"} for line in lines)
+    assert all(abs(sum(line["scores"].values()) - 1) < 0.5 for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["evaluate", "--data", "missing.jsonl"], "missing.jsonl: no such file"),
+        (["evaluate", "--data", "default", "--shots", "one"], "--shots takes comma-separated integers"),
+        (["evaluate", "--data", "default", "--methods", "protonet"], "method 'protonet' needs a model meta-trained"),
+        (["evaluate", "--data", "default", "--methods", "magic"], "unknown method 'magic'"),
+        (["evaluate", "--data", "default", "--split", "test"], "--split needs --model"),
+        (["evaluate", "--data", "default", "--episodes", "2", "--shots", "25"], "need 30 examples per class"),
+        (["train", "--episodes", "0"], "invalid parameter: episodes"),
+        (["train", "--data", "other.jsonl"], "give the class split"),
+        (["train", "--learner", "frozen", "--encoder", "tiny-random-bert"], "nothing to meta-train"),
+        (["predict", "--model", ".", "--support", "x.csv"], "give --text or --texts"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+
+
+def test_failed_training_writes_no_model(tmp_path):
+    out = tmp_path / "model"
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "a", "label": "x", "domain": "d"}])
+    result = runner.invoke(app, [*TINY_TRAIN, "--data", str(bad), "--train-domains", "d", "--val-domains", "e",
+                                 "--test-domains", "f", "--out", str(out)])
+    assert result.exit_code == 2
+    assert not out.exists()

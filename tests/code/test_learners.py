@@ -1,0 +1,84 @@
+"""Code tests: the learner interface, save/load round trip, and that adaptation leaves the learner as it was."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from metanlp.data.load import DataError
+from metanlp.learners import build_learner, load_learner, save_learner
+
+SUPPORT = ["water the tomatoes", "my dog is sick", "water the roses daily", "book the vet for my cat"]
+LABELS = ["garden", "pets", "garden", "pets"]
+QUERIES = ["how often to water basil", "vet visit for my puppy", "something else entirely"]
+
+
+@pytest.mark.parametrize("name", ["protonet", "frozen", "finetune"])
+def test_save_load_round_trip_gives_identical_predictions(tmp_path, tiny_encoder_config, name):
+    learner = build_learner(name, tiny_encoder_config).eval()
+    with torch.no_grad():
+        for p in learner.parameters():  # move away from the freshly built weights, so loading must restore them
+            p.add_(0.01 * torch.randn_like(p))
+    learner.provenance = {"classes": {"train": ["a"], "val": ["b"], "test": ["c"]}}
+    torch.manual_seed(0)
+    before = learner.adapt(SUPPORT, LABELS).predict(QUERIES)
+    save_learner(learner, tmp_path / "model")
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["encoder", "learner.json", "model.safetensors"]
+    spec = json.loads((tmp_path / "model" / "learner.json").read_text())
+    assert spec["learner"] == name and spec["classes"]["test"] == ["c"]
+    loaded = load_learner(tmp_path / "model")
+    torch.manual_seed(0)
+    after = loaded.adapt(SUPPORT, LABELS).predict(QUERIES)
+    assert after.labels == before.labels
+    np.testing.assert_allclose(after.scores, before.scores, atol=1e-5)
+
+
+def test_save_replaces_an_existing_model_whole(tmp_path, tiny_encoder_config):
+    target = tmp_path / "model"
+    save_learner(build_learner("protonet", tiny_encoder_config), target)
+    save_learner(build_learner("frozen", tiny_encoder_config), target)
+    assert json.loads((target / "learner.json").read_text())["learner"] == "frozen"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"], "staging or retired folders were left behind"
+
+
+def test_loading_something_that_is_not_a_model_fails_clearly(tmp_path):
+    with pytest.raises(DataError, match="not a metanlp model"):
+        load_learner(tmp_path)
+    (tmp_path / "learner.json").write_text("{not json")
+    with pytest.raises(DataError, match="not a valid learner spec"):
+        load_learner(tmp_path)
+
+
+def test_finetune_adapt_leaves_the_base_encoder_untouched(tiny_encoder_config):
+    learner = build_learner("finetune", tiny_encoder_config)
+    before = {k: v.clone() for k, v in learner.state_dict().items()}
+    torch.manual_seed(0)
+    first = learner.adapt(SUPPORT, LABELS)
+    first_scores = first.predict(QUERIES).scores
+    learner.adapt(["a b c", "d e f"], ["x", "y"])  # a second adaptation must not change the first classifier
+    for key, value in learner.state_dict().items():
+        torch.testing.assert_close(value, before[key])
+    np.testing.assert_allclose(first.predict(QUERIES).scores, first_scores, atol=1e-6)
+
+
+def test_adapt_rejects_a_single_class_support(tiny_encoder_config):
+    with pytest.raises(DataError, match="one class"):
+        build_learner("protonet", tiny_encoder_config).adapt(["a", "b"], ["x", "x"])
+
+
+def test_unknown_learner_name(tiny_encoder_config):
+    with pytest.raises(ValueError, match="unknown learner 'mystery'"):
+        build_learner("mystery", tiny_encoder_config)
+
+
+def test_tokenisation_trims_padding_per_batch(tiny_encoder_config):
+    from metanlp.encoder import TextEncoder
+
+    encoder = TextEncoder.from_config(tiny_encoder_config)
+    tokens = encoder.tokenize(["short", "a much longer text with many more words in it than the other"])
+    assert tokens.batch([0]).input_ids.shape[1] < tokens.batch([0, 1]).input_ids.shape[1]
+    full = encoder.embed(tokens)
+    torch.testing.assert_close(encoder.embed(tokens, rows=[1]), full[1:], atol=1e-5, rtol=1e-4)

@@ -1,0 +1,61 @@
+"""Model (behavioural) tests: meta-training learns something that transfers to unseen classes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from metanlp.config import EncoderConfig, EpisodeConfig, SplitConfig, TrainConfig
+from metanlp.data.splits import split_classes
+from metanlp.learners import build_learner
+from metanlp.train import meta_train
+
+
+def _tiny_run(corpus, config, seed=0):
+    split = split_classes(corpus, SplitConfig(by="random", sizes=(30, 6, 6), seed=0))
+    learner = build_learner("protonet", config)
+    train_config = TrainConfig(episodes=100, val_every=25, val_episodes=40, lr=1e-3, patience=10, warmup_episodes=0,
+                               seed=seed, val_episode=EpisodeConfig(ways=5, shots=5, queries=5))
+    result = meta_train(learner, corpus.with_classes(split.train), corpus.with_classes(split.val), train_config,
+                        show_progress=False)
+    return learner, result
+
+
+def test_tiny_bert_validation_accuracy_rises_on_unseen_classes(corpus, tiny_encoder_config):
+    _, result = _tiny_run(corpus, tiny_encoder_config)
+    start = result.history[0]["val_accuracy"]
+    assert result.best_val_accuracy >= start + 0.03, [h["val_accuracy"] for h in result.history]
+    assert result.history[-1]["train_loss"] < result.history[1]["train_loss"]
+
+
+def test_same_seed_same_metrics(corpus, tiny_encoder_config):
+    _, first = _tiny_run(corpus, tiny_encoder_config)
+    _, again = _tiny_run(corpus, tiny_encoder_config)
+    assert [h["val_accuracy"] for h in first.history] == [h["val_accuracy"] for h in again.history]
+
+
+@pytest.mark.slow
+def test_default_encoder_separates_the_embedded_test_intents(corpus):
+    """The packaged all-MiniLM-L6-v2, untouched, already tells apart intents it was never shown."""
+    from metanlp.data.episodes import EpisodeSampler
+    from metanlp.evaluate import run_episode
+
+    test_classes = [c for c, d in corpus.domain_of_class().items() if d in {"real_estate", "events"}]
+    test_set = corpus.with_classes(test_classes)
+    frozen = build_learner("frozen", EncoderConfig())
+    tokens = frozen.encoder.tokenize(test_set.texts)
+    episodes = EpisodeSampler(test_set, 5, 1, 5, seed=0).take(40)
+    accuracy = np.mean([run_episode(frozen, e, tokens, tokens, i).accuracy for i, e in enumerate(episodes)])
+    assert accuracy > 0.7  # chance is 0.2
+
+
+@pytest.mark.slow
+def test_default_encoder_prediction_is_invariant_to_support_order():
+    frozen = build_learner("frozen", EncoderConfig())
+    support = ["is my rent paid", "the sink is leaking", "did the rent go through", "fix the broken heater"]
+    labels = ["rent", "repair", "rent", "repair"]
+    queries = ["when is rent due", "please fix the leaking sink"]
+    forward = frozen.adapt(support, labels).predict(queries)
+    backward = frozen.adapt(support[::-1], labels[::-1]).predict(queries)
+    assert forward.labels == backward.labels == ["rent", "repair"]
+    np.testing.assert_allclose(forward.scores, backward.scores, atol=1e-5)
