@@ -135,7 +135,8 @@ def train(
                f"({result.episodes_run} episodes run); model written to {out}")
 
 
-def _methods(model: Path | None, encoder: str, names: list[str]) -> dict:
+def _methods(model: Path | None, encoder: str, names: list[str], device: str) -> dict:
+    from metanlp.encoder import resolve_device
     from metanlp.learners import LEARNERS, build_learner, load_learner, read_spec
 
     spec = read_spec(model) if model else None
@@ -158,7 +159,8 @@ def _methods(model: Path | None, encoder: str, names: list[str]) -> dict:
             raise DataError(f"method {name!r} needs a model meta-trained with it; {where}")
         else:
             raise DataError(f"unknown method {name!r}; choose from {sorted(LEARNERS)}")
-    return methods
+    target = resolve_device(device)
+    return {name: learner.to(target) for name, learner in methods.items()}
 
 
 def _restrict(data: LabelledTexts, model: Path | None, split: str | None, exclude: list[str]) -> LabelledTexts:
@@ -176,6 +178,12 @@ def _restrict(data: LabelledTexts, model: Path | None, split: str | None, exclud
         data = data.with_classes(classes)
         if len(data) == 0:
             raise DataError(f"{data.source}: has none of the model's {split} classes")
+    elif model is not None:
+        trained_on = set((read_spec(model).classes or {}).get("train", []))
+        seen = sorted(trained_on & set(data.classes))
+        if seen:
+            err_console.print(f"[yellow]warning:[/yellow] {len(seen)} classes of {data.source} were meta-trained on "
+                              f"(e.g. {seen[:3]}); use --split test to score only unseen classes")
     if exclude:
         data = data.with_classes(set(data.classes) - set(exclude))
     return data
@@ -201,6 +209,7 @@ def evaluate(
         help="run finetune on only the first N of the same episodes (it costs seconds an episode on CPU)")] = None,
     encoder: Annotated[str, typer.Option(help="encoder for the baselines when no --model")] = DEFAULT_ENCODER,
     seed: int = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     out: Annotated[Path, typer.Option(help="results path; .json, .md and .png are written")] = Path(
         "results/evaluation.json"),
     quiet: bool = False,
@@ -219,7 +228,7 @@ def evaluate(
     if support_data is not None:
         support_set = load_labelled(support_data).with_classes(set(query_set.classes))
     settings = build_settings(query_set, ways_value, shot_list, queries, episodes, repeats, support_set, seed)
-    learners = _methods(model, encoder, names)
+    learners = _methods(model, encoder, names, device)
     limits = {"finetune": finetune_episodes} if finetune_episodes else None
     results = evaluate_methods(learners, query_set, settings, support_set, seed, show_progress=not quiet,
                                episode_limits=limits)
@@ -241,8 +250,10 @@ def predict(
     texts: Annotated[Path | None, typer.Option(help="file of texts: .txt one per line, or JSONL/CSV")] = None,
     top: Annotated[int, typer.Option(help="scores shown per text")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON lines instead of a table")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
 ) -> None:
     """Adapt the model to the support examples and label new texts."""
+    from metanlp.encoder import resolve_device
     from metanlp.learners import load_learner
 
     queries = list(text or []) + (read_texts(texts) if texts else [])
@@ -251,16 +262,15 @@ def predict(
     if any(not q.strip() for q in queries):
         raise DataError("--text: empty text")
     support_set = load_labelled(support)
-    classifier = load_learner(model).adapt(support_set.texts, support_set.labels)
+    classifier = load_learner(model).to(resolve_device(device)).adapt(support_set.texts, support_set.labels)
     predictions = classifier.predict(queries)
+    rows = zip(queries, predictions.labels, predictions.top(top), strict=True)
     if as_json:
-        for query, label, scores in zip(queries, predictions.labels, predictions.scores, strict=True):
-            ranked = sorted(zip(predictions.classes, scores.tolist(), strict=True), key=lambda p: -p[1])[:top]
+        for query, label, ranked in rows:
             typer.echo(json.dumps({"text": query, "label": label, "scores": dict(ranked)}))
         return
     table = Table("text", "label", "top scores")
-    for query, label, scores in zip(queries, predictions.labels, predictions.scores, strict=True):
-        ranked = sorted(zip(predictions.classes, scores.tolist(), strict=True), key=lambda p: -p[1])[:top]
+    for query, label, ranked in rows:
         table.add_row(query, label, ", ".join(f"{c} {s:.2f}" for c, s in ranked))
     Console().print(table)
 

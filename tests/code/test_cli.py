@@ -92,3 +92,10 @@ def test_failed_training_writes_no_model(tmp_path):
                                  "--test-domains", "f", "--out", str(out)])
     assert result.exit_code == 2
     assert not out.exists()
+
+
+def test_evaluating_on_trained_classes_warns(tiny_model, tmp_path):
+    result = runner.invoke(app, ["evaluate", "--model", str(tiny_model), "--data", "default", "--shots", "1",
+                                 "--episodes", "2", "--out", str(tmp_path / "e.json"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "classes of" in result.output and "were meta-trained on" in result.output

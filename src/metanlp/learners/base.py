@@ -36,6 +36,11 @@ class Predictions:
     scores: np.ndarray  # [texts, classes] probabilities
     classes: list[str]
 
+    def top(self, k: int) -> list[list[tuple[str, float]]]:
+        """The k best (class, probability) pairs of each text, best first."""
+        order = np.argsort(-self.scores, axis=1, kind="stable")[:, :k]
+        return [[(self.classes[j], float(row[j])) for j in best] for row, best in zip(self.scores, order, strict=True)]
+
 
 class Classifier:
     """What `adapt` returns: scores texts over the support set's classes."""
@@ -88,6 +93,15 @@ class Learner(nn.Module):
     def options(self) -> dict:
         """Learner-specific config sections of the spec (e.g. {"protonet": ProtoNetConfig})."""
         return {}
+
+    def meta_train(self, train_data, val_data, config, out_dir=None, show_progress: bool = True):
+        """Meta-train on episodes of `train_data`'s classes, early-stopping on `val_data`'s (see `metanlp.train`)."""
+        from metanlp.train import meta_train
+
+        return meta_train(self, train_data, val_data, config, out_dir, show_progress)
+
+    def save(self, directory: str | Path) -> Path:
+        return save_learner(self, directory)
 
     def spec(self) -> LearnerSpec:
         return LearnerSpec(learner=self.name, encoder=self.encoder.config, **self.options(), **self.provenance)
