@@ -19,6 +19,7 @@ from metanlp.config import (
     EncoderConfig,
     EpisodeConfig,
     FineTuneConfig,
+    GradientConfig,
     LearnerSpec,
     ProtoNetConfig,
     SplitConfig,
@@ -87,6 +88,18 @@ def _split_config(data: str, split_by: str | None, train_domains: str | None, va
                        test_domains=_csv(test_domains), sizes=sizes, exclude_labels=_csv(exclude), seed=seed)
 
 
+def _gradient_config(learner: str, inner_steps, inner_lr, adapt, top_layers) -> GradientConfig | None:
+    from metanlp.learners import LEARNERS, GradientMetaLearner
+
+    given = {k: v for k, v in {"inner_steps": inner_steps, "inner_lr": inner_lr, "adapt": adapt,
+                               "top_layers": top_layers}.items() if v is not None}
+    if learner in LEARNERS and issubclass(LEARNERS[learner], GradientMetaLearner):
+        return GradientConfig(**{**GradientConfig.for_algorithm(learner).model_dump(), **given})
+    if given:
+        raise DataError(f"--{next(iter(given)).replace('_', '-')} is for gradient learners, not {learner!r}")
+    return None
+
+
 DataOpt = Annotated[str, typer.Option(help="labelled JSONL/CSV/Parquet file, 'default' (embedded corpus) "
                                             "or a Hugging Face dataset name")]
 
@@ -107,7 +120,12 @@ def train(
     test_domains: str | None = None,
     split_sizes: Annotated[str | None, typer.Option(help="TRAIN,VAL,TEST class counts (random split)")] = None,
     exclude_labels: Annotated[str | None, typer.Option(help="labels left out of every split, e.g. oos")] = None,
-    episodes: int = TrainConfig().episodes,
+    episodes: Annotated[int, typer.Option(help="meta-training steps")] = TrainConfig().episodes,
+    tasks_per_step: Annotated[int, typer.Option(help="episodes per meta-batch")] = 1,
+    inner_steps: Annotated[int | None, typer.Option(help="gradient learners: inner-loop steps")] = None,
+    inner_lr: Annotated[float | None, typer.Option(help="gradient learners: inner learning rate")] = None,
+    adapt: Annotated[str | None, typer.Option(help="gradient learners: head, top or all")] = None,
+    top_layers: Annotated[int | None, typer.Option(help="gradient learners: layers adapted with --adapt top")] = None,
     ways: int = 5,
     shots: int = 5,
     queries: int = 5,
@@ -122,14 +140,16 @@ def train(
     """Meta-train a learner on episodes from the training classes; keep the best on validation classes."""
     from metanlp.train import train_from_config
 
-    config = TrainConfig(episodes=episodes, lr=lr, val_every=val_every, val_episodes=val_episodes,
-                         patience=patience, seed=seed, device=device,
+    config = TrainConfig(episodes=episodes, tasks_per_step=tasks_per_step, lr=lr, val_every=val_every,
+                         val_episodes=val_episodes, patience=patience, seed=seed, device=device,
                          episode=EpisodeConfig(ways=ways, shots=shots, queries=queries))
     split = _split_config(data, split_by, train_domains, val_domains, test_domains, split_sizes, exclude_labels,
                           seed)
     spec = LearnerSpec(learner=learner, encoder=EncoderConfig(name_or_path=encoder, pooling=pooling,
                                                               max_length=max_length),
-                       protonet=ProtoNetConfig(), split=split, train_data=data)
+                       protonet=ProtoNetConfig(), gradient=_gradient_config(learner, inner_steps, inner_lr, adapt,
+                                                                            top_layers),
+                       split=split, train_data=data)
     result = train_from_config(spec, config, data, val_data, out, show_progress=not quiet)
     typer.echo(f"best validation accuracy {100 * result.best_val_accuracy:.1f}% at episode {result.best_episode} "
                f"({result.episodes_run} episodes run); model written to {out}")

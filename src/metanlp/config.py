@@ -81,10 +81,33 @@ class FineTuneConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
 
 
+class GradientConfig(_Strict):
+    """Gradient-based meta-learners (MAML family): which weights the inner loop adapts, and how.
+
+    The classifier head is initialised from the support prototypes (Proto-MAML), so step 0 equals ProtoNet.
+    """
+
+    inner_steps: int = Field(5, ge=1)
+    inner_lr: float = Field(1e-3, gt=0)  # encoder tensors
+    head_inner_lr: float = Field(0.5, gt=0)  # the head moves in a space of unit-norm features
+    adapt: Literal["head", "top", "all"] = "top"  # head only (ANIL), top N encoder layers + head, or everything
+    top_layers: int = Field(2, ge=1)
+    first_order: bool = False
+    learn_inner_lr: bool = False  # Meta-SGD: one learned learning rate per adapted tensor
+    init_scale: float = Field(10.0, gt=0)
+
+    @classmethod
+    def for_algorithm(cls, name: str) -> GradientConfig:
+        presets = {"maml": {}, "fomaml": {"first_order": True}, "anil": {"adapt": "head"},
+                   "metasgd": {"first_order": True, "learn_inner_lr": True}, "reptile": {"first_order": True}}
+        return cls(**presets[name])
+
+
 class TrainConfig(_Strict):
     """Episodic meta-training loop."""
 
-    episodes: int = Field(600, ge=1)  # meta-training episodes (optimizer steps)
+    episodes: int = Field(600, ge=1)  # meta-training steps (optimizer steps)
+    tasks_per_step: int = Field(1, ge=1)  # episodes per meta-batch
     lr: float = Field(2e-5, gt=0)
     scale_lr: float = Field(1e-2, gt=0)  # learned temperature moves faster than encoder weights
     weight_decay: float = Field(0.01, ge=0)
@@ -106,6 +129,7 @@ class LearnerSpec(_Strict):
     encoder: EncoderConfig
     protonet: ProtoNetConfig | None = None
     finetune: FineTuneConfig | None = None
+    gradient: GradientConfig | None = None
     split: SplitConfig | None = None
     classes: dict[str, list[str]] | None = None  # the class lists the split produced
     train_data: str | None = None

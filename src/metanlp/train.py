@@ -78,15 +78,16 @@ def meta_train(learner: Learner, train_data: LabelledTexts, val_data: LabelledTe
     with progress_bar(f"meta-train {learner.name}", config.episodes, show_progress) as advance:
         for step in range(1, config.episodes + 1):
             learner.train()
-            episode = sampler.sample()
-            loss, logits = learner.episode_loss(train_tokens, episode)
+            episodes = sampler.take(config.tasks_per_step)
+            loss, logits = learner.batch_loss(train_tokens, episodes)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(learner.parameters(), config.grad_clip)
             optimizer.step()
             schedule.step()
             losses.append(loss.item())
-            accs.append(float((logits.argmax(-1).cpu().numpy() == episode.query_labels).mean()))
+            accs.append(float(np.mean([(lg.argmax(-1).cpu().numpy() == e.query_labels).mean()
+                                       for lg, e in zip(logits, episodes, strict=True)])))
             advance(loss=float(np.mean(losses[-20:])), acc=float(np.mean(accs[-20:])), val=best_acc)
             if step % config.val_every and step != config.episodes:
                 continue

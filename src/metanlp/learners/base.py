@@ -90,6 +90,11 @@ class Learner(nn.Module):
         """Loss and query logits of one training episode (support and query rows of `tokens`)."""
         raise NotImplementedError(f"learner {self.name!r} is not meta-trainable")
 
+    def batch_loss(self, tokens: TokenizedTexts, episodes: list[Episode]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Mean loss over a meta-batch of episodes, and each episode's query logits."""
+        losses, logits = zip(*(self.episode_loss(tokens, e) for e in episodes), strict=True)
+        return torch.stack(losses).mean(), list(logits)
+
     def options(self) -> dict:
         """Learner-specific config sections of the spec (e.g. {"protonet": ProtoNetConfig})."""
         return {}

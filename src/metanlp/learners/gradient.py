@@ -1,0 +1,255 @@
+"""Gradient-based meta-learners, written functionally with `torch.func.functional_call`.
+
+- `maml`: second-order MAML (Finn et al., 2017): the query loss is differentiated through the inner steps.
+- `fomaml`: first-order MAML: the inner gradients are treated as constants.
+- `anil`: only the head adapts in the inner loop (Raghu et al., 2020); the encoder runs once per set.
+- `metasgd`: a learned learning rate per adapted tensor (Li et al., 2017), meta-learned with the weights.
+- `reptile`: the outer update moves the weights toward the adapted ones (Nichol et al., 2018).
+
+The inner loop never copies modules: it keeps a dict of "fast" tensors and calls the encoder with them.
+The head is a linear layer on unit-norm features, initialised from the support prototypes (Proto-MAML).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from metanlp.config import GradientConfig
+from metanlp.data.episodes import Episode
+from metanlp.encoder import TextEncoder, TokenBatch, TokenizedTexts, autocast, pool
+from metanlp.learners.base import Classifier, Learner, support_targets
+from metanlp.learners.protonet import prototypes
+
+HEAD = ("head.weight", "head.bias")
+
+
+def adapted_parameter_names(encoder: TextEncoder, adapt: str, top_layers: int) -> list[str]:
+    """Encoder tensors the inner loop changes: none (head only), those of the top N layers, or all."""
+    names = [n for n, p in encoder.named_parameters() if p.requires_grad]
+    if adapt == "head":
+        return []
+    if adapt == "all":
+        return [n for n in names if ".pooler." not in n]  # the pooler is unused: we pool ourselves
+    layer_of = {n: int(m.group(1)) for n in names if (m := re.search(r"\.layer\.(\d+)\.", n))}
+    if not layer_of:
+        raise ValueError("adapt='top' needs an encoder whose parameters are named '...layer.<i>...'")
+    first = max(layer_of.values()) + 1 - top_layers
+    return [n for n in names if layer_of.get(n, -1) >= first]
+
+
+def _bottom_layer_count(encoder: TextEncoder, config: GradientConfig) -> int | None:
+    """How many layers stay fixed in the inner loop, when the encoder can be run in two parts (BERT family);
+    None where it cannot, and the whole encoder runs at every inner step."""
+    model = encoder.model
+    layers = getattr(getattr(model, "encoder", None), "layer", None)
+    if config.adapt == "all" or layers is None or not hasattr(model, "embeddings"):
+        return None
+    return len(layers) if config.adapt == "head" else max(0, len(layers) - config.top_layers)
+
+
+def _trim(shared, width: int):
+    """Shared bottom activations were padded to the meta-batch's longest row; cut them to this batch's width."""
+    if shared is None:
+        return None
+    hidden, mask = shared
+    if mask is not None:
+        mask = mask[..., :width, :width] if mask.dim() == 4 else mask[..., :width]
+    return hidden[:, :width], mask
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")  # ParameterDict keys may not contain dots
+
+
+class GradientMetaLearner(Learner):
+    name = "maml"
+    meta_trainable = True
+
+    def __init__(self, encoder: TextEncoder, config: GradientConfig | None = None) -> None:
+        super().__init__(encoder)
+        self.config = config or GradientConfig.for_algorithm(self.name)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(self.config.init_scale)))
+        self.adapted = adapted_parameter_names(encoder, self.config.adapt, self.config.top_layers)
+        self.n_bottom = _bottom_layer_count(encoder, self.config)
+        self.log_inner_lrs = nn.ParameterDict()
+        if self.config.learn_inner_lr:
+            for name in self.adapted:
+                self.log_inner_lrs[_key(name)] = nn.Parameter(torch.tensor(math.log(self.config.inner_lr)))
+            for name in HEAD:
+                self.log_inner_lrs[_key(name)] = nn.Parameter(torch.tensor(math.log(self.config.head_inner_lr)))
+
+    def options(self) -> dict:
+        return {"gradient": self.config}
+
+    def inner_lr(self, name: str) -> torch.Tensor | float:
+        if self.config.learn_inner_lr:
+            return self.log_inner_lrs[_key(name)].exp()
+        return self.config.head_inner_lr if name in HEAD else self.config.inner_lr
+
+    def features(self, fast: dict[str, torch.Tensor], batch: TokenBatch) -> torch.Tensor:
+        params = {**dict(self.encoder.named_parameters()), **fast}
+        with autocast(self.encoder.device):
+            out = functional_call(self.encoder, params, (batch,))
+        return F.normalize(out.to(torch.promote_types(out.dtype, torch.float32)), dim=-1)  # bf16 -> fp32, fp64 stays
+
+    def bottom(self, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Embeddings and the layers the inner loop never changes: run once per batch, not once per step."""
+        from transformers.masking_utils import create_bidirectional_mask
+
+        model, batch = self.encoder.model, batch.to(self.encoder.device)
+        with autocast(self.encoder.device):
+            hidden = model.embeddings(input_ids=batch.input_ids)
+            mask = create_bidirectional_mask(config=model.config, inputs_embeds=hidden,
+                                             attention_mask=batch.attention_mask)
+            for layer in model.encoder.layer[: self.n_bottom]:
+                hidden = layer(hidden, mask)
+        return hidden, mask
+
+    def top(self, fast: dict[str, torch.Tensor], hidden: torch.Tensor, mask: torch.Tensor | None,
+            attention_mask: torch.Tensor) -> torch.Tensor:
+        """The adapted top layers with the fast tensors, then pooling: unit-norm features."""
+        layers = self.encoder.model.encoder.layer
+        with autocast(self.encoder.device):
+            for i in range(self.n_bottom, len(layers)):
+                prefix = f"model.encoder.layer.{i}."
+                local = {n[len(prefix):]: t for n, t in fast.items() if n.startswith(prefix)}
+                hidden = functional_call(layers[i], local, (hidden, mask))
+        out = pool(hidden, attention_mask.to(hidden.device), self.encoder.config.pooling)
+        return F.normalize(out.to(torch.promote_types(out.dtype, torch.float32)), dim=-1)
+
+    def feature_fn(self, batch: TokenBatch, shared=None, track_meta: bool = True):
+        """Features of `batch` as a function of the fast tensors.
+
+        With a bottom/top split the bottom runs here, once (or comes in `shared` for a meta-batch);
+        otherwise every call runs the whole encoder with the fast tensors.
+        """
+        if self.n_bottom is None:
+            return lambda fast: self.features(fast, batch)
+        hidden, mask = shared if shared is not None else self.bottom(batch)
+        if not track_meta:
+            hidden = hidden.detach()
+        return lambda fast: self.top(fast, hidden, mask, batch.attention_mask)
+
+    def inner_loop(self, support: TokenBatch, targets: torch.Tensor, n_classes: int, *, create_graph: bool,
+                   track_meta: bool, steps: int | None = None, features=None) -> dict[str, torch.Tensor]:
+        """Adapt on the support set; returns the fast tensors (adapted encoder tensors and the head).
+
+        track_meta: keep the graph back to the meta-parameters (meta-training); otherwise the start is detached.
+        create_graph: differentiate through the inner gradients (second order).
+        features: a `feature_fn` of the support batch, when the caller already ran the bottom layers.
+        """
+        features = features or self.feature_fn(support, track_meta=track_meta)
+        fast = {n: p if track_meta else p.detach().requires_grad_() for n, p in self.encoder.named_parameters()
+                if n in set(self.adapted)}
+        h = features(fast)
+        targets = targets.to(h.device)
+        weight = self.log_scale.exp() * F.normalize(prototypes(h, targets, n_classes), dim=-1)
+        bias = torch.zeros(n_classes, device=h.device, dtype=h.dtype, requires_grad=True)
+        if not track_meta:
+            weight, h = weight.detach().requires_grad_(), h.detach()
+        fast.update({HEAD[0]: weight, HEAD[1]: bias})
+        for step in range(self.config.inner_steps if steps is None else steps):
+            if step > 0 and self.adapted:
+                h = features({n: fast[n] for n in self.adapted})
+            loss = F.cross_entropy(h @ fast[HEAD[0]].T + fast[HEAD[1]], targets)
+            names = list(fast)
+            # retain_graph: the outer loss still needs the graph from the meta-parameters to the start.
+            grads = torch.autograd.grad(loss, [fast[n] for n in names], create_graph=create_graph,
+                                        retain_graph=track_meta, allow_unused=True)
+            fast = {n: fast[n] if g is None else fast[n] - self.inner_lr(n) * g for n, g in zip(names, grads,
+                                                                                                strict=True)}
+            if not track_meta:  # adaptation at test time: plain SGD on leaf tensors
+                fast = {n: t.detach().requires_grad_() for n, t in fast.items()}
+        return fast
+
+    def logits(self, fast: dict[str, torch.Tensor], batch: TokenBatch, features=None) -> torch.Tensor:
+        features = features or self.feature_fn(batch, track_meta=False)
+        h = features({n: fast[n] for n in self.adapted})
+        return h @ fast[HEAD[0]].T + fast[HEAD[1]]
+
+    def episode_loss(self, tokens: TokenizedTexts, episode: Episode):
+        loss, logits = self.batch_loss(tokens, [episode])
+        return loss, logits[0]
+
+    def batch_loss(self, tokens: TokenizedTexts, episodes: list[Episode]):
+        """Mean query loss over a meta-batch. With a bottom/top split, the un-adapted bottom layers run once
+        for every row of every task together; each task then adapts only its top layers and head."""
+        batches = [(tokens.batch(e.support), tokens.batch(e.query)) for e in episodes]
+        shared = [(None, None)] * len(episodes)
+        if self.n_bottom is not None:
+            rows = np.concatenate([np.concatenate([e.support, e.query]) for e in episodes])
+            hidden, mask = self.bottom(tokens.batch(rows))
+            shared, start = [], 0
+            for e in episodes:
+                cut = [slice(start, start + len(e.support)), slice(start + len(e.support), start + len(e.support) +
+                                                                   len(e.query))]
+                shared.append(tuple((hidden[c], None if mask is None else mask[c]) for c in cut))
+                start = cut[1].stop
+        losses, all_logits = [], []
+        for episode, (support, query), (support_shared, query_shared) in zip(episodes, batches, shared,
+                                                                              strict=True):
+            width_s, width_q = support.input_ids.shape[1], query.input_ids.shape[1]
+            support_features = self.feature_fn(support, _trim(support_shared, width_s))
+            fast = self.inner_loop(support, torch.as_tensor(episode.support_labels), len(episode.classes),
+                                   create_graph=not self.config.first_order, track_meta=True,
+                                   features=support_features)
+            logits = self.logits(fast, query, self.feature_fn(query, _trim(query_shared, width_q)))
+            losses.append(F.cross_entropy(logits, torch.as_tensor(episode.query_labels, device=logits.device)))
+            all_logits.append(logits)
+        return torch.stack(losses).mean(), all_logits
+
+    def adapt(self, support, labels) -> Classifier:
+        classes, targets = support_targets(list(labels))
+        tokens = self.tokens(support)
+        was_training = self.training
+        self.eval()
+        with torch.enable_grad():
+            fast = self.inner_loop(tokens.batch(), targets, len(classes), create_graph=False, track_meta=False)
+        self.train(was_training)
+        fast = {n: t.detach() for n, t in fast.items()}
+
+        def logits(queries: TokenizedTexts) -> torch.Tensor:
+            out = []
+            with torch.no_grad():
+                for start in range(0, len(queries), 128):
+                    out.append(self.logits(fast, queries.batch(np.arange(start, min(start + 128, len(queries))))))
+            return torch.cat(out).cpu()
+
+        return Classifier(classes, self.encoder, logits)
+
+
+class FOMAML(GradientMetaLearner):
+    name = "fomaml"
+
+
+class ANIL(GradientMetaLearner):
+    name = "anil"
+
+
+class MetaSGD(GradientMetaLearner):
+    name = "metasgd"
+
+
+class Reptile(GradientMetaLearner):
+    """Inner SGD on the whole episode; the meta-gradient is (start - adapted), applied by the outer optimizer."""
+
+    name = "reptile"
+
+    def episode_loss(self, tokens: TokenizedTexts, episode: Episode):
+        rows = np.concatenate([episode.support, episode.query])
+        labels = torch.as_tensor(np.concatenate([episode.support_labels, episode.query_labels]))
+        fast = self.inner_loop(tokens.batch(rows), labels, len(episode.classes), create_graph=False,
+                               track_meta=False)
+        start = dict(self.encoder.named_parameters())
+        # d/dp of sum(p * (p - adapted)) with the bracket held constant is (p - adapted): Reptile's direction.
+        surrogate = sum((start[n] * (start[n] - fast[n]).detach()).sum() for n in self.adapted)
+        with torch.no_grad():
+            logits = self.logits(fast, tokens.batch(episode.query))
+        return surrogate if torch.is_tensor(surrogate) else self.log_scale * 0.0, logits

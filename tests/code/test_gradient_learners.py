@@ -1,0 +1,127 @@
+"""Code tests: the gradient-based meta-learners compute the gradients their papers define."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metanlp.config import EncoderConfig, GradientConfig, LearnerSpec
+from metanlp.data.episodes import EpisodeSampler
+from metanlp.learners import build_learner
+
+TINY_EAGER = EncoderConfig(name_or_path="tiny-random-bert", attn_implementation="eager")
+
+
+def _setup(corpus, name, **overrides):
+    config = GradientConfig.for_algorithm(name).model_copy(update={"inner_steps": 2, **overrides})
+    learner = build_learner(name, TINY_EAGER, LearnerSpec(learner=name, encoder=TINY_EAGER, gradient=config))
+    learner.double().eval()  # float64 for finite differences; eval: no dropout, so the loss is a function
+    tokens = learner.encoder.tokenize(corpus.texts)
+    episode = EpisodeSampler(corpus, 3, 2, 2, seed=0).sample()
+    return learner, tokens, episode
+
+
+def _shift(params, direction, step):
+    with torch.no_grad():
+        for p, v in zip(params, direction, strict=True):
+            p.add_(step * v)
+
+
+def _directional(learner, tokens, episode, direction, eps=1e-5):
+    """Central finite difference of the meta-loss along `direction` (the inner loop still needs autograd)."""
+    params = [p for p in learner.parameters() if p.requires_grad]
+    _shift(params, direction, eps)
+    plus = learner.episode_loss(tokens, episode)[0].item()
+    _shift(params, direction, -2 * eps)
+    minus = learner.episode_loss(tokens, episode)[0].item()
+    _shift(params, direction, eps)
+    return (plus - minus) / (2 * eps)
+
+
+def _analytic(learner, tokens, episode, direction):
+    learner.zero_grad()
+    learner.episode_loss(tokens, episode)[0].backward()
+    params = [p for p in learner.parameters() if p.requires_grad]
+    return sum((p.grad * v).sum().item() for p, v in zip(params, direction, strict=True) if p.grad is not None)
+
+
+def _direction(learner):
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in learner.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("adapt", ["top", "head"])
+def test_second_order_maml_gradient_matches_finite_differences(corpus, adapt):
+    learner, tokens, episode = _setup(corpus, "maml", adapt=adapt, top_layers=1)
+    direction = _direction(learner)
+    numeric = _directional(learner, tokens, episode, direction)
+    analytic = _analytic(learner, tokens, episode, direction)
+    assert analytic == pytest.approx(numeric, rel=1e-4, abs=1e-8)
+
+
+def test_first_order_maml_differs_from_the_true_gradient(corpus):
+    learner, tokens, episode = _setup(corpus, "fomaml", top_layers=1)
+    direction = _direction(learner)
+    numeric = _directional(learner, tokens, episode, direction)
+    first_order = _analytic(learner, tokens, episode, direction)
+    assert first_order != pytest.approx(numeric, rel=1e-3)
+    # ... yet it is an approximation of it, not noise: same sign along a random direction
+    assert first_order * numeric > 0
+
+
+def test_reptile_gradient_is_start_minus_adapted(corpus):
+    learner, tokens, episode = _setup(corpus, "reptile", top_layers=1)
+    import numpy as np
+
+    rows = np.concatenate([episode.support, episode.query])
+    labels = torch.as_tensor(np.concatenate([episode.support_labels, episode.query_labels]))
+    adapted = learner.inner_loop(tokens.batch(rows), labels, len(episode.classes), create_graph=False,
+                                 track_meta=False)
+    start = {n: p.detach().clone() for n, p in learner.encoder.named_parameters()}
+    learner.zero_grad()
+    learner.episode_loss(tokens, episode)[0].backward()
+    epsilon = 0.1
+    with torch.no_grad():
+        for name, p in learner.encoder.named_parameters():
+            if name in learner.adapted:
+                torch.testing.assert_close(p.grad, start[name] - adapted[name].detach())
+                p.sub_(epsilon * p.grad)  # the outer SGD step ...
+                # ... is Reptile's update: theta + epsilon * (phi - theta)
+                torch.testing.assert_close(p, start[name] + epsilon * (adapted[name].detach() - start[name]))
+            else:
+                assert p.grad is None
+
+
+def test_metasgd_learning_rates_receive_gradients(corpus):
+    learner, tokens, episode = _setup(corpus, "metasgd")
+    learner.episode_loss(tokens, episode)[0].backward()
+    grads = [p.grad for p in learner.log_inner_lrs.values()]
+    assert len(grads) == len(learner.adapted) + 2
+    assert all(g is not None and torch.isfinite(g) for g in grads)
+    assert sum(g.abs().item() for g in grads) > 0
+
+
+def test_adaptation_at_test_time_changes_only_fast_weights(corpus):
+    learner, _, _ = _setup(corpus, "maml")
+    before = {k: v.clone() for k, v in learner.state_dict().items()}
+    classifier = learner.adapt(["rain today", "play a song", "rain tomorrow", "play music"], ["w", "m", "w", "m"])
+    assert classifier.predict(["rain later"]).scores.shape == (1, 2)
+    for key, value in learner.state_dict().items():
+        torch.testing.assert_close(value, before[key])
+
+
+@pytest.mark.parametrize("adapt", ["top", "head"])
+def test_split_encoder_equals_the_whole_encoder(corpus, adapt):
+    learner, tokens, episode = _setup(corpus, "fomaml", adapt=adapt, top_layers=1)
+    assert learner.n_bottom == (1 if adapt == "top" else 2)
+    batch = tokens.batch(episode.support)
+    fast = {n: p for n, p in learner.encoder.named_parameters() if n in learner.adapted}
+    torch.testing.assert_close(learner.feature_fn(batch)(fast), learner.features(fast, batch))
+
+
+def test_meta_batch_shares_the_bottom_and_equals_the_mean_of_its_tasks(corpus):
+    learner, tokens, _ = _setup(corpus, "maml", top_layers=1)
+    episodes = EpisodeSampler(corpus, 3, 2, 2, seed=4).take(3)
+    together, _ = learner.batch_loss(tokens, episodes)
+    separate = torch.stack([learner.episode_loss(tokens, e)[0] for e in episodes]).mean()
+    torch.testing.assert_close(together, separate)
