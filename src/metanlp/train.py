@@ -79,9 +79,8 @@ def meta_train(learner: Learner, train_data: LabelledTexts, val_data: LabelledTe
         for step in range(1, config.episodes + 1):
             learner.train()
             episodes = sampler.take(config.tasks_per_step)
-            loss, logits = learner.batch_loss(train_tokens, episodes)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss, logits = learner.backward_batch(train_tokens, episodes)
             torch.nn.utils.clip_grad_norm_(learner.parameters(), config.grad_clip)
             optimizer.step()
             schedule.step()

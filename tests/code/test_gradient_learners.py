@@ -125,3 +125,18 @@ def test_meta_batch_shares_the_bottom_and_equals_the_mean_of_its_tasks(corpus):
     together, _ = learner.batch_loss(tokens, episodes)
     separate = torch.stack([learner.episode_loss(tokens, e)[0] for e in episodes]).mean()
     torch.testing.assert_close(together, separate)
+
+
+@pytest.mark.parametrize("name", ["maml", "fomaml", "anil", "reptile"])
+def test_task_by_task_backward_equals_one_backward_of_the_mean(corpus, name):
+    learner, tokens, _ = _setup(corpus, name, top_layers=1)
+    episodes = EpisodeSampler(corpus, 3, 2, 2, seed=7).take(3)
+    learner.zero_grad()
+    learner.batch_loss(tokens, episodes)[0].backward()
+    expected = {n: p.grad.clone() for n, p in learner.named_parameters() if p.grad is not None}
+    learner.zero_grad()
+    learner.backward_batch(tokens, episodes)
+    got = {n: p.grad for n, p in learner.named_parameters() if p.grad is not None}
+    assert got.keys() == expected.keys()
+    for n, g in expected.items():
+        torch.testing.assert_close(got[n], g, msg=n)

@@ -95,6 +95,12 @@ class Learner(nn.Module):
         losses, logits = zip(*(self.episode_loss(tokens, e) for e in episodes), strict=True)
         return torch.stack(losses).mean(), list(logits)
 
+    def backward_batch(self, tokens: TokenizedTexts, episodes: list[Episode]):
+        """Accumulate the meta-gradient of a meta-batch into `.grad`; returns the loss (detached) and logits."""
+        loss, logits = self.batch_loss(tokens, episodes)
+        loss.backward()
+        return loss.detach(), [lg.detach() for lg in logits]
+
     def options(self) -> dict:
         """Learner-specific config sections of the spec (e.g. {"protonet": ProtoNetConfig})."""
         return {}

@@ -56,8 +56,6 @@ def _bottom_layer_count(encoder: TextEncoder, config: GradientConfig) -> int | N
 
 def _trim(shared, width: int):
     """Shared bottom activations were padded to the meta-batch's longest row; cut them to this batch's width."""
-    if shared is None:
-        return None
     hidden, mask = shared
     if mask is not None:
         mask = mask[..., :width, :width] if mask.dim() == 4 else mask[..., :width]
@@ -179,31 +177,55 @@ class GradientMetaLearner(Learner):
         return loss, logits[0]
 
     def batch_loss(self, tokens: TokenizedTexts, episodes: list[Episode]):
-        """Mean query loss over a meta-batch. With a bottom/top split, the un-adapted bottom layers run once
-        for every row of every task together; each task then adapts only its top layers and head."""
-        batches = [(tokens.batch(e.support), tokens.batch(e.query)) for e in episodes]
-        shared = [(None, None)] * len(episodes)
-        if self.n_bottom is not None:
-            rows = np.concatenate([np.concatenate([e.support, e.query]) for e in episodes])
-            hidden, mask = self.bottom(tokens.batch(rows))
-            shared, start = [], 0
-            for e in episodes:
-                cut = [slice(start, start + len(e.support)), slice(start + len(e.support), start + len(e.support) +
-                                                                   len(e.query))]
-                shared.append(tuple((hidden[c], None if mask is None else mask[c]) for c in cut))
-                start = cut[1].stop
+        """Mean query loss over a meta-batch, and each task's query logits."""
+        losses, logits = zip(*self._task_losses(tokens, episodes, self._shared_bottom(tokens, episodes)),
+                             strict=True)
+        return torch.stack(losses).mean(), list(logits)
+
+    def backward_batch(self, tokens: TokenizedTexts, episodes: list[Episode]):
+        """Meta-gradient of a meta-batch, task by task, so only one task's inner-loop graph is alive at a time.
+
+        The un-adapted bottom layers run once for every row of every task; their output is cut from the graph,
+        each task's backward leaves its share of gradient there, and one backward takes the sum through the
+        bottom (a checkpoint at the split: the bottom's backward runs once, not once per task).
+        """
+        shared = self._shared_bottom(tokens, episodes)
+        if shared is None:
+            return super().backward_batch(tokens, episodes)
+        hidden, mask = shared
+        cut = hidden.detach().requires_grad_()
         losses, all_logits = [], []
-        for episode, (support, query), (support_shared, query_shared) in zip(episodes, batches, shared,
-                                                                              strict=True):
-            width_s, width_q = support.input_ids.shape[1], query.input_ids.shape[1]
-            support_features = self.feature_fn(support, _trim(support_shared, width_s))
+        for loss, logits in self._task_losses(tokens, episodes, (cut, mask)):
+            (loss / len(episodes)).backward()
+            losses.append(loss.detach())
+            all_logits.append(logits.detach())
+        hidden.backward(cut.grad)
+        return torch.stack(losses).mean(), all_logits
+
+    def _shared_bottom(self, tokens: TokenizedTexts, episodes: list[Episode]):
+        if self.n_bottom is None:
+            return None
+        rows = np.concatenate([np.concatenate([e.support, e.query]) for e in episodes])
+        return self.bottom(tokens.batch(rows))
+
+    def _task_losses(self, tokens: TokenizedTexts, episodes: list[Episode], shared):
+        """Each task's query loss and logits; `shared` holds the bottom activations of all tasks' rows, in order."""
+        start = 0
+        for episode in episodes:
+            support, query = tokens.batch(episode.support), tokens.batch(episode.query)
+            support_shared = query_shared = None
+            if shared is not None:
+                hidden, mask = shared
+                ends = (start, start + len(episode.support), start + len(episode.support) + len(episode.query))
+                support_shared, query_shared = (
+                    _trim((hidden[a:b], None if mask is None else mask[a:b]), batch.input_ids.shape[1])
+                    for a, b, batch in ((ends[0], ends[1], support), (ends[1], ends[2], query)))
+                start = ends[2]
             fast = self.inner_loop(support, torch.as_tensor(episode.support_labels), len(episode.classes),
                                    create_graph=not self.config.first_order, track_meta=True,
-                                   features=support_features)
-            logits = self.logits(fast, query, self.feature_fn(query, _trim(query_shared, width_q)))
-            losses.append(F.cross_entropy(logits, torch.as_tensor(episode.query_labels, device=logits.device)))
-            all_logits.append(logits)
-        return torch.stack(losses).mean(), all_logits
+                                   features=self.feature_fn(support, support_shared))
+            logits = self.logits(fast, query, self.feature_fn(query, query_shared))
+            yield F.cross_entropy(logits, torch.as_tensor(episode.query_labels, device=logits.device)), logits
 
     def adapt(self, support, labels) -> Classifier:
         classes, targets = support_targets(list(labels))
@@ -241,6 +263,9 @@ class Reptile(GradientMetaLearner):
     """Inner SGD on the whole episode; the meta-gradient is (start - adapted), applied by the outer optimizer."""
 
     name = "reptile"
+    # Reptile's meta-gradient is per episode (see episode_loss): no shared bottom, no backward through steps.
+    batch_loss = Learner.batch_loss
+    backward_batch = Learner.backward_batch
 
     def episode_loss(self, tokens: TokenizedTexts, episode: Episode):
         rows = np.concatenate([episode.support, episode.query])

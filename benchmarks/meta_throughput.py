@@ -1,0 +1,204 @@
+"""Meta-training throughput: metanlp's functional MAML vs a reference of learn2learn's method.
+
+The reference does what learn2learn's MAML wrapper does, written here from its description (learn2learn
+itself does not build on Python 3.11): clone the whole module per task (parameters become differentiable
+copies), take inner steps by writing `p - lr * grad` back into the clone, run the whole model at every
+inner step, and loop over tasks, calling backward per task. metanlp keeps a dict of fast tensors for
+`torch.func.functional_call`, runs the layers the inner loop does not adapt once for all tasks of the
+meta-batch, and re-runs only the adapted top layers at each inner step.
+
+Same model (all-MiniLM-L6-v2), same episodes, same Proto-MAML head, same inner loop (top 2 layers + head,
+5 steps, 5-way 5-shot 5-query, 4 tasks per meta-batch). Each variant runs in its own process so that its
+peak memory (peak RSS on CPU, peak allocated on CUDA) is its own.
+
+    python benchmarks/meta_throughput.py                 # writes benchmarks/results/meta_throughput.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WAYS, SHOTS, QUERIES, TASKS, INNER_STEPS, TOP_LAYERS = 5, 5, 5, 4, 5, 2
+
+
+def _peak_reset() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set size
+
+
+def _peak_mib() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def clone_module(module):
+    """A copy of `module` whose parameters are differentiable clones of the original's (learn2learn's way)."""
+    clone = module.__new__(type(module))
+    clone.__dict__ = module.__dict__.copy()
+    clone._parameters = {k: None if p is None else p.clone() for k, p in module._parameters.items()}
+    clone._buffers = {k: None if b is None else b.clone() for k, b in module._buffers.items()}
+    clone._modules = {k: None if m is None else clone_module(m) for k, m in module._modules.items()}
+    return clone
+
+
+def set_parameter(module, name: str, value) -> None:
+    *path, leaf = name.split(".")
+    for part in path:
+        module = module._modules[part]
+    module._parameters[leaf] = value
+
+
+def reference_step(learner, tokens, episodes, optimizer, first_order: bool) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from metanlp.learners.protonet import prototypes
+
+    optimizer.zero_grad(set_to_none=True)
+    for episode in episodes:
+        clone = clone_module(learner.encoder)
+        params = dict(_named_tensors(clone))
+        adapted = list(learner.adapted)
+        support, query = tokens.batch(episode.support), tokens.batch(episode.query)
+        targets = torch.as_tensor(episode.support_labels)
+        h = F.normalize(clone(support), dim=-1)
+        weight = learner.log_scale.exp() * F.normalize(prototypes(h, targets, WAYS), dim=-1)
+        bias = torch.zeros(WAYS, requires_grad=True)
+        for step in range(INNER_STEPS):
+            if step > 0:
+                h = F.normalize(clone(support), dim=-1)
+            loss = F.cross_entropy(h @ weight.T + bias, targets)
+            tensors = [params[n] for n in adapted] + [weight, bias]
+            grads = torch.autograd.grad(loss, tensors, create_graph=not first_order, retain_graph=True)
+            for n, g in zip(adapted, grads[:-2], strict=True):
+                params[n] = params[n] - learner.config.inner_lr * g
+                set_parameter(clone, n, params[n])
+            weight = weight - learner.config.head_inner_lr * grads[-2]
+            bias = bias - learner.config.head_inner_lr * grads[-1]
+        logits = F.normalize(clone(query), dim=-1) @ weight.T + bias
+        (F.cross_entropy(logits, torch.as_tensor(episode.query_labels)) / len(episodes)).backward()
+    optimizer.step()
+
+
+def _named_tensors(module, prefix: str = ""):
+    for name, p in module._parameters.items():
+        if p is not None:
+            yield prefix + name, p
+    for name, m in module._modules.items():
+        if m is not None:
+            yield from _named_tensors(m, prefix + name + ".")
+
+
+def metanlp_step(learner, tokens, episodes, optimizer, first_order: bool) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    learner.backward_batch(tokens, episodes)
+    optimizer.step()
+
+
+def worker(implementation: str, algorithm: str, meta_batches: int) -> dict:
+    import torch
+    from safetensors.torch import save_file
+
+    from metanlp.config import EncoderConfig, GradientConfig, LearnerSpec
+    from metanlp.data.episodes import EpisodeSampler
+    from metanlp.data.load import load_labelled
+    from metanlp.learners import build_learner
+
+    torch.manual_seed(0)
+    first_order = algorithm == "fomaml"
+    config = GradientConfig.for_algorithm(algorithm).model_copy(update={"inner_steps": INNER_STEPS,
+                                                                       "top_layers": TOP_LAYERS})
+    encoder = EncoderConfig(attn_implementation="sdpa" if first_order else "eager")
+    learner = build_learner(algorithm, encoder, LearnerSpec(learner=algorithm, encoder=encoder, gradient=config))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    learner.to(device).eval()  # no dropout: both variants compute the same function
+    data = load_labelled("default")
+    tokens = learner.encoder.tokenize(data.texts)
+    sampler = EpisodeSampler(data, WAYS, SHOTS, QUERIES, seed=0)
+    batches = [sampler.take(TASKS) for _ in range(meta_batches + 1)]
+    optimizer = torch.optim.SGD(learner.parameters(), lr=0.0)  # lr 0: every batch sees the same weights
+    step = reference_step if implementation == "reference" else metanlp_step
+    step(learner, tokens, batches[0], optimizer, first_order)  # warm-up (allocator, kernels)
+    grads = {n: p.grad.detach().clone() for n, p in learner.named_parameters() if p.grad is not None}
+    _peak_reset()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for batch in batches[1:]:
+        step(learner, tokens, batch, optimizer, first_order)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    save_file({n: g.contiguous().cpu() for n, g in grads.items()}, os.environ["METANLP_GRADS"])
+    return {"implementation": implementation, "algorithm": algorithm, "episodes_per_s": meta_batches * TASKS / seconds,
+            "seconds_per_meta_batch": seconds / meta_batches, "peak_mib": _peak_mib(), "device": str(device)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--meta-batches", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--worker", nargs=2, metavar=("IMPLEMENTATION", "ALGORITHM"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args.meta_batches)))
+        return
+    import torch
+    from safetensors.torch import load_file
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for algorithm in ("fomaml", "maml"):
+        grads = {}
+        for implementation in ("reference", "metanlp"):
+            grad_file = args.out / f".grads_{implementation}_{algorithm}.safetensors"
+            env = {**os.environ, "METANLP_GRADS": str(grad_file), "HF_HUB_OFFLINE": "1"}
+            result = subprocess.run([sys.executable, __file__, "--worker", implementation, algorithm,
+                                     "--meta-batches", str(args.meta_batches)], check=True, capture_output=True,
+                                    text=True, env=env, cwd=ROOT)
+            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+            grads[implementation] = load_file(grad_file)
+            grad_file.unlink()
+            print(rows[-1], flush=True)
+        # Same computation, so the same meta-gradient: the speed-up is not bought with a different algorithm.
+        worst = max(float((grads["reference"][n] - g).abs().max() / (g.abs().max() + 1e-12))
+                    for n, g in grads["metanlp"].items())
+        rows[-1]["max_rel_grad_diff_vs_reference"] = worst
+    table = ["| algorithm | implementation | episodes/s | s per meta-batch | peak MiB | speed-up | memory ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for algorithm in ("fomaml", "maml"):
+        ref = next(r for r in rows if r["algorithm"] == algorithm and r["implementation"] == "reference")
+        for r in (r for r in rows if r["algorithm"] == algorithm):
+            speedup, memory = r["episodes_per_s"] / ref["episodes_per_s"], r["peak_mib"] / ref["peak_mib"]
+            table.append(f"| {algorithm} | {r['implementation']} | {r['episodes_per_s']:.2f} | "
+                         f"{r['seconds_per_meta_batch']:.2f} | {r['peak_mib']:.0f} | {speedup:.2f}x | {memory:.2f} |")
+    header = (f"Meta-training throughput, `python benchmarks/meta_throughput.py --meta-batches {args.meta_batches}`; "
+              f"{rows[0]['device']} ({platform.machine()}, {torch.get_num_threads()} threads). "
+              f"MiniLM-L6, inner loop on the top {TOP_LAYERS} layers + head, {INNER_STEPS} steps, "
+              f"{WAYS}-way {SHOTS}-shot {QUERIES}-query, "
+              f"{TASKS} tasks per meta-batch; peak memory is peak RSS on CPU (whole process, model included).\n\n")
+    (args.out / "meta_throughput.md").write_text(header + "\n".join(table) + "\n")
+    (args.out / "meta_throughput.json").write_text(json.dumps(rows, indent=2))
+    print(header + "\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
