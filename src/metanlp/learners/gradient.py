@@ -153,14 +153,21 @@ class GradientMetaLearner(Learner):
         if not track_meta:
             weight, h = weight.detach().requires_grad_(), h.detach()
         fast.update({HEAD[0]: weight, HEAD[1]: bias})
+        first_order_meta = track_meta and not create_graph
         for step in range(self.config.inner_steps if steps is None else steps):
+            probe = fast
+            if first_order_meta and step > 0:
+                # First order needs only the value of later inner gradients: take them on graph-free copies,
+                # so no step after the first keeps its activations alive until the outer backward.
+                probe = {n: t.detach().requires_grad_() for n, t in fast.items()}
+                h = h.detach()
             if step > 0 and self.adapted:
-                h = features({n: fast[n] for n in self.adapted})
-            loss = F.cross_entropy(h @ fast[HEAD[0]].T + fast[HEAD[1]], targets)
-            names = list(fast)
+                h = features({n: probe[n] for n in self.adapted})
+            loss = F.cross_entropy(h @ probe[HEAD[0]].T + probe[HEAD[1]], targets)
+            names = list(probe)
             # retain_graph: the outer loss still needs the graph from the meta-parameters to the start.
-            grads = torch.autograd.grad(loss, [fast[n] for n in names], create_graph=create_graph,
-                                        retain_graph=track_meta, allow_unused=True)
+            grads = torch.autograd.grad(loss, [probe[n] for n in names], create_graph=create_graph,
+                                        retain_graph=track_meta and probe is fast, allow_unused=True)
             fast = {n: fast[n] if g is None else fast[n] - self.inner_lr(n) * g for n, g in zip(names, grads,
                                                                                                 strict=True)}
             if not track_meta:  # adaptation at test time: plain SGD on leaf tensors
