@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--finetune-episodes", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny budgets: checks the script, not the model")
+    parser.add_argument("--only", help="comma-separated evaluations to (re)run with the model already in --out "
+                                       "(e.g. clinc_full); the report is rebuilt from every JSON present")
     args = parser.parse_args()
     if args.quick:
         args.train_episodes, args.episodes, args.finetune_episodes, args.repeats = 4, 6, 2, 1
@@ -57,12 +59,14 @@ def main() -> None:
     model = out / "clinc_protonet"
     clinc, snips = SHARED / "clinc150", SHARED / "snips"
     quiet = ["--quiet"] if args.quick else []
-    timings = {}
-    timings["meta-train"] = metanlp([
-        "train", "--data", str(clinc / "train.jsonl"), "--val-data", str(clinc / "val.jsonl"), *CLINC_SPLIT,
-        "--learner", "protonet", "--episodes", str(args.train_episodes), "--ways", "5", "--shots", "5",
-        "--queries", "5", "--val-every", str(max(1, min(100, args.train_episodes))), "--val-episodes",
-        str(min(100, args.episodes)), "--out", str(model), *quiet])
+    timings_path = out / "timings.json"
+    timings = json.loads(timings_path.read_text()) if args.only and timings_path.exists() else {}
+    if not args.only:
+        timings["meta-train"] = metanlp([
+            "train", "--data", str(clinc / "train.jsonl"), "--val-data", str(clinc / "val.jsonl"), *CLINC_SPLIT,
+            "--learner", "protonet", "--episodes", str(args.train_episodes), "--ways", "5", "--shots", "5",
+            "--queries", "5", "--val-every", str(max(1, min(100, args.train_episodes))), "--val-episodes",
+            str(min(100, args.episodes)), "--out", str(model), *quiet])
     methods = ["--methods", "protonet,frozen,finetune", "--finetune-episodes", str(args.finetune_episodes)]
     evaluations = {
         "clinc_episodic": ("CLINC150 test classes (3 unseen domains, 45 intents), episodic",
@@ -79,10 +83,14 @@ def main() -> None:
                        ["--data", str(snips / "test.jsonl"), "--ways", "all", "--shots", "5,10",
                         "--support-data", str(snips / "train.jsonl"), "--repeats", str(args.repeats)]),
     }
+    only = set(args.only.split(",")) if args.only else set(evaluations)
+    if only - set(evaluations):
+        parser.error(f"--only: unknown evaluations {sorted(only - set(evaluations))}; known: {sorted(evaluations)}")
     sections = []
     for key, (title, data_args) in evaluations.items():
-        timings[key] = metanlp(["evaluate", "--model", str(model), *data_args, *methods,
-                                "--out", str(out / f"{key}.json"), *quiet])
+        if key in only:
+            timings[key] = metanlp(["evaluate", "--model", str(model), *data_args, *methods,
+                                    "--out", str(out / f"{key}.json"), *quiet])
         table = (out / f"{key}.md").read_text()
         sections.append(f"### {title}\n\n{table}\n![{key}]({key}.png)\n")
     history = json.loads((model / "history.json").read_text())
@@ -97,13 +105,14 @@ def main() -> None:
         f"{100 * history['best_val_accuracy']:.1f}% at episode {history['best_episode']} of "
         f"{history['episodes_run']} run.\n\n"
         f"Accuracy ± 95% CI (1.96 sd/sqrt(episodes)); Δ is the paired difference to the frozen encoder on the same "
-        f"episodes. Fine-tuning (new linear head, all weights, 15 AdamW steps) runs on the first "
+        f"episodes. Fine-tuning (new linear head, all weights, AdamW, 15 steps or 3 epochs of the support set, "
+        f"whichever is more) runs on the first "
         f"{args.finetune_episodes} of the same episodes: it costs seconds per episode on a CPU. Full-label-space "
         f"rows are {args.repeats} support draws. Wall time per step (s): "
         + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + ".\n\n"
     )
     (out / "fewshot_intents.md").write_text(header + "\n".join(sections))
-    (out / "timings.json").write_text(json.dumps(timings, indent=2))
+    timings_path.write_text(json.dumps(timings, indent=2))
     print((out / "fewshot_intents.md").read_text())
 
 

@@ -135,6 +135,8 @@ def train(
     patience: int = TrainConfig().patience,
     seed: int = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    checkpoint: Annotated[bool, typer.Option(
+        help="save the run state at every validation to OUT.checkpoint/ and resume from it if present")] = True,
     quiet: bool = False,
 ) -> None:
     """Meta-train a learner on episodes from the training classes; keep the best on validation classes."""
@@ -150,7 +152,11 @@ def train(
                        protonet=ProtoNetConfig(), gradient=_gradient_config(learner, inner_steps, inner_lr, adapt,
                                                                             top_layers),
                        split=split, train_data=data)
-    result = train_from_config(spec, config, data, val_data, out, show_progress=not quiet)
+    checkpoint_dir = out.with_name(out.name + ".checkpoint") if checkpoint else None
+    if checkpoint_dir is not None and checkpoint_dir.exists():
+        err_console.print(f"resuming from {checkpoint_dir}")
+    result = train_from_config(spec, config, data, val_data, out, show_progress=not quiet,
+                               checkpoint_dir=checkpoint_dir)
     typer.echo(f"best validation accuracy {100 * result.best_val_accuracy:.1f}% at episode {result.best_episode} "
                f"({result.episodes_run} episodes run); model written to {out}")
 

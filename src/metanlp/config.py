@@ -75,6 +75,7 @@ class FineTuneConfig(_Strict):
 
     # Chosen on CLINC150 validation classes (work domain, 5-way 5-shot): more steps cost time, not accuracy.
     steps: int = Field(15, ge=1)
+    min_epochs: float = Field(3.0, ge=0)  # large support sets (full label space) get at least this many passes
     encoder_lr: float = Field(5e-5, gt=0)
     head_lr: float = Field(1e-2, gt=0)
     batch_size: int = Field(32, ge=1)

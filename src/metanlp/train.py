@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from metanlp.checkpoint import LoopState, load_checkpoint, save_checkpoint
 from metanlp.config import LearnerSpec, TrainConfig
 from metanlp.data.episodes import EpisodeSampler
 from metanlp.data.load import DataError, LabelledTexts, load_labelled
@@ -29,6 +31,12 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+class TrainingInterrupted(RuntimeError):
+    def __init__(self, step: int) -> None:
+        super().__init__(f"meta-training stopped after step {step}; run again with the same checkpoint to resume")
+        self.step = step
 
 
 @dataclass
@@ -47,7 +55,14 @@ def validate(learner: Learner, tokens, episodes, seed: int) -> tuple[float, floa
 
 
 def meta_train(learner: Learner, train_data: LabelledTexts, val_data: LabelledTexts, config: TrainConfig,
-               out_dir: str | Path | None = None, show_progress: bool = True) -> TrainResult:
+               out_dir: str | Path | None = None, show_progress: bool = True,
+               checkpoint_dir: str | Path | None = None, stop_after: int | None = None) -> TrainResult:
+    """Meta-train `learner` in place and return its history.
+
+    With `checkpoint_dir`, the whole run state is saved at every validation and a later call with the same
+    settings resumes from it and ends where an uninterrupted run would. `stop_after` ends the run (with
+    `TrainingInterrupted`) after that many steps, as a preemption would.
+    """
     if not learner.meta_trainable:
         raise ValueError(f"learner {learner.name!r} has nothing to meta-train")
     seed_everything(config.seed)
@@ -70,13 +85,24 @@ def meta_train(learner: Learner, train_data: LabelledTexts, val_data: LabelledTe
     warmup = max(config.warmup_episodes, 1)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
 
-    history: list[dict] = []
-    val_acc, val_ci = validate(learner, val_tokens, val_episodes, config.seed)
-    history.append({"episode": 0, "val_accuracy": val_acc, "val_ci95": val_ci})
-    best_acc, best_episode, best_state = val_acc, 0, None
-    stale, losses, accs, stopped_early, step = 0, [], [], False, 0
+    fingerprint = {"learner": learner.spec().model_dump(mode="json"), "train": config.model_dump(mode="json"),
+                   "train_rows": len(train_data), "val_rows": len(val_data)}
+    checkpoint = Path(checkpoint_dir) if checkpoint_dir else None
+    best_state = None
+    if checkpoint is not None and (checkpoint / "state.json").exists():
+        state, best_state = load_checkpoint(checkpoint, fingerprint, learner, optimizer, sampler)
+        schedule.last_epoch = state.step  # the learning rates themselves came back with the optimizer
+    else:
+        state = LoopState()
+        val_acc, val_ci = validate(learner, val_tokens, val_episodes, config.seed)
+        state.history.append({"episode": 0, "val_accuracy": val_acc, "val_ci95": val_ci})
+        state.best_accuracy = val_acc
+    losses, accs, stopped_early = [], [], state.stale >= config.patience
     with progress_bar(f"meta-train {learner.name}", config.episodes, show_progress) as advance:
-        for step in range(1, config.episodes + 1):
+        for _ in range(state.step):
+            advance()
+        while state.step < config.episodes and not stopped_early:
+            state.step += 1
             learner.train()
             episodes = sampler.take(config.tasks_per_step)
             optimizer.zero_grad(set_to_none=True)
@@ -87,28 +113,33 @@ def meta_train(learner: Learner, train_data: LabelledTexts, val_data: LabelledTe
             losses.append(loss.item())
             accs.append(float(np.mean([(lg.argmax(-1).cpu().numpy() == e.query_labels).mean()
                                        for lg, e in zip(logits, episodes, strict=True)])))
-            advance(loss=float(np.mean(losses[-20:])), acc=float(np.mean(accs[-20:])), val=best_acc)
-            if step % config.val_every and step != config.episodes:
+            advance(loss=float(np.mean(losses[-20:])), acc=float(np.mean(accs[-20:])), val=state.best_accuracy)
+            if state.step % config.val_every and state.step != config.episodes:
                 continue
             val_acc, val_ci = validate(learner, val_tokens, val_episodes, config.seed)
-            history.append({"episode": step, "train_loss": float(np.mean(losses)),
-                            "train_accuracy": float(np.mean(accs)), "val_accuracy": val_acc, "val_ci95": val_ci})
+            state.history.append({"episode": state.step, "train_loss": float(np.mean(losses)),
+                                  "train_accuracy": float(np.mean(accs)), "val_accuracy": val_acc,
+                                  "val_ci95": val_ci})
             losses, accs = [], []
-            if val_acc > best_acc:
-                best_acc, best_episode, stale = val_acc, step, 0
+            if val_acc > state.best_accuracy:
+                state.best_accuracy, state.best_episode, state.stale = val_acc, state.step, 0
                 best_state = {k: v.detach().cpu().clone() for k, v in learner.state_dict().items()}
             else:
-                stale += 1
-                if stale >= config.patience:
-                    stopped_early = True
-                    break
+                state.stale += 1
+                stopped_early = state.stale >= config.patience
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, fingerprint, learner, optimizer, sampler, state, best_state)
+            if stop_after is not None and state.step >= stop_after:
+                raise TrainingInterrupted(state.step)
     if best_state is not None:
         learner.load_state_dict(best_state)
     learner.eval()
-    result = TrainResult(best_acc, best_episode, step, stopped_early, history)
+    result = TrainResult(state.best_accuracy, state.best_episode, state.step, stopped_early, state.history)
     if out_dir is not None:  # written once, at the end: an interrupted run leaves no half-trained model
         save_learner(learner, out_dir)
         write_history(result, Path(out_dir))
+    if checkpoint is not None:
+        shutil.rmtree(checkpoint, ignore_errors=True)
     return result
 
 
@@ -133,7 +164,8 @@ def write_history(result: TrainResult, out_dir: Path) -> None:
 
 
 def train_from_config(spec: LearnerSpec, config: TrainConfig, data: str, val_data: str | None,
-                      out_dir: str | Path, show_progress: bool = True) -> TrainResult:
+                      out_dir: str | Path, show_progress: bool = True,
+                      checkpoint_dir: str | Path | None = None) -> TrainResult:
     """Load and split the corpus, build the learner named in `spec`, meta-train it and save it."""
     from metanlp.learners import build_learner
 
@@ -145,4 +177,4 @@ def train_from_config(spec: LearnerSpec, config: TrainConfig, data: str, val_dat
         raise DataError(f"{validation.source}: has none of the validation classes {split.val[:5]}")
     learner = build_learner(spec.learner, spec.encoder, spec)
     learner.provenance = {"split": spec.split, "classes": split.to_dict(), "train_data": spec.train_data}
-    return meta_train(learner, train_set, val_set, config, out_dir, show_progress)
+    return meta_train(learner, train_set, val_set, config, out_dir, show_progress, checkpoint_dir)

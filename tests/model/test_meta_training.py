@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from metanlp.config import EncoderConfig, EpisodeConfig, SplitConfig, TrainConfig
 from metanlp.data.splits import split_classes
@@ -59,3 +60,49 @@ def test_default_encoder_prediction_is_invariant_to_support_order():
     backward = frozen.adapt(support[::-1], labels[::-1]).predict(queries)
     assert forward.labels == backward.labels == ["rent", "repair"]
     np.testing.assert_allclose(forward.scores, backward.scores, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["protonet", "metasgd"])
+def test_interrupted_run_resumes_to_the_same_result(corpus, tiny_encoder_config, tmp_path, name):
+    from metanlp.config import GradientConfig, LearnerSpec
+    from metanlp.train import TrainingInterrupted
+
+    split = split_classes(corpus, SplitConfig(by="random", sizes=(30, 6, 6), seed=0))
+    train_set, val_set = corpus.with_classes(split.train), corpus.with_classes(split.val)
+    config = TrainConfig(episodes=6, val_every=2, val_episodes=5, lr=1e-3, patience=10, tasks_per_step=2,
+                         episode=EpisodeConfig(ways=3, shots=2, queries=2))
+    spec = LearnerSpec(learner=name, encoder=tiny_encoder_config,
+                       gradient=GradientConfig.for_algorithm(name).model_copy(update={"inner_steps": 2})
+                       if name != "protonet" else None)
+
+    def fresh():
+        return build_learner(name, tiny_encoder_config, spec)
+
+    whole = fresh()
+    expected = meta_train(whole, train_set, val_set, config, show_progress=False)
+    checkpoint = tmp_path / "ckpt"
+    with pytest.raises(TrainingInterrupted):
+        meta_train(fresh(), train_set, val_set, config, show_progress=False, checkpoint_dir=checkpoint,
+                   stop_after=4)
+    assert (checkpoint / "state.json").is_file()
+    resumed_learner = fresh()
+    resumed = meta_train(resumed_learner, train_set, val_set, config, show_progress=False, checkpoint_dir=checkpoint)
+    assert resumed.history == expected.history
+    for key, value in whole.state_dict().items():
+        torch.testing.assert_close(resumed_learner.state_dict()[key], value)
+    assert not checkpoint.exists(), "a finished run removes its checkpoint"
+
+
+def test_checkpoint_from_other_settings_is_refused(corpus, tiny_encoder_config, tmp_path):
+    from metanlp.data.load import DataError
+    from metanlp.train import TrainingInterrupted
+
+    split = split_classes(corpus, SplitConfig(by="random", sizes=(30, 6, 6), seed=0))
+    train_set, val_set = corpus.with_classes(split.train), corpus.with_classes(split.val)
+    config = TrainConfig(episodes=4, val_every=2, val_episodes=3, episode=EpisodeConfig(ways=3, shots=1, queries=1))
+    with pytest.raises(TrainingInterrupted):
+        meta_train(build_learner("protonet", tiny_encoder_config), train_set, val_set, config, show_progress=False,
+                   checkpoint_dir=tmp_path / "c", stop_after=2)
+    with pytest.raises(DataError, match=r"written with other settings \(train\)"):
+        meta_train(build_learner("protonet", tiny_encoder_config), train_set, val_set,
+                   config.model_copy(update={"lr": 1e-3}), show_progress=False, checkpoint_dir=tmp_path / "c")

@@ -6,6 +6,8 @@ Written functionally: each `adapt` clones the weights into a dict and trains tha
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -43,8 +45,9 @@ class FineTune(Learner):
         targets = targets.to(device)
         was_training = self.encoder.training
         self.encoder.train()  # dropout on while fine-tuning, as in ordinary fine-tuning
+        steps = max(cfg.steps, math.ceil(cfg.min_epochs * len(tokens) / cfg.batch_size))
         try:
-            for _ in range(cfg.steps):
+            for _ in range(steps):
                 rows = np.arange(len(tokens))
                 if len(rows) > cfg.batch_size:
                     rows = rng.choice(rows, size=cfg.batch_size, replace=False)
