@@ -91,8 +91,11 @@ class GradientConfig(_Strict):
     inner_steps: int = Field(5, ge=1)
     inner_lr: float = Field(1e-3, gt=0)  # encoder tensors
     head_inner_lr: float = Field(0.5, gt=0)  # the head moves in a space of unit-norm features
-    adapt: Literal["head", "top", "all"] = "top"  # head only (ANIL), top N encoder layers + head, or everything
+    # head only (ANIL), the top N encoder layers + head, everything, or LoRA adapters in the top N layers + head
+    adapt: Literal["head", "top", "all", "lora"] = "top"
     top_layers: int = Field(2, ge=1)
+    lora_rank: int = Field(8, ge=1)
+    lora_targets: list[str] = ["query", "value"]  # module names that get adapters
     first_order: bool = False
     learn_inner_lr: bool = False  # Meta-SGD: one learned learning rate per adapted tensor
     init_scale: float = Field(10.0, gt=0)
@@ -100,7 +103,8 @@ class GradientConfig(_Strict):
     @classmethod
     def for_algorithm(cls, name: str) -> GradientConfig:
         presets = {"maml": {}, "fomaml": {"first_order": True}, "anil": {"adapt": "head"},
-                   "metasgd": {"first_order": True, "learn_inner_lr": True}, "reptile": {"first_order": True}}
+                   "metasgd": {"first_order": True, "learn_inner_lr": True}, "reptile": {"first_order": True},
+                   "leopard": {"first_order": True, "learn_inner_lr": True}}
         return cls(**presets[name])
 
 

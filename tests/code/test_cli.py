@@ -99,3 +99,18 @@ def test_evaluating_on_trained_classes_warns(tiny_model, tmp_path):
                                  "--episodes", "2", "--out", str(tmp_path / "e.json"), "--quiet"])
     assert result.exit_code == 0, result.output
     assert "classes of" in result.output and "were meta-trained on" in result.output
+
+
+@pytest.mark.parametrize("learner", ["maml", "fomaml", "anil", "metasgd", "reptile", "leopard"])
+def test_every_gradient_learner_trains_and_evaluates_from_the_cli(learner, tmp_path):
+    out = tmp_path / learner
+    extra = ["--adapt", "lora"] if learner == "maml" else []
+    result = runner.invoke(app, [*TINY_TRAIN, "--learner", learner, "--tasks-per-step", "2", "--inner-steps", "2",
+                                 *extra, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert not out.with_name(out.name + ".checkpoint").exists()
+    result = runner.invoke(app, ["evaluate", "--model", str(out), "--data", "default", "--split", "test", "--shots",
+                                 "1", "--episodes", "2", "--methods", f"{learner},frozen", "--quiet",
+                                 "--out", str(tmp_path / "e.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "e.json").read_text())["settings"][0]["methods"][learner]["episodes"] == 2

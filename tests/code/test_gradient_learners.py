@@ -50,7 +50,7 @@ def _direction(learner):
     return [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in learner.parameters() if p.requires_grad]
 
 
-@pytest.mark.parametrize("adapt", ["top", "head"])
+@pytest.mark.parametrize("adapt", ["top", "head", "lora"])
 def test_second_order_maml_gradient_matches_finite_differences(corpus, adapt):
     learner, tokens, episode = _setup(corpus, "maml", adapt=adapt, top_layers=1)
     direction = _direction(learner)
@@ -140,3 +140,35 @@ def test_task_by_task_backward_equals_one_backward_of_the_mean(corpus, name):
     assert got.keys() == expected.keys()
     for n, g in expected.items():
         torch.testing.assert_close(got[n], g, msg=n)
+
+
+def test_lora_inner_loop_adapts_only_adapters_and_round_trips(corpus, tmp_path):
+    from metanlp.learners import load_learner, save_learner
+
+    learner, _, _ = _setup(corpus, "maml", adapt="lora", top_layers=1, lora_rank=2)
+    assert learner.adapted and all(".lora_" in n for n in learner.adapted)
+    assert all(".layer.1." in n for n in learner.adapted), "adapters only in the top layer"
+    learner.float()
+    support, labels = ["rain today", "play a song", "rain tomorrow", "play music"], ["w", "m", "w", "m"]
+    torch.manual_seed(0)
+    before = learner.adapt(support, labels).predict(["rain later"]).scores
+    save_learner(learner, tmp_path / "lora")
+    loaded = load_learner(tmp_path / "lora")
+    torch.testing.assert_close(torch.as_tensor(loaded.adapt(support, labels).predict(["rain later"]).scores),
+                               torch.as_tensor(before))
+
+
+def test_leopard_starts_as_proto_maml_and_its_generator_learns(corpus):
+    learner, tokens, episode = _setup(corpus, "leopard")
+    proto_maml, _, _ = _setup(corpus, "fomaml")
+    proto_maml.load_state_dict({k: v for k, v in learner.state_dict().items()
+                                if not k.startswith(("generator.", "log_inner_lrs."))}, strict=True)
+    # A zero-initialised generator: the generated head is exactly the Proto-MAML head.
+    h = learner.feature_fn(tokens.batch(episode.support))(
+        {n: p for n, p in learner.encoder.named_parameters() if n in learner.adapted})
+    targets = torch.as_tensor(episode.support_labels)
+    for mine, theirs in zip(learner.initial_head(h, targets, 3), proto_maml.initial_head(h, targets, 3), strict=True):
+        torch.testing.assert_close(mine, theirs)
+    learner.episode_loss(tokens, episode)[0].backward()
+    assert learner.generator[2].weight.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in learner.log_inner_lrs.values())

@@ -6,11 +6,12 @@ from metanlp.config import EncoderConfig, GradientConfig, LearnerSpec
 from metanlp.encoder import TextEncoder
 from metanlp.learners.base import Classifier, Learner, Predictions, load_learner, read_spec, save_learner
 from metanlp.learners.finetune import FineTune
-from metanlp.learners.gradient import ANIL, FOMAML, GradientMetaLearner, MetaSGD, Reptile
+from metanlp.learners.gradient import ANIL, FOMAML, GradientMetaLearner, Leopard, MetaSGD, Reptile
 from metanlp.learners.protonet import FrozenEncoder, ProtoNet
 
 LEARNERS: dict[str, type[Learner]] = {
-    cls.name: cls for cls in (ProtoNet, FrozenEncoder, FineTune, GradientMetaLearner, FOMAML, ANIL, MetaSGD, Reptile)
+    cls.name: cls for cls in (ProtoNet, FrozenEncoder, FineTune, GradientMetaLearner, FOMAML, ANIL, MetaSGD, Reptile,
+                                    Leopard)
 }
 
 

@@ -30,11 +30,28 @@ from metanlp.learners.protonet import prototypes
 HEAD = ("head.weight", "head.bias")
 
 
+def add_lora_adapters(encoder: TextEncoder, config: GradientConfig) -> None:
+    """LoRA adapters (peft) in the top N layers; they start as a no-op (B = 0) and are meta-learned.
+
+    peft freezes the base weights: the outer loop then learns the adapters' start, the head scale and
+    (Meta-SGD) the inner learning rates, which keeps meta-training memory small on large encoders."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    layers = len(encoder.model.encoder.layer)
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank, lora_dropout=0.0,
+                      target_modules=list(config.lora_targets),
+                      layers_to_transform=list(range(max(0, layers - config.top_layers), layers)))
+    inject_adapter_in_model(lora, encoder.model)
+
+
 def adapted_parameter_names(encoder: TextEncoder, adapt: str, top_layers: int) -> list[str]:
-    """Encoder tensors the inner loop changes: none (head only), those of the top N layers, or all."""
+    """Encoder tensors the inner loop changes: none (head only), those of the top N layers, LoRA adapters,
+    or all."""
     names = [n for n, p in encoder.named_parameters() if p.requires_grad]
     if adapt == "head":
         return []
+    if adapt == "lora":
+        return [n for n in names if ".lora_" in n]
     if adapt == "all":
         return [n for n in names if ".pooler." not in n]  # the pooler is unused: we pool ourselves
     layer_of = {n: int(m.group(1)) for n in names if (m := re.search(r"\.layer\.(\d+)\.", n))}
@@ -74,6 +91,8 @@ class GradientMetaLearner(Learner):
         super().__init__(encoder)
         self.config = config or GradientConfig.for_algorithm(self.name)
         self.log_scale = nn.Parameter(torch.tensor(math.log(self.config.init_scale)))
+        if self.config.adapt == "lora":
+            add_lora_adapters(encoder, self.config)
         self.adapted = adapted_parameter_names(encoder, self.config.adapt, self.config.top_layers)
         self.n_bottom = _bottom_layer_count(encoder, self.config)
         self.log_inner_lrs = nn.ParameterDict()
@@ -148,10 +167,9 @@ class GradientMetaLearner(Learner):
                 if n in set(self.adapted)}
         h = features(fast)
         targets = targets.to(h.device)
-        weight = self.log_scale.exp() * F.normalize(prototypes(h, targets, n_classes), dim=-1)
-        bias = torch.zeros(n_classes, device=h.device, dtype=h.dtype, requires_grad=True)
+        weight, bias = self.initial_head(h, targets, n_classes)
         if not track_meta:
-            weight, h = weight.detach().requires_grad_(), h.detach()
+            weight, bias, h = weight.detach().requires_grad_(), bias.detach().requires_grad_(), h.detach()
         fast.update({HEAD[0]: weight, HEAD[1]: bias})
         first_order_meta = track_meta and not create_graph
         for step in range(self.config.inner_steps if steps is None else steps):
@@ -173,6 +191,11 @@ class GradientMetaLearner(Learner):
             if not track_meta:  # adaptation at test time: plain SGD on leaf tensors
                 fast = {n: t.detach().requires_grad_() for n, t in fast.items()}
         return fast
+
+    def initial_head(self, h: torch.Tensor, targets: torch.Tensor, n_classes: int):
+        """Proto-MAML: class weights are the scaled prototypes, biases zero; step 0 is ProtoNet."""
+        weight = self.log_scale.exp() * F.normalize(prototypes(h, targets, n_classes), dim=-1)
+        return weight, torch.zeros(n_classes, device=h.device, dtype=h.dtype, requires_grad=True)
 
     def logits(self, fast: dict[str, torch.Tensor], batch: TokenBatch, features=None) -> torch.Tensor:
         features = features or self.feature_fn(batch, track_meta=False)
@@ -206,7 +229,8 @@ class GradientMetaLearner(Learner):
             (loss / len(episodes)).backward()
             losses.append(loss.detach())
             all_logits.append(logits.detach())
-        hidden.backward(cut.grad)
+        if hidden.requires_grad:  # not with LoRA: peft freezes the base weights, only adapters are meta-learned
+            hidden.backward(cut.grad)
         return torch.stack(losses).mean(), all_logits
 
     def _shared_bottom(self, tokens: TokenizedTexts, episodes: list[Episode]):
@@ -264,6 +288,29 @@ class ANIL(GradientMetaLearner):
 
 class MetaSGD(GradientMetaLearner):
     name = "metasgd"
+
+
+class Leopard(GradientMetaLearner):
+    """LEOPARD-style (Bansal et al., 2020): each task's head is generated from its support set, then refined
+    by inner steps with learned learning rates.
+
+    A small network maps every support feature to a (weight, bias) pair; a class's head row is the mean over
+    its examples. It is residual with a zero-initialised last layer, so training starts from Proto-MAML.
+    """
+
+    name = "leopard"
+
+    def __init__(self, encoder: TextEncoder, config: GradientConfig | None = None) -> None:
+        super().__init__(encoder, config)
+        dim = encoder.dim
+        self.generator = nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, dim + 1))
+        nn.init.zeros_(self.generator[2].weight)
+        nn.init.zeros_(self.generator[2].bias)
+
+    def initial_head(self, h: torch.Tensor, targets: torch.Tensor, n_classes: int):
+        weight, bias = super().initial_head(h, targets, n_classes)  # residual on the Proto-MAML head
+        generated = prototypes(self.generator(h), targets, n_classes)
+        return weight + generated[:, :-1], bias + generated[:, -1]
 
 
 class Reptile(GradientMetaLearner):
