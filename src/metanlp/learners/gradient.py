@@ -149,7 +149,10 @@ class GradientMetaLearner(Learner):
         """
         if self.n_bottom is None:
             return lambda fast: self.features(fast, batch)
-        hidden, mask = shared if shared is not None else self.bottom(batch)
+        if shared is None:
+            with torch.set_grad_enabled(track_meta and torch.is_grad_enabled()):  # at test time: no graph
+                shared = self.bottom(batch)
+        hidden, mask = shared
         if not track_meta:
             hidden = hidden.detach()
         return lambda fast: self.top(fast, hidden, mask, batch.attention_mask)
