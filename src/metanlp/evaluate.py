@@ -98,14 +98,19 @@ def evaluate_methods(methods: dict[str, Learner], data: LabelledTexts, settings:
     of each setting: still the same episodes as the others, so the paired difference uses that common prefix.
     """
     episode_limits = episode_limits or {}
+    tokens: dict[tuple, tuple[TokenizedTexts, TokenizedTexts]] = {}  # per tokenizer, shared by settings/methods
     results: dict = {"settings": []}
     for setting in settings:
         entry = {"setting": setting.name, "ways": setting.ways, "shots": setting.shots,
                  "episodes": len(setting.episodes), "methods": {}}
         for name, learner in methods.items():
             learner.eval()
-            query_tokens = learner.encoder.tokenize(data.texts)
-            support_tokens = learner.encoder.tokenize(support_data.texts) if support_data else query_tokens
+            key = (id(learner.encoder.tokenizer), learner.encoder.config.max_length)
+            if key not in tokens:
+                query_tokens = learner.encoder.tokenize(data.texts)
+                tokens[key] = (query_tokens,
+                               learner.encoder.tokenize(support_data.texts) if support_data else query_tokens)
+            query_tokens, support_tokens = tokens[key]
             outcomes = []
             episodes = setting.episodes[: episode_limits.get(name, len(setting.episodes))]
             with progress_bar(f"{setting.name} {name}", len(episodes), show_progress) as advance:
