@@ -25,7 +25,7 @@ from torch import nn
 from metanlp.config import LearnerSpec
 from metanlp.data.episodes import Episode
 from metanlp.data.load import DataError
-from metanlp.encoder import TextEncoder, TokenizedTexts
+from metanlp.encoder import TextEncoder, TokenBatch, TokenizedTexts
 
 SPEC_FILE, WEIGHTS_FILE, ENCODER_DIR = "learner.json", "model.safetensors", "encoder"
 
@@ -56,6 +56,20 @@ class Classifier:
         with torch.no_grad():
             scores = torch.softmax(self._logits(tokens).float(), dim=-1).cpu().numpy()
         return Predictions([self.classes[i] for i in scores.argmax(axis=1)], scores, self.classes)
+
+
+def logits_in_chunks(encoder: TextEncoder, queries: TokenizedTexts,
+                     logits_of: Callable[[TokenBatch], torch.Tensor], batch_size: int = 128) -> torch.Tensor:
+    """Query logits batch by batch, without gradients or dropout (the encoder's mode is restored after)."""
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with torch.no_grad():
+            chunks = [logits_of(queries.batch(np.arange(start, min(start + batch_size, len(queries)))))
+                      for start in range(0, len(queries), batch_size)]
+    finally:
+        encoder.train(was_training)
+    return torch.cat(chunks).cpu()
 
 
 def support_targets(labels: list[str]) -> tuple[list[str], torch.Tensor]:

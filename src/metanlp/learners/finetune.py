@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from metanlp.config import FineTuneConfig
-from metanlp.encoder import TextEncoder, TokenizedTexts, autocast
-from metanlp.learners.base import Classifier, Learner, support_targets
+from metanlp.encoder import TextEncoder, TokenBatch, TokenizedTexts, autocast
+from metanlp.learners.base import Classifier, Learner, logits_in_chunks, support_targets
 
 
 class FineTune(Learner):
@@ -63,13 +63,11 @@ class FineTune(Learner):
         head_w, head_b = head_w.detach(), head_b.detach()
 
         def logits(queries: TokenizedTexts) -> torch.Tensor:
-            self.encoder.eval()
-            out = []
-            with torch.no_grad():
-                for start in range(0, len(queries), 128):
-                    rows = np.arange(start, min(start + 128, len(queries)))
-                    with autocast(device):
-                        out.append(functional_call(self.encoder, tuned, (queries.batch(rows),)).float())
-            return (torch.cat(out) @ head_w.T + head_b).cpu()
+            def batch_logits(batch: TokenBatch) -> torch.Tensor:
+                with autocast(device):
+                    embedded = functional_call(self.encoder, tuned, (batch,)).float()
+                return embedded @ head_w.T + head_b
+
+            return logits_in_chunks(self.encoder, queries, batch_logits)
 
         return Classifier(classes, self.encoder, logits)

@@ -24,7 +24,7 @@ from torch.func import functional_call
 from metanlp.config import GradientConfig
 from metanlp.data.episodes import Episode
 from metanlp.encoder import TextEncoder, TokenBatch, TokenizedTexts, autocast, pool
-from metanlp.learners.base import Classifier, Learner, support_targets
+from metanlp.learners.base import Classifier, Learner, logits_in_chunks, support_targets
 from metanlp.learners.protonet import prototypes
 
 HEAD = ("head.weight", "head.bias")
@@ -79,6 +79,11 @@ def _trim(shared, width: int):
     return hidden[:, :width], mask
 
 
+def _unit(features: torch.Tensor) -> torch.Tensor:
+    """Unit-norm features in at least fp32 (bf16 under autocast is raised; fp64 in gradient checks stays)."""
+    return F.normalize(features.to(torch.promote_types(features.dtype, torch.float32)), dim=-1)
+
+
 def _key(name: str) -> str:
     return name.replace(".", "__")  # ParameterDict keys may not contain dots
 
@@ -114,7 +119,7 @@ class GradientMetaLearner(Learner):
         params = {**dict(self.encoder.named_parameters()), **fast}
         with autocast(self.encoder.device):
             out = functional_call(self.encoder, params, (batch,))
-        return F.normalize(out.to(torch.promote_types(out.dtype, torch.float32)), dim=-1)  # bf16 -> fp32, fp64 stays
+        return _unit(out)
 
     def bottom(self, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Embeddings and the layers the inner loop never changes: run once per batch, not once per step."""
@@ -138,8 +143,7 @@ class GradientMetaLearner(Learner):
                 prefix = f"model.encoder.layer.{i}."
                 local = {n[len(prefix):]: t for n, t in fast.items() if n.startswith(prefix)}
                 hidden = functional_call(layers[i], local, (hidden, mask))
-        out = pool(hidden, attention_mask.to(hidden.device), self.encoder.config.pooling)
-        return F.normalize(out.to(torch.promote_types(out.dtype, torch.float32)), dim=-1)
+        return _unit(pool(hidden, attention_mask.to(hidden.device), self.encoder.config.pooling))
 
     def feature_fn(self, batch: TokenBatch, shared=None, track_meta: bool = True):
         """Features of `batch` as a function of the fast tensors.
@@ -272,11 +276,7 @@ class GradientMetaLearner(Learner):
         fast = {n: t.detach() for n, t in fast.items()}
 
         def logits(queries: TokenizedTexts) -> torch.Tensor:
-            out = []
-            with torch.no_grad():
-                for start in range(0, len(queries), 128):
-                    out.append(self.logits(fast, queries.batch(np.arange(start, min(start + 128, len(queries))))))
-            return torch.cat(out).cpu()
+            return logits_in_chunks(self.encoder, queries, lambda batch: self.logits(fast, batch))
 
         return Classifier(classes, self.encoder, logits)
 
