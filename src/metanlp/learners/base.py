@@ -119,11 +119,12 @@ class Learner(nn.Module):
         """Learner-specific config sections of the spec (e.g. {"protonet": ProtoNetConfig})."""
         return {}
 
-    def meta_train(self, train_data, val_data, config, out_dir=None, show_progress: bool = True):
-        """Meta-train on episodes of `train_data`'s classes, early-stopping on `val_data`'s (see `metanlp.train`)."""
+    def meta_train(self, train_data, val_data, config, out_dir=None, **options):
+        """Meta-train on episodes of `train_data`'s classes, early-stopping on `val_data`'s; `options` as in
+        `metanlp.train.meta_train` (show_progress, checkpoint_dir, stop_after)."""
         from metanlp.train import meta_train
 
-        return meta_train(self, train_data, val_data, config, out_dir, show_progress)
+        return meta_train(self, train_data, val_data, config, out_dir, **options)
 
     def save(self, directory: str | Path) -> Path:
         return save_learner(self, directory)
