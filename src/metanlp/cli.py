@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from metanlp.config import (
@@ -29,7 +30,14 @@ from metanlp.data.load import DEFAULT_CORPUS, DataError, LabelledTexts, load_lab
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Meta-learning for few-shot text classification on pretrained Transformer encoders.")
-err_console = Console(stderr=True)
+# soft_wrap: messages carry file paths that must stay on one line to be copied or grepped.
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+def report(kind: str, message: str) -> None:
+    """Print an error or warning; the message is user text, so rich markup in it is escaped."""
+    colour = "red" if kind == "error" else "yellow"
+    err_console.print(f"[{colour}]{kind}:[/{colour}] {escape(str(message))}")
 
 # The embedded corpus' class split: whole domains, so test classes come from domains never trained on.
 DEFAULT_SPLIT = SplitConfig(by="domain", train_domains=["garden", "fitness", "library", "pets"],
@@ -53,9 +61,9 @@ def cli_errors(func):
             return func(*args, **kwargs)
         except ValidationError as err:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in err.errors())
-            err_console.print(f"[red]error:[/red] invalid parameter: {problems}")
+            report("error", f"invalid parameter: {problems}")
         except (DataError, ValueError, FileNotFoundError) as err:
-            err_console.print(f"[red]error:[/red] {err}")
+            report("error", str(err))
         raise typer.Exit(2)
 
     return wrapper
@@ -208,7 +216,7 @@ def _restrict(data: LabelledTexts, model: Path | None, split: str | None, exclud
         trained_on = set((read_spec(model).classes or {}).get("train", []))
         seen = sorted(trained_on & set(data.classes))
         if seen:
-            err_console.print(f"[yellow]warning:[/yellow] {len(seen)} classes of {data.source} were meta-trained on "
+            report("warning", f"{len(seen)} classes of {data.source} were meta-trained on "
                               f"(e.g. {seen[:3]}); use --split test to score only unseen classes")
     if exclude:
         data = data.with_classes(set(data.classes) - set(exclude))
