@@ -19,7 +19,6 @@ from metanlp.config import (
     DEFAULT_ENCODER,
     EncoderConfig,
     EpisodeConfig,
-    FineTuneConfig,
     GradientConfig,
     LearnerSpec,
     ProtoNetConfig,
@@ -27,6 +26,7 @@ from metanlp.config import (
     TrainConfig,
 )
 from metanlp.data.load import DEFAULT_CORPUS, DataError, LabelledTexts, load_labelled, read_texts
+from metanlp.stages import StageError, load_params
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Meta-learning for few-shot text classification on pretrained Transformer encoders.")
@@ -62,7 +62,7 @@ def cli_errors(func):
         except ValidationError as err:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in err.errors())
             report("error", f"invalid parameter: {problems}")
-        except (DataError, ValueError, FileNotFoundError) as err:
+        except (DataError, ValueError, FileNotFoundError, StageError) as err:
             report("error", str(err))
         raise typer.Exit(2)
 
@@ -169,34 +169,6 @@ def train(
                f"({result.episodes_run} episodes run); model written to {out}")
 
 
-def _methods(model: Path | None, encoder: str, names: list[str], device: str) -> dict:
-    from metanlp.encoder import resolve_device
-    from metanlp.learners import LEARNERS, build_learner, load_learner, read_spec
-
-    spec = read_spec(model) if model else None
-    base = spec.encoder.model_copy(update={"attn_implementation": "sdpa"}) if spec else EncoderConfig(
-        name_or_path=encoder)
-    methods, base_encoder = {}, None
-    for name in names:
-        if spec is not None and name == spec.learner:
-            methods[name] = load_learner(model)
-        elif name in LEARNERS and not LEARNERS[name].meta_trainable:
-            if base_encoder is None:
-                from metanlp.encoder import TextEncoder
-
-                base_encoder = TextEncoder.from_config(base)
-            # The baselines share the pretrained encoder: fine-tuning works on a copy of its weights.
-            methods[name] = build_learner(name, base_encoder,
-                                          LearnerSpec(learner=name, encoder=base, finetune=FineTuneConfig()))
-        elif name in LEARNERS:
-            where = f"{model} holds a {spec.learner!r} learner" if spec else "no --model was given"
-            raise DataError(f"method {name!r} needs a model meta-trained with it; {where}")
-        else:
-            raise DataError(f"unknown method {name!r}; choose from {sorted(LEARNERS)}")
-    target = resolve_device(device)
-    return {name: learner.to(target) for name, learner in methods.items()}
-
-
 def _restrict(data: LabelledTexts, model: Path | None, split: str | None, exclude: list[str]) -> LabelledTexts:
     from metanlp.learners import read_spec
 
@@ -249,7 +221,7 @@ def evaluate(
     quiet: bool = False,
 ) -> None:
     """Evaluate methods on the same episodes: accuracy, 95% CI, paired difference to frozen, adaptation ms."""
-    from metanlp.evaluate import build_settings, evaluate_methods, markdown_table, write_report
+    from metanlp.evaluate import build_methods, build_settings, evaluate_methods, markdown_table, write_report
 
     ways_value: int | str = "all" if ways == "all" else _ints(ways, "--ways")[0]
     shot_list = _ints(shots, "--shots")
@@ -262,7 +234,7 @@ def evaluate(
     if support_data is not None:
         support_set = load_labelled(support_data).with_classes(set(query_set.classes))
     settings = build_settings(query_set, ways_value, shot_list, queries, episodes, repeats, support_set, seed)
-    learners = _methods(model, encoder, names, device)
+    learners = build_methods(model, encoder, names, device)
     limits = {"finetune": finetune_episodes} if finetune_episodes else None
     results = evaluate_methods(learners, query_set, settings, support_set, seed, show_progress=not quiet,
                                episode_limits=limits)
@@ -309,19 +281,85 @@ def predict(
     Console().print(table)
 
 
+ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml of the pipeline; its folder is the root")]
+
+
 @app.command()
 @cli_errors
-def run(
-    out: Annotated[Path, typer.Option(help="directory for the model and the evaluation")] = Path("runs/default"),
-    episodes: int = TrainConfig().episodes,
-    eval_episodes: int = 300,
-    methods: str = "protonet,frozen",
-    quiet: bool = False,
+def run(params: ParamsOpt = Path("params.yaml")) -> None:
+    """The main job: the whole pipeline as a Prefect flow (validate, build_corpus, tune, meta_train, evaluate,
+    register), each stage cached by content, on the corpus params.yaml names (the embedded default)."""
+    from metanlp.pipeline import build_flow, configure_prefect
+
+    root = params.resolve().parent
+    load_params(params)
+    configure_prefect(root)
+    results = build_flow()(params_file=str(params.resolve()), root=str(root))
+    registry = results["register"]
+    typer.echo(f"model {registry['model_name']} v{registry['version']} registered at {registry['tracking_uri']}: "
+               f"{registry['reason']}")
+
+
+@app.command()
+@cli_errors
+def stage(
+    name: Annotated[str, typer.Argument(help="validate, build_corpus, tune, meta_train, evaluate or register")],
+    params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """The main job on the embedded corpus: meta-train ProtoNet, then evaluate it on the unseen test classes."""
-    train(out=out / "model", episodes=episodes, quiet=quiet)
-    evaluate(data=DEFAULT_CORPUS, model=out / "model", split="test", episodes=eval_episodes, methods=methods,
-             out=out / "evaluation.json", quiet=quiet)
+    """Run one pipeline stage alone (this is what dvc.yaml calls)."""
+    from metanlp.stages import STAGES
+
+    if name not in STAGES:
+        raise DataError(f"unknown stage {name!r}; choose from {list(STAGES)}")
+    from metanlp.pipeline import run_stage
+
+    result = run_stage(name, str(params.resolve()), str(params.resolve().parent))
+    typer.echo(json.dumps(result, indent=2, default=str))
+
+
+@app.command()
+@cli_errors
+def promote(
+    name: Annotated[str, typer.Argument(help="registered model name")],
+    version: Annotated[str, typer.Argument(help="the version to make champion")],
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: params.yaml's, "
+                                                          "then MLFLOW_TRACKING_URI, then mlflow/ here)")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Promote a registered version to champion by hand."""
+    from metanlp.stages.register import promote as promote_version
+
+    root = params.resolve().parent
+    configured = tracking_uri or (load_params(params).register_.tracking_uri if params.exists() else None)
+    typer.echo(promote_version(name, version, configured, root))
+
+
+@app.command()
+@cli_errors
+def schedule(
+    cron: Annotated[str, typer.Option(help="cron expression, e.g. '0 3 * * 0' (Sundays 03:00)")] = "0 3 * * 0",
+    params: ParamsOpt = Path("params.yaml"),
+    name: Annotated[str, typer.Option(help="deployment name")] = "retrain",
+    timezone: str = "UTC",
+    serve: Annotated[bool, typer.Option(help="keep running and execute the scheduled runs (a Prefect runner); "
+                                             "--no-serve only registers the deployment")] = True,
+) -> None:
+    """Create the scheduled retraining deployment on the Prefect server PREFECT_API_URL points at."""
+    from metanlp.pipeline import configure_prefect, deployment
+
+    root = params.resolve().parent
+    load_params(params)
+    configure_prefect(root)
+    if not os.environ.get("PREFECT_API_URL"):
+        raise DataError("schedules need a running Prefect server: start `prefect server start` and set "
+                        "PREFECT_API_URL=http://127.0.0.1:4200/api")
+    retrain = deployment(name, cron, timezone, str(params.resolve()), str(root))
+    deployment_id = retrain.apply()
+    typer.echo(f"deployment metanlp-train/{name} ({deployment_id}) scheduled '{cron}' {timezone}")
+    if serve:
+        from prefect import serve as serve_deployments
+
+        serve_deployments(retrain)
 
 
 def main() -> None:  # pragma: no cover - console entry point

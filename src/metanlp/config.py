@@ -138,3 +138,101 @@ class LearnerSpec(_Strict):
     split: SplitConfig | None = None
     classes: dict[str, list[str]] | None = None  # the class lists the split produced
     train_data: str | None = None
+
+
+# --- The pipeline's params.yaml: one validated model, one key per stage (DVC reruns only what a key feeds) ---
+
+
+class DataParams(_Strict):
+    """The raw corpus (the folder tracked by data.dvc) and how its classes are split."""
+
+    corpus: str = "data/intents.jsonl"
+    split: SplitConfig = SplitConfig(by="domain", train_domains=["garden", "fitness", "library", "pets"],
+                                     val_domains=["it_helpdesk"], test_domains=["real_estate", "events"])
+
+
+class ValidateParams(_Strict):
+    """Great Expectations rules for a labelled corpus; the per-class minimum follows from K + Q."""
+
+    min_chars: int = Field(3, ge=1)
+    max_chars: int = Field(400, ge=1)
+    min_classes_per_split: int = Field(2, ge=2)
+
+    @model_validator(mode="after")
+    def _check(self) -> ValidateParams:
+        if self.max_chars < self.min_chars:
+            raise ValueError(f"max_chars ({self.max_chars}) is below min_chars ({self.min_chars})")
+        return self
+
+
+class MetaTrainParams(_Strict):
+    """The learner and its meta-training loop; tuned values from the tune stage override these."""
+
+    learner: str = "protonet"
+    encoder: EncoderConfig = EncoderConfig()
+    protonet: ProtoNetConfig = ProtoNetConfig()
+    gradient: GradientConfig | None = None  # presets per algorithm when left out
+    train: TrainConfig = TrainConfig(episodes=300, val_every=50, val_episodes=60)
+
+
+class TuneParams(_Strict):
+    """Optuna budget. `storage` is any SQLAlchemy URL (e.g. PostgreSQL, shared by several workers); left
+    empty it is a sqlite file of its own under the project, never MLflow's database."""
+
+    enabled: bool = True
+    trials: int = Field(4, ge=1)
+    timeout_s: int | None = Field(900, ge=1)
+    episodes: int = Field(60, ge=1)  # meta-training steps per trial
+    val_every: int = Field(20, ge=1)  # a pruning point after every validation
+    val_episodes: int = Field(40, ge=1)
+    seed: int = 0
+    storage: str | None = None
+    study_name: str | None = None  # default: derived from the tuned inputs, so a changed input starts afresh
+
+
+class EvaluateParams(_Strict):
+    """The evaluation episodes (seeded: every method and every model version sees the same ones)."""
+
+    ways: int = Field(5, ge=2)
+    shots: list[int] = [1, 5]
+    queries: int = Field(5, ge=1)
+    episodes: int = Field(200, ge=2)
+    full_label_space_shots: list[int] = []  # all test classes at once, K shots each; empty = skip
+    repeats: int = Field(3, ge=1)
+    primary: str = "5-way 1-shot"  # the setting that decides promotion
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> EvaluateParams:
+        if not self.shots or min(self.shots) < 1:
+            raise ValueError("shots must list positive integers")
+        names = {f"{self.ways}-way {k}-shot" for k in self.shots} | {
+            f"all-way {k}-shot" for k in self.full_label_space_shots}
+        if self.primary not in names:
+            raise ValueError(f"primary {self.primary!r} is not one of the evaluated settings {sorted(names)}")
+        return self
+
+
+class RegisterParams(_Strict):
+    """MLflow registration and the promotion guard."""
+
+    model_name: str = "metanlp-intents"
+    experiment: str = "metanlp"
+    tracking_uri: str | None = None  # default: an absolute sqlite URI under mlflow/
+    min_improvement: float = Field(0.0, ge=0)  # the challenger's paired gain over the champion must exceed this
+
+
+class PipelineParams(_Strict):
+    data: DataParams = DataParams()
+    validate_: ValidateParams = Field(ValidateParams(), alias="validate")
+    meta_train: MetaTrainParams = MetaTrainParams()
+    tune: TuneParams = TuneParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    register_: RegisterParams = Field(RegisterParams(), alias="register")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    def min_examples_per_class(self) -> int:
+        """Every class must fill the largest support set plus the queries of any episode drawn from it."""
+        episode = self.meta_train.train.episode
+        return max(episode.shots + episode.queries, max(self.evaluate.shots) + self.evaluate.queries)

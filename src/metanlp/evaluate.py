@@ -134,6 +134,34 @@ def evaluate_methods(methods: dict[str, Learner], data: LabelledTexts, settings:
     return results
 
 
+def build_methods(model: Path | None, encoder: str, names: list[str], device: str = "auto") -> dict[str, Learner]:
+    """The methods to compare: the model's own learner (loaded), and baselines on the same base encoder."""
+    from metanlp.config import EncoderConfig, FineTuneConfig, LearnerSpec
+    from metanlp.encoder import TextEncoder, resolve_device
+    from metanlp.learners import LEARNERS, build_learner, load_learner, read_spec
+
+    spec = read_spec(model) if model else None
+    base = spec.encoder.model_copy(update={"attn_implementation": "sdpa"}) if spec else EncoderConfig(
+        name_or_path=encoder)
+    methods, base_encoder = {}, None
+    for name in names:
+        if spec is not None and name == spec.learner:
+            methods[name] = load_learner(model)
+        elif name in LEARNERS and not LEARNERS[name].meta_trainable:
+            if base_encoder is None:
+                base_encoder = TextEncoder.from_config(base)
+            # The baselines share the pretrained encoder: fine-tuning works on a copy of its weights.
+            methods[name] = build_learner(name, base_encoder,
+                                          LearnerSpec(learner=name, encoder=base, finetune=FineTuneConfig()))
+        elif name in LEARNERS:
+            where = f"{model} holds a {spec.learner!r} learner" if spec else "no --model was given"
+            raise DataError(f"method {name!r} needs a model meta-trained with it; {where}")
+        else:
+            raise DataError(f"unknown method {name!r}; choose from {sorted(LEARNERS)}")
+    target = resolve_device(device)
+    return {name: learner.to(target) for name, learner in methods.items()}
+
+
 def _pct(value: float) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}"
 

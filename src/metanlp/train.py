@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,12 +57,14 @@ def validate(learner: Learner, tokens, episodes, seed: int) -> tuple[float, floa
 
 def meta_train(learner: Learner, train_data: LabelledTexts, val_data: LabelledTexts, config: TrainConfig,
                out_dir: str | Path | None = None, show_progress: bool = True,
-               checkpoint_dir: str | Path | None = None, stop_after: int | None = None) -> TrainResult:
+               checkpoint_dir: str | Path | None = None, stop_after: int | None = None,
+               on_validation: Callable[[int, float], None] | None = None) -> TrainResult:
     """Meta-train `learner` in place and return its history.
 
     With `checkpoint_dir`, the whole run state is saved at every validation and a later call with the same
     settings resumes from it and ends where an uninterrupted run would. `stop_after` ends the run (with
-    `TrainingInterrupted`) after that many steps, as a preemption would.
+    `TrainingInterrupted`) after that many steps, as a preemption would. `on_validation(step, accuracy)` is
+    called after every validation (a tuner reports it and may raise to prune the run).
     """
     if not learner.meta_trainable:
         raise ValueError(f"learner {learner.name!r} has nothing to meta-train")
@@ -121,6 +124,8 @@ def meta_train(learner: Learner, train_data: LabelledTexts, val_data: LabelledTe
                                   "train_accuracy": float(np.mean(accs)), "val_accuracy": val_acc,
                                   "val_ci95": val_ci})
             losses, accs = [], []
+            if on_validation is not None:
+                on_validation(state.step, val_acc)
             if val_acc > state.best_accuracy:
                 state.best_accuracy, state.best_episode, state.stale = val_acc, state.step, 0
                 best_state = {k: v.detach().cpu().clone() for k, v in learner.state_dict().items()}

@@ -191,3 +191,54 @@ def read_texts(source: str | Path) -> list[str]:
     if not texts:
         raise DataError(f"{path}: no texts")
     return texts
+
+
+def read_raw_rows(source: str | Path) -> pd.DataFrame:
+    """Every row of a labelled file as it is, for validation: nothing is rejected here.
+
+    Undecodable bytes become U+FFFD with `_utf8_valid` False, a JSONL line that is not a JSON object keeps
+    its line number with `_json_valid` False, and `_line` is the row's line in the file, so a validation
+    report can point at it. (`load_labelled` is the strict reader that stops at the first problem.)
+    """
+    path = default_corpus_path() if str(source) == DEFAULT_CORPUS else Path(source)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        frame = pd.read_parquet(path)
+        frame["_line"], frame["_utf8_valid"], frame["_json_valid"] = np.arange(1, len(frame) + 1), True, True
+        return frame
+    if suffix not in {".jsonl", ".ndjson", ".csv", ".tsv"}:
+        raise DataError(f"{path}: unknown file type {suffix!r}; use .jsonl, .csv, .tsv or .parquet")
+    rows = []
+    raw_lines = path.read_bytes().splitlines()
+    if suffix in {".csv", ".tsv"}:
+        import csv
+        import io
+
+        decoded = [(raw.decode("utf-8", errors="replace"), _utf8_ok(raw)) for raw in raw_lines]
+        reader = csv.DictReader(io.StringIO("\n".join(text for text, _ in decoded)),
+                                delimiter="\t" if suffix == ".tsv" else ",")
+        for row in reader:
+            number = reader.line_num  # the row's last physical line, header is line 1
+            rows.append({**row, "_line": number, "_utf8_valid": decoded[number - 1][1], "_json_valid": True})
+        return pd.DataFrame(rows)
+    for number, raw in enumerate(raw_lines, start=1):
+        text = raw.decode("utf-8", errors="replace")
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError:
+            row = None
+        valid = isinstance(row, dict)
+        rows.append({**(row if valid else {}), "_line": number, "_utf8_valid": _utf8_ok(raw), "_json_valid": valid})
+    return pd.DataFrame(rows)
+
+
+def _utf8_ok(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -1,0 +1,14 @@
+"""Prefect entry point: `python flows/train_flow.py [params.yaml]` runs the pipeline once (ephemeral
+Prefect unless PREFECT_API_URL points at a server); deployments use `flows/train_flow.py:train_flow`."""
+
+import sys
+from pathlib import Path
+
+from metanlp.pipeline import build_flow, configure_prefect
+
+ROOT = Path(__file__).resolve().parents[1]
+configure_prefect(ROOT)
+train_flow = build_flow()
+
+if __name__ == "__main__":
+    train_flow(params_file=sys.argv[1] if len(sys.argv) > 1 else "params.yaml", root=str(ROOT))

@@ -1,0 +1,68 @@
+"""The registered model as an MLflow pyfunc: give it a support set and query texts, get labels and scores.
+
+Input: a DataFrame with columns `text` and `label`; rows with a label are the support set (K examples per
+class, any classes), rows with an empty label are the queries. Output: one row per query with `text`, the
+predicted `label` and its `score` (softmax probability). The model is logged "from code"
+(metanlp/mlflow_model.py), so loading it unpickles nothing; the weights are safetensors + JSON.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+INPUT_COLUMNS = ("text", "label")
+
+
+def split_request(frame: pd.DataFrame) -> tuple[list[str], list[str], list[str]]:
+    """(support texts, support labels, query texts); a malformed request is named precisely."""
+    missing = [c for c in INPUT_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"request: missing column(s) {missing}; send 'text' and 'label' (empty for queries)")
+    texts = frame["text"].tolist()
+    labels = ["" if v is None or (isinstance(v, float) and pd.isna(v)) else str(v).strip()
+              for v in frame["label"].tolist()]
+    for row, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"request row {row}: empty or non-text 'text'")
+    support = [(t.strip(), lab) for t, lab in zip(texts, labels, strict=True) if lab]
+    queries = [t.strip() for t, lab in zip(texts, labels, strict=True) if not lab]
+    if len({lab for _, lab in support}) < 2:
+        raise ValueError("request: the support set (rows with a label) needs at least 2 classes")
+    if not queries:
+        raise ValueError("request: no queries (rows with an empty label) to classify")
+    return [t for t, _ in support], [lab for _, lab in support], queries
+
+
+def classify(learner, frame: pd.DataFrame) -> pd.DataFrame:
+    support_texts, support_labels, queries = split_request(frame)
+    predictions = learner.adapt(support_texts, support_labels).predict(queries)
+    scores = [ranked[0][1] for ranked in predictions.top(1)]
+    return pd.DataFrame({"text": queries, "label": predictions.labels, "score": scores})
+
+
+class FewShotClassifierModel(PythonModel):
+    def load_context(self, context) -> None:
+        from metanlp.learners import load_learner
+
+        self.learner = load_learner(context.artifacts["model"])
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        return classify(self.learner, model_input)
+
+
+def example_request() -> pd.DataFrame:
+    return pd.DataFrame({
+        "text": ["water the tomatoes twice a week", "when should I prune the roses",
+                 "book a spin class for tomorrow", "how many squats in a beginner set",
+                 "should I prune roses in march", "sign me up for the evening spin class"],
+        "label": ["garden_care", "garden_care", "fitness_class", "fitness_class", "", ""]})
+
+
+def signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    return ModelSignature(inputs=Schema([ColSpec("string", "text"), ColSpec("string", "label")]),
+                          outputs=Schema([ColSpec("string", "text"), ColSpec("string", "label"),
+                                          ColSpec("double", "score")]))

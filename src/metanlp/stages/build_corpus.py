@@ -1,0 +1,50 @@
+"""Validated raw corpus -> class-disjoint corpus files: artifacts/corpus/{train,val,test}.jsonl + manifest.json.
+
+The manifest records the source's md5 and the classes of each split; later stages read only these files,
+so what was trained and evaluated on is exactly what DVC versioned.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from metanlp.config import PipelineParams
+from metanlp.data.load import LabelledTexts, load_labelled
+from metanlp.data.splits import SPLIT_NAMES, split_classes
+from metanlp.stages import StageError, Workspace, file_digest, read_json, write_json
+
+
+def write_labelled(data: LabelledTexts, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for i, (text, label) in enumerate(zip(data.texts, data.labels, strict=True)):
+            row = {"text": text, "label": label}
+            if data.domains is not None:
+                row["domain"] = data.domains[i]
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def run(params: PipelineParams, root: Path) -> dict:
+    workspace = Workspace(root)
+    source = workspace.source(params)
+    report = read_json(workspace.validation / "report.json", "validate")
+    if not report["success"] or Path(report["source"]) != source:
+        raise StageError(f"{source}: has no passing validation report; run the validate stage first")
+    corpus = load_labelled(source)
+    split = split_classes(corpus, params.data.split)
+    manifest = {"source": params.data.corpus, "source_md5": file_digest(source), "rows": {}, "classes": {}}
+    for name in SPLIT_NAMES:
+        part = corpus.with_classes(split.classes(name))
+        write_labelled(part, workspace.corpus / f"{name}.jsonl")
+        manifest["rows"][name], manifest["classes"][name] = len(part), split.classes(name)
+    write_json(workspace.corpus / "manifest.json", manifest)
+    return {"manifest": str(workspace.corpus / "manifest.json"), "rows": manifest["rows"]}
+
+
+def load_split(root: Path, name: str) -> LabelledTexts:
+    path = Workspace(root).corpus / f"{name}.jsonl"
+    if not path.exists():
+        raise StageError(f"{path}: missing; run the build_corpus stage first")
+    return load_labelled(path)

@@ -1,0 +1,176 @@
+"""Evaluation -> MLflow: one run with params, metrics, plots, reports and lineage; the model logged as a
+pyfunc and registered; alias `challenger` on the new version, `champion` only when it beats the current
+champion on the same evaluation episodes (paired per episode). The decision and its reason are recorded in
+the run and in artifacts/registry.json.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from metanlp.config import PipelineParams
+from metanlp.evaluate import mean_ci
+from metanlp.stages import StageError, Workspace, read_json, write_json
+from metanlp.tracking import start_tracking
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+def git_commit(root: Path) -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def data_version(root: Path) -> str:
+    """The md5 that data.dvc records for the raw corpus folder (the DVC data version)."""
+    record = root / "data.dvc"
+    if not record.exists():
+        return "untracked"
+    outs = (yaml.safe_load(record.read_text()) or {}).get("outs") or [{}]
+    return str(outs[0].get("md5", "unknown"))
+
+
+def _flat(prefix: str, value, into: dict) -> dict:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _flat(f"{prefix}.{key}" if prefix else str(key), inner, into)
+    else:
+        into[prefix] = value
+    return into
+
+
+def _primary_per_episode(results: dict, primary: str) -> np.ndarray:
+    for entry in results["settings"]:
+        if entry["setting"] == primary:
+            return np.asarray(entry["methods"][results["learner"]]["per_episode"])
+    raise StageError(f"evaluation has no {primary!r} setting")
+
+
+def champion_scores(client, name: str, champion, challenger: dict, params: PipelineParams, root: Path):
+    """The champion's per-episode accuracies on the challenger's episodes: read from its run when it was
+    evaluated on the same episodes, otherwise measured now on them."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=champion.run_id,
+                                                       artifact_path="evaluation/results.json", dst_path=tmp)
+            import json
+
+            previous = json.loads(Path(path).read_text())
+        except Exception:  # an older or foreign run without our evaluation artifact: measure instead
+            previous = None
+        if previous and previous.get("episodes_id") == challenger["episodes_id"]:
+            return _primary_per_episode(previous, params.evaluate.primary), "recorded on the same episodes"
+        from metanlp.stages.evaluate import evaluate_model
+
+        model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@{CHAMPION}", dst_path=tmp))
+        results = evaluate_model(model_dir / "artifacts" / "model", root, params.evaluate, methods=[],
+                                 show_progress=False)
+        return _primary_per_episode(results, params.evaluate.primary), "re-evaluated on these episodes"
+
+
+def decide(challenger_scores: np.ndarray, champion_scores_: np.ndarray, min_improvement: float) -> tuple[bool, str]:
+    gain, ci = mean_ci(challenger_scores - champion_scores_)
+    verdict = gain > min_improvement
+    text = (f"paired gain over the champion {100 * gain:+.2f} pp (95% CI ±{100 * ci:.2f}) on "
+            f"{len(challenger_scores)} episodes; {'promoted' if verdict else 'champion kept'} "
+            f"(needs > {100 * min_improvement:.2f} pp)")
+    return verdict, text
+
+
+def log_model(model_dir: Path, name: str):
+    import mlflow
+
+    from metanlp.serving import example_request, signature
+
+    code = Path(str(resources.files("metanlp") / "mlflow_model.py"))
+    return mlflow.pyfunc.log_model(name="model", python_model=str(code), artifacts={"model": str(model_dir)},
+                                   signature=signature(), input_example=example_request(),
+                                   registered_model_name=name, pip_requirements=["metanlp"])
+
+
+def run(params: PipelineParams, root: Path) -> dict:
+    import mlflow
+    from mlflow import MlflowClient
+
+    workspace = Workspace(root)
+    results = read_json(workspace.evaluation / "results.json", "evaluate")
+    metrics = read_json(workspace.evaluation / "metrics.json", "evaluate")
+    training = read_json(workspace.model / "training.json", "meta_train")
+    tuned = read_json(workspace.tune / "best.json", "tune")
+    manifest = read_json(workspace.corpus / "manifest.json", "build_corpus")
+    reg = params.register_
+    experiment_id = start_tracking(reg.tracking_uri, root, reg.experiment)
+    client = MlflowClient()
+    lineage = {"git_commit": git_commit(root), "data_dvc_md5": data_version(root),
+               "corpus_md5": manifest["source_md5"], "optuna_study": str(tuned.get("study")),
+               "episodes_id": results["episodes_id"], "metanlp.stage": "register"}
+    with mlflow.start_run(run_name=f"{results['learner']} {lineage['git_commit'][:8]}", experiment_id=experiment_id,
+                          tags=lineage) as active:
+        flat = _flat("", {"meta_train": training["config"], "evaluate": params.evaluate.model_dump(mode="json"),
+                          "tuned": tuned.get("overrides", {}), "data": params.data.model_dump(mode="json")}, {})
+        mlflow.log_params({k: str(v)[:6000] for k, v in flat.items()})
+        mlflow.log_metrics({k.replace("-", "_"): float(v) for k, v in metrics.items() if np.isfinite(v)})
+        mlflow.log_metric("best_val_accuracy", training["best_val_accuracy"])
+        for path, folder in ((workspace.evaluation / "results.json", "evaluation"),
+                             (workspace.evaluation / "results.md", "evaluation"),
+                             (workspace.evaluation / "results.png", "evaluation"),
+                             (workspace.model / "learning_curve.png", "training"),
+                             (workspace.model / "history.json", "training"),
+                             (workspace.validation / "report.json", "validation"),
+                             (workspace.validation / "report.md", "validation"),
+                             (workspace.tune / "best.json", "tune")):
+            if path.exists():
+                mlflow.log_artifact(str(path), folder)
+        info = log_model(workspace.model, reg.model_name)
+        version = str(info.registered_model_version)
+        client.set_registered_model_alias(reg.model_name, CHALLENGER, version)
+        try:
+            champion = client.get_model_version_by_alias(reg.model_name, CHAMPION)
+        except mlflow.exceptions.MlflowException:
+            champion = None
+        if champion is None:
+            promote, reason = True, "first registered version: champion by default"
+        else:
+            mine = _primary_per_episode(results, params.evaluate.primary)
+            theirs, how = champion_scores(client, reg.model_name, champion, results, params, root)
+            promote, reason = decide(mine, theirs, reg.min_improvement)
+            reason = f"against champion v{champion.version} ({how}): {reason}"
+        if promote:
+            client.set_registered_model_alias(reg.model_name, CHAMPION, version)
+        mlflow.set_tag("metanlp.promotion", reason)
+        client.set_model_version_tag(reg.model_name, version, "promotion", reason)
+        record = {"model_name": reg.model_name, "version": version, "run_id": active.info.run_id,
+                  "tracking_uri": mlflow.get_tracking_uri(), "promoted": promote, "reason": reason,
+                  "champion_version": version if promote else (champion.version if champion else None),
+                  **lineage}
+    write_json(workspace.registry_record, record)
+    return record
+
+
+def promote(name: str, version: str, tracking: str | None, root: Path) -> str:
+    """Manual promotion: move the champion alias to `version` of `name`."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    start_tracking(tracking, root, "metanlp")
+    client = MlflowClient()
+    try:
+        client.get_model_version(name, version)
+    except mlflow.exceptions.MlflowException as err:
+        raise StageError(f"model {name!r} has no version {version!r} at {mlflow.get_tracking_uri()}") from err
+    client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_model_version_tag(name, version, "promotion", "promoted by hand (metanlp promote)")
+    return f"{name} v{version} is now {CHAMPION}"

@@ -1,0 +1,123 @@
+"""Corpus files -> tuned hyperparameters (artifacts/tune/best.json), by an Optuna study.
+
+A seeded TPE sampler proposes values; each trial meta-trains for a short budget and reports its validation
+accuracy at every validation, where the median pruner may stop it. The study lives in its own database
+(a sqlite file under artifacts/ by default, any RDB URL so that several workers share one study), named
+after a hash of what it tunes, so an unchanged re-run continues the same study and a changed input starts
+a new one. Each trial is a nested MLflow run under one "tune" run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+from metanlp.config import PipelineParams
+from metanlp.stages import Workspace, file_digest, params_slice, write_json
+from metanlp.stages.meta_train import train_learner, with_overrides
+from metanlp.tracking import start_tracking
+
+
+def search_space(trial, learner: str, adapt: str | None) -> dict:
+    """The values a trial tries, as dotted params keys; which ones depends on the learner family."""
+    values = {"train.lr": trial.suggest_float("train.lr", 5e-6, 1e-4, log=True)}
+    if learner == "protonet":
+        values["protonet.init_scale"] = trial.suggest_float("protonet.init_scale", 5.0, 30.0)  # the temperature
+        values["train.scale_lr"] = trial.suggest_float("train.scale_lr", 1e-3, 5e-2, log=True)
+    else:
+        values["gradient.inner_lr"] = trial.suggest_float("gradient.inner_lr", 1e-4, 1e-2, log=True)
+        values["gradient.head_inner_lr"] = trial.suggest_float("gradient.head_inner_lr", 0.05, 2.0, log=True)
+        values["gradient.inner_steps"] = trial.suggest_int("gradient.inner_steps", 1, 5)
+        if adapt in (None, "top", "lora"):
+            values["gradient.top_layers"] = trial.suggest_int("gradient.top_layers", 1, 3)
+    return values
+
+
+def study_name(params: PipelineParams, root: Path) -> str:
+    if params.tune.study_name:
+        return params.tune.study_name
+    tuned = {"params": params_slice(params, "tune"), "train": file_digest(Workspace(root).corpus)}
+    return "metanlp-" + hashlib.md5(json.dumps(tuned, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def storage_url(params: PipelineParams, root: Path) -> str:
+    if params.tune.storage:
+        return params.tune.storage
+    folder = Workspace(root).artifacts.resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'optuna.db'}"
+
+
+def run(params: PipelineParams, root: Path, show_progress: bool = True) -> dict:
+    workspace = Workspace(root)
+    name = study_name(params, root)
+    if not params.tune.enabled:
+        return _write(workspace, {"study": None, "overrides": {}, "best_value": None, "trials": 0})
+    import mlflow
+    import optuna
+    from optuna_integration.mlflow import MLflowCallback
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    tune = params.tune
+    study = optuna.create_study(
+        study_name=name, storage=storage_url(params, root), direction="maximize", load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=tune.seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=tune.val_every))
+    gradient = params.meta_train.gradient
+
+    def objective(trial) -> float:
+        values = search_space(trial, params.meta_train.learner, gradient.adapt if gradient else None)
+        config = with_overrides(params.meta_train, values)
+        config = config.model_copy(update={"train": config.train.model_copy(update={
+            "episodes": tune.episodes, "val_every": tune.val_every, "val_episodes": tune.val_episodes,
+            "warmup_episodes": min(config.train.warmup_episodes, tune.episodes // 2)})})
+
+        def report(step: int, accuracy: float) -> None:
+            trial.report(accuracy, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"validation accuracy {accuracy:.3f} at step {step} is below the median")
+
+        return train_learner(config, root, params.data.split, None, show_progress, on_validation=report
+                             ).best_val_accuracy
+
+    experiment_id = start_tracking(params.register_.tracking_uri, root, params.register_.experiment)
+    with warnings.catch_warnings():  # deprecated in optuna-integration 4.9 (moving to OptunaHub), works to 6.0
+        warnings.simplefilter("ignore", FutureWarning)
+        callback = MLflowCallback(tracking_uri=mlflow.get_tracking_uri(), metric_name="val_accuracy",
+                                  create_experiment=False,
+                                  mlflow_kwargs={"nested": True, "experiment_id": experiment_id})
+    done = [t for t in study.trials if t.state.is_finished()]
+    remaining = max(tune.trials - len(done), 0)
+    with mlflow.start_run(run_name=f"tune {name}", experiment_id=experiment_id,
+                          tags={"metanlp.stage": "tune", "optuna.study": name}) as parent:
+        if remaining:
+            study.optimize(objective, n_trials=remaining, timeout=tune.timeout_s, callbacks=[callback],
+                           gc_after_trial=True)
+        complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if not complete:
+            raise RuntimeError(f"study {name}: no trial completed within the budget; raise tune.timeout_s")
+        best = study.best_trial
+        mlflow.log_params({f"best.{k}": v for k, v in best.params.items()})
+        mlflow.log_metric("best_val_accuracy", best.value)
+        run_id = parent.info.run_id
+    return _write(workspace, {"study": name, "storage": _redacted(storage_url(params, root)),
+                              "overrides": best.params, "best_value": best.value, "best_trial": best.number,
+                              "trials": len(study.trials), "pruned": sum(t.state.name == "PRUNED"
+                                                                         for t in study.trials),
+                              "mlflow_run_id": run_id})
+
+
+def _redacted(url: str) -> str:
+    """A database URL without its password, fit for a report."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _write(workspace: Workspace, record: dict) -> dict:
+    write_json(workspace.tune / "best.json", record)
+    return record
+
+

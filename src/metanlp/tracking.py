@@ -1,0 +1,38 @@
+"""Where MLflow records runs and models: an absolute sqlite URI under the project's mlflow/ by default
+(never the file store), any tracking URI by params or MLFLOW_TRACKING_URI."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def tracking_uri(configured: str | None, root: Path) -> str:
+    if configured:
+        return configured
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    folder = (root / "mlflow").resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def start_tracking(configured: str | None, root: Path, experiment: str) -> str:
+    """Point MLflow at the store and the experiment; returns the experiment id.
+
+    With a local sqlite store the artifacts go beside it (mlflow/artifacts), not to ./mlruns of whatever
+    folder the command ran in.
+    """
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import mlflow
+
+    uri = tracking_uri(configured, root)
+    mlflow.set_tracking_uri(uri)
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+    return mlflow.create_experiment(experiment, artifact_location=location)
