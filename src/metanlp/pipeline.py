@@ -47,8 +47,7 @@ def stage_inputs(stage: str, workspace: Workspace, source: Path) -> list[Path]:
         "meta_train": [workspace.corpus, workspace.tune / "best.json"],
         "evaluate": [workspace.corpus / "test.jsonl", workspace.model],
         "register": [workspace.evaluation / "results.json", workspace.evaluation / "metrics.json", workspace.model,
-                     workspace.validation, workspace.tune / "best.json",
-                     workspace.root / "data.dvc"],
+                     workspace.validation, workspace.tune / "best.json"],
     }[stage]
 
 
