@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Prefect, MLflow, DVC and GE stay offline and keep their state out of the home folder.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="metanlp-test-prefect-"))
+for _key, _value in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
+                     ("DVC_NO_ANALYTICS", "1"), ("GX_ANALYTICS_ENABLED", "false"),
+                     ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")):
+    os.environ.setdefault(_key, _value)
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # every test's MLflow is the sqlite file in its own project
 
 from metanlp.config import TINY_ENCODER, EncoderConfig  # noqa: E402
 from metanlp.data.load import load_labelled  # noqa: E402
@@ -47,3 +55,42 @@ def small_jsonl(tmp_path: Path) -> Path:
     rows = [{"text": f"{word} example number {i}", "label": label}
             for label, word in words.items() for i in range(6)]
     return write_jsonl(tmp_path / "small.jsonl", rows)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A pipeline small enough for a unit test: the tiny random BERT, a few steps, two Optuna trials.
+TINY_PIPELINE = {
+    "meta_train": {"encoder": {"name_or_path": TINY_ENCODER},
+                   "train": {"episodes": 6, "val_every": 3, "val_episodes": 4, "warmup_episodes": 2}},
+    "tune": {"trials": 2, "episodes": 4, "val_every": 2, "val_episodes": 3},
+    "evaluate": {"episodes": 6},
+}
+
+
+def merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def write_params(root: Path, **overrides) -> Path:
+    import yaml
+
+    params = merge(yaml.safe_load((REPO / "params.yaml").read_text()), merge(TINY_PIPELINE, overrides))
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def tiny_project(tmp_path: Path) -> Path:
+    """A project folder with the embedded corpus as data/intents.jsonl and a tiny params.yaml."""
+    from metanlp.data.load import default_corpus_path
+
+    root = tmp_path / "project"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "intents.jsonl").write_bytes(default_corpus_path().read_bytes())
+    write_params(root)
+    return root

@@ -177,7 +177,7 @@ class MetaTrainParams(_Strict):
 
 class TuneParams(_Strict):
     """Optuna budget. `storage` is any SQLAlchemy URL (e.g. PostgreSQL, shared by several workers); left
-    empty it is a sqlite file of its own under the project, never MLflow's database."""
+    empty it is METANLP_OPTUNA_STORAGE, else a sqlite file of its own under artifacts/, never MLflow's database."""
 
     enabled: bool = True
     trials: int = Field(4, ge=1)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -17,22 +18,29 @@ def tracking_uri(configured: str | None, root: Path) -> str:
     return f"sqlite:///{folder / 'mlflow.db'}"
 
 
-def start_tracking(configured: str | None, root: Path, experiment: str) -> str:
-    """Point MLflow at the store and the experiment; returns the experiment id.
+@contextmanager
+def tracking(configured: str | None, root: Path, experiment: str):
+    """Point MLflow at the store and the experiment for the block; yields the experiment id.
 
-    With a local sqlite store the artifacts go beside it (mlflow/artifacts), not to ./mlruns of whatever
-    folder the command ran in.
+    MLflow keeps its URI in process-wide state and in MLFLOW_TRACKING_URI; both are restored afterwards,
+    so one process can run pipelines of several projects. With a local sqlite store the artifacts go beside
+    it (mlflow/artifacts), not to ./mlruns of whatever folder the command ran in.
     """
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
     uri = tracking_uri(configured, root)
     mlflow.set_tracking_uri(uri)
-    found = mlflow.get_experiment_by_name(experiment)
-    if found is not None:
-        return found.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):
-        location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
-    return mlflow.create_experiment(experiment, artifact_location=location)
+    try:
+        found = mlflow.get_experiment_by_name(experiment)
+        if found is not None:
+            yield found.experiment_id
+        else:
+            location = None
+            if uri.startswith("sqlite:///"):
+                location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+            yield mlflow.create_experiment(experiment, artifact_location=location)
+    finally:
+        mlflow.set_tracking_uri(previous)

@@ -17,7 +17,7 @@ import yaml
 from metanlp.config import PipelineParams
 from metanlp.evaluate import mean_ci
 from metanlp.stages import StageError, Workspace, read_json, write_json
-from metanlp.tracking import start_tracking
+from metanlp.tracking import tracking
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -101,6 +101,51 @@ def log_model(model_dir: Path, name: str):
                                    registered_model_name=name, pip_requirements=["metanlp"])
 
 
+def log_run_contents(workspace: Workspace, params: PipelineParams, training: dict, tuned: dict,
+                     metrics: dict) -> None:
+    """Params, metrics, reports and plots of the active run."""
+    import mlflow
+
+    flat = _flat("", {"meta_train": training["config"], "evaluate": params.evaluate.model_dump(mode="json"),
+                      "tuned": tuned.get("overrides", {}), "data": params.data.model_dump(mode="json")}, {})
+    mlflow.log_params({k: str(v)[:6000] for k, v in flat.items()})
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
+    mlflow.log_metric("best_val_accuracy", training["best_val_accuracy"])
+    for path, folder in ((workspace.evaluation / "results.json", "evaluation"),
+                         (workspace.evaluation / "results.md", "evaluation"),
+                         (workspace.evaluation / "results.png", "evaluation"),
+                         (workspace.model / "learning_curve.png", "training"),
+                         (workspace.model / "history.json", "training"),
+                         (workspace.validation / "report.json", "validation"),
+                         (workspace.validation / "report.md", "validation"),
+                         (workspace.tune / "best.json", "tune")):
+        if path.exists():
+            mlflow.log_artifact(str(path), folder)
+
+
+def guard_promotion(client, version: str, results: dict, params: PipelineParams, root: Path) -> tuple[bool, str]:
+    """Champion only when the new version beats the current champion on the same episodes."""
+    import mlflow
+
+    name = params.register_.model_name
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        champion = None
+    if champion is None:
+        promoted, reason = True, "first registered version: champion by default"
+    else:
+        mine = _primary_per_episode(results, params.evaluate.primary)
+        theirs, how = champion_scores(client, name, champion, results, params, root)
+        promoted, verdict = decide(mine, theirs, params.register_.min_improvement)
+        reason = f"against champion v{champion.version} ({how}): {verdict}"
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_model_version_tag(name, version, "promotion", reason)
+    mlflow.set_tag("metanlp.promotion", reason)
+    return promoted, reason
+
+
 def run(params: PipelineParams, root: Path) -> dict:
     import mlflow
     from mlflow import MlflowClient
@@ -112,65 +157,36 @@ def run(params: PipelineParams, root: Path) -> dict:
     tuned = read_json(workspace.tune / "best.json", "tune")
     manifest = read_json(workspace.corpus / "manifest.json", "build_corpus")
     reg = params.register_
-    experiment_id = start_tracking(reg.tracking_uri, root, reg.experiment)
-    client = MlflowClient()
     lineage = {"git_commit": git_commit(root), "data_dvc_md5": data_version(root),
                "corpus_md5": manifest["source_md5"], "optuna_study": str(tuned.get("study")),
                "episodes_id": results["episodes_id"], "metanlp.stage": "register"}
-    with mlflow.start_run(run_name=f"{results['learner']} {lineage['git_commit'][:8]}", experiment_id=experiment_id,
-                          tags=lineage) as active:
-        flat = _flat("", {"meta_train": training["config"], "evaluate": params.evaluate.model_dump(mode="json"),
-                          "tuned": tuned.get("overrides", {}), "data": params.data.model_dump(mode="json")}, {})
-        mlflow.log_params({k: str(v)[:6000] for k, v in flat.items()})
-        mlflow.log_metrics({k.replace("-", "_"): float(v) for k, v in metrics.items() if np.isfinite(v)})
-        mlflow.log_metric("best_val_accuracy", training["best_val_accuracy"])
-        for path, folder in ((workspace.evaluation / "results.json", "evaluation"),
-                             (workspace.evaluation / "results.md", "evaluation"),
-                             (workspace.evaluation / "results.png", "evaluation"),
-                             (workspace.model / "learning_curve.png", "training"),
-                             (workspace.model / "history.json", "training"),
-                             (workspace.validation / "report.json", "validation"),
-                             (workspace.validation / "report.md", "validation"),
-                             (workspace.tune / "best.json", "tune")):
-            if path.exists():
-                mlflow.log_artifact(str(path), folder)
-        info = log_model(workspace.model, reg.model_name)
-        version = str(info.registered_model_version)
+    with tracking(reg.tracking_uri, root, reg.experiment) as experiment_id, mlflow.start_run(
+            run_name=f"{results['learner']} {lineage['git_commit'][:8]}", experiment_id=experiment_id,
+            tags=lineage) as active:
+        client = MlflowClient()
+        log_run_contents(workspace, params, training, tuned, metrics)
+        version = str(log_model(workspace.model, reg.model_name).registered_model_version)
         client.set_registered_model_alias(reg.model_name, CHALLENGER, version)
-        try:
-            champion = client.get_model_version_by_alias(reg.model_name, CHAMPION)
-        except mlflow.exceptions.MlflowException:
-            champion = None
-        if champion is None:
-            promote, reason = True, "first registered version: champion by default"
-        else:
-            mine = _primary_per_episode(results, params.evaluate.primary)
-            theirs, how = champion_scores(client, reg.model_name, champion, results, params, root)
-            promote, reason = decide(mine, theirs, reg.min_improvement)
-            reason = f"against champion v{champion.version} ({how}): {reason}"
-        if promote:
-            client.set_registered_model_alias(reg.model_name, CHAMPION, version)
-        mlflow.set_tag("metanlp.promotion", reason)
-        client.set_model_version_tag(reg.model_name, version, "promotion", reason)
+        promoted, reason = guard_promotion(client, version, results, params, root)
+        champion = str(client.get_model_version_by_alias(reg.model_name, CHAMPION).version)
         record = {"model_name": reg.model_name, "version": version, "run_id": active.info.run_id,
-                  "tracking_uri": mlflow.get_tracking_uri(), "promoted": promote, "reason": reason,
-                  "champion_version": version if promote else (champion.version if champion else None),
-                  **lineage}
+                  "tracking_uri": mlflow.get_tracking_uri(), "promoted": promoted, "reason": reason,
+                  "champion_version": champion, **lineage}
     write_json(workspace.registry_record, record)
     return record
 
 
-def promote(name: str, version: str, tracking: str | None, root: Path) -> str:
+def promote(name: str, version: str, tracking_uri: str | None, root: Path) -> str:
     """Manual promotion: move the champion alias to `version` of `name`."""
     import mlflow
     from mlflow import MlflowClient
 
-    start_tracking(tracking, root, "metanlp")
-    client = MlflowClient()
-    try:
-        client.get_model_version(name, version)
-    except mlflow.exceptions.MlflowException as err:
-        raise StageError(f"model {name!r} has no version {version!r} at {mlflow.get_tracking_uri()}") from err
-    client.set_registered_model_alias(name, CHAMPION, version)
-    client.set_model_version_tag(name, version, "promotion", "promoted by hand (metanlp promote)")
+    with tracking(tracking_uri, root, "metanlp"):
+        client = MlflowClient()
+        try:
+            client.get_model_version(name, version)
+        except mlflow.exceptions.MlflowException as err:
+            raise StageError(f"model {name!r} has no version {version!r} at {mlflow.get_tracking_uri()}") from err
+        client.set_registered_model_alias(name, CHAMPION, version)
+        client.set_model_version_tag(name, version, "promotion", "promoted by hand (metanlp promote)")
     return f"{name} v{version} is now {CHAMPION}"

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from pathlib import Path
 
 from metanlp.config import PipelineParams
 from metanlp.stages import Workspace, file_digest, params_slice, write_json
 from metanlp.stages.meta_train import train_learner, with_overrides
-from metanlp.tracking import start_tracking
+from metanlp.tracking import tracking
 
 
 def search_space(trial, learner: str, adapt: str | None) -> dict:
@@ -45,6 +46,8 @@ def study_name(params: PipelineParams, root: Path) -> str:
 def storage_url(params: PipelineParams, root: Path) -> str:
     if params.tune.storage:
         return params.tune.storage
+    if os.environ.get("METANLP_OPTUNA_STORAGE"):  # e.g. PostgreSQL in docker/compose.yaml
+        return os.environ["METANLP_OPTUNA_STORAGE"]
     folder = Workspace(root).artifacts.resolve()
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'optuna.db'}"
@@ -55,9 +58,7 @@ def run(params: PipelineParams, root: Path, show_progress: bool = True) -> dict:
     name = study_name(params, root)
     if not params.tune.enabled:
         return _write(workspace, {"study": None, "overrides": {}, "best_value": None, "trials": 0})
-    import mlflow
     import optuna
-    from optuna_integration.mlflow import MLflowCallback
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tune = params.tune
@@ -82,7 +83,21 @@ def run(params: PipelineParams, root: Path, show_progress: bool = True) -> dict:
         return train_learner(config, root, params.data.split, None, show_progress, on_validation=report
                              ).best_val_accuracy
 
-    experiment_id = start_tracking(params.register_.tracking_uri, root, params.register_.experiment)
+    with tracking(params.register_.tracking_uri, root, params.register_.experiment) as experiment_id:
+        run_id, best = _optimize(study, objective, tune, name, experiment_id)
+    return _write(workspace, {"study": name, "storage": _redacted(storage_url(params, root)),
+                              "overrides": best.params, "best_value": best.value, "best_trial": best.number,
+                              "trials": len(study.trials), "pruned": sum(t.state.name == "PRUNED"
+                                                                         for t in study.trials),
+                              "mlflow_run_id": run_id})
+
+
+def _optimize(study, objective, tune, name: str, experiment_id: str):
+    """Run the remaining trials, each a nested MLflow run under one "tune" run; returns (run id, best trial)."""
+    import mlflow
+    import optuna
+    from optuna_integration.mlflow import MLflowCallback
+
     with warnings.catch_warnings():  # deprecated in optuna-integration 4.9 (moving to OptunaHub), works to 6.0
         warnings.simplefilter("ignore", FutureWarning)
         callback = MLflowCallback(tracking_uri=mlflow.get_tracking_uri(), metric_name="val_accuracy",
@@ -102,11 +117,7 @@ def run(params: PipelineParams, root: Path, show_progress: bool = True) -> dict:
         mlflow.log_params({f"best.{k}": v for k, v in best.params.items()})
         mlflow.log_metric("best_val_accuracy", best.value)
         run_id = parent.info.run_id
-    return _write(workspace, {"study": name, "storage": _redacted(storage_url(params, root)),
-                              "overrides": best.params, "best_value": best.value, "best_trial": best.number,
-                              "trials": len(study.trials), "pruned": sum(t.state.name == "PRUNED"
-                                                                         for t in study.trials),
-                              "mlflow_run_id": run_id})
+    return run_id, best
 
 
 def _redacted(url: str) -> str:

@@ -1,0 +1,111 @@
+"""The Prefect flow with the real libraries: Prefect's test harness, GE, Optuna, MLflow on the project's
+temporary sqlite database. The tiny random BERT keeps each run to seconds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from conftest import write_params
+from metanlp.data.load import DataError
+from metanlp.stages import StageError
+
+
+@pytest.fixture(scope="module")
+def train_flow():
+    from prefect.testing.utilities import prefect_test_harness
+
+    from metanlp.pipeline import build_flow
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield build_flow()
+
+
+def registry(root: Path) -> tuple[MlflowClient, str]:
+    # an explicit client: setting MLflow's global URI would leak into the next test through the environment
+    return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"), "metanlp-intents"
+
+
+def versions(root: Path) -> list[str]:
+    client, name = registry(root)
+    return sorted(str(v.version) for v in client.search_model_versions(f"name='{name}'"))
+
+
+def alias(root: Path, which: str) -> str:
+    client, name = registry(root)
+    return str(client.get_model_version_by_alias(name, which).version)
+
+
+def run(flow, root: Path) -> dict:
+    return flow(params_file=str(root / "params.yaml"), root=str(root))
+
+
+def test_flow_registers_caches_and_reruns_only_what_a_param_feeds(train_flow, tiny_project):
+    first = run(train_flow, tiny_project)
+    assert first["register"]["promoted"] and alias(tiny_project, "champion") == "1"
+    assert alias(tiny_project, "challenger") == "1"
+    client, name = registry(tiny_project)
+    run_data = client.get_run(first["register"]["run_id"]).data
+    assert run_data.tags["optuna_study"] == first["tune"]["study"] and "git_commit" in run_data.tags
+    assert "primary_accuracy" in run_data.metrics
+    artifacts = {a.path for a in client.list_artifacts(first["register"]["run_id"], "evaluation")}
+    assert "evaluation/results.png" in artifacts
+
+    outputs = {stage: tiny_project / "artifacts" / path for stage, path in
+               {"validate": "validation/report.json", "meta_train": "model/training.json",
+                "register": "registry.json"}.items()}
+    stamps = {stage: path.stat().st_mtime_ns for stage, path in outputs.items()}
+    run(train_flow, tiny_project)  # nothing changed: every stage from the cache
+    assert {stage: path.stat().st_mtime_ns for stage, path in outputs.items()} == stamps
+    assert versions(tiny_project) == ["1"]
+
+    write_params(tiny_project, meta_train={"train": {"weight_decay": 0.02}})  # a training param
+    third = run(train_flow, tiny_project)
+    assert outputs["validate"].stat().st_mtime_ns == stamps["validate"]  # upstream of the change: cached
+    assert outputs["meta_train"].stat().st_mtime_ns != stamps["meta_train"]
+    assert versions(tiny_project) == ["1", "2"] and alias(tiny_project, "challenger") == "2"
+    assert alias(tiny_project, "champion") == ("2" if third["register"]["promoted"] else "1")
+    assert "champion" in third["register"]["reason"]
+
+
+def test_corrupt_corpus_stops_before_training_and_keeps_the_champion(train_flow, tiny_project):
+    run(train_flow, tiny_project)
+    model_stamp = (tiny_project / "artifacts" / "model" / "training.json").stat().st_mtime_ns
+    corpus = tiny_project / "data" / "intents.jsonl"
+    rows = [json.loads(line) for line in corpus.read_text().splitlines()]
+    rows[3]["text"] = ""
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(StageError, match="expect_column_values_to_match_regex"):
+        run(train_flow, tiny_project)
+    assert (tiny_project / "artifacts" / "model" / "training.json").stat().st_mtime_ns == model_stamp
+    assert versions(tiny_project) == ["1"] and alias(tiny_project, "champion") == "1"
+
+
+def test_transient_error_in_a_stage_is_retried(train_flow, tiny_project, monkeypatch):
+    from metanlp.stages import evaluate
+
+    calls = []
+    real_run = evaluate.run
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionError("injected: the artifact store did not answer")
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "run", flaky)
+    result = run(train_flow, tiny_project)
+    assert len(calls) == 2 and result["register"]["version"] == "1"
+
+
+def test_wrong_parameter_fails_before_any_stage(train_flow, tiny_project):
+    params = yaml.safe_load((tiny_project / "params.yaml").read_text())
+    params["meta_train"]["train"]["lr"] = -1
+    (tiny_project / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(DataError, match=r"meta_train\.train\.lr"):
+        run(train_flow, tiny_project)
+    assert not (tiny_project / "artifacts").exists()
