@@ -1,0 +1,77 @@
+"""DVC in a temporary git repository: dvc.yaml runs every stage, a second `dvc repro` has nothing to do,
+and a replaced corpus added with `dvc add` is a new data version that the next run records. dvc.yaml and
+the Prefect cache keys read the same params keys and files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, write_params
+from metanlp.data.load import default_corpus_path
+from metanlp.pipeline import stage_inputs, stage_outputs
+from metanlp.stages import STAGE_PARAMS, STAGES, Workspace, load_params
+
+
+def dvc(root: Path, *args: str) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1"}
+    done = subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=root, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, f"dvc {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def test_dvc_yaml_declares_what_the_stages_read():
+    declared = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert list(declared) == list(STAGES)
+    workspace = Workspace(REPO)
+    source = workspace.source(load_params(REPO / "params.yaml"))
+    for stage in STAGES:
+        assert declared[stage]["params"] == STAGE_PARAMS[stage], stage
+        deps = {d for d in declared[stage]["deps"] if d != "src/metanlp"}
+        reads = {str(p.relative_to(REPO)) for p in stage_inputs(stage, workspace, source)}
+        reads = {"data" if r == "data/intents.jsonl" else r for r in reads}
+        assert deps == reads, stage
+        outs = {next(iter(o)) if isinstance(o, dict) else o
+                for key in ("outs", "metrics") for o in declared[stage].get(key, [])}
+        for path in stage_outputs(stage, workspace):
+            assert any(str(path.relative_to(REPO)).startswith(out) for out in outs), (stage, path)
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_then_is_up_to_date_then_records_a_new_data_version(tmp_path):
+    root = tmp_path / "repo"
+    (root / "data").mkdir(parents=True)
+    shutil.copy(default_corpus_path(), root / "data" / "intents.jsonl")
+    shutil.copytree(REPO / "src" / "metanlp", root / "src" / "metanlp",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    write_params(root, tune={"enabled": False})
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    dvc(root, "init", "-q")
+    dvc(root, "add", "-q", "data")
+    first_version = yaml.safe_load((root / "data.dvc").read_text())["outs"][0]["md5"]
+
+    dvc(root, "repro")
+    record = yaml.safe_load((root / "artifacts" / "registry.json").read_text())
+    assert record["version"] == "1" and record["data_dvc_md5"] == first_version
+    assert (root / "dvc.lock").exists()
+    assert "Data and pipelines are up to date" in dvc(root, "repro")
+
+    corpus = root / "data" / "intents.jsonl"
+    lines = corpus.read_text().splitlines()
+    corpus.write_text("\n".join(lines[:-3]) + "\n")  # a new corpus version
+    dvc(root, "add", "-q", "data")
+    second_version = yaml.safe_load((root / "data.dvc").read_text())["outs"][0]["md5"]
+    assert second_version != first_version
+    assert "validate" in dvc(root, "status")
+    dvc(root, "repro")
+    record = yaml.safe_load((root / "artifacts" / "registry.json").read_text())
+    assert record["version"] == "2" and record["data_dvc_md5"] == second_version

@@ -1,0 +1,78 @@
+"""Registration, the promotion guard, manual promotion and the served pyfunc, on a temporary sqlite MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from metanlp.cli import app
+from metanlp.serving import example_request
+from metanlp.stages import STAGES, load_params
+from metanlp.stages.register import decide
+from metanlp.tracking import tracking
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory) -> Path:
+    """The six stages run one after another (no Prefect), leaving version 1 registered as champion."""
+    import importlib
+
+    from conftest import write_params
+    from metanlp.data.load import default_corpus_path
+
+    root = tmp_path_factory.mktemp("registered")
+    (root / "data").mkdir()
+    (root / "data" / "intents.jsonl").write_bytes(default_corpus_path().read_bytes())
+    write_params(root, tune={"enabled": False})
+    params = load_params(root / "params.yaml")
+    for stage in STAGES:
+        importlib.import_module(f"metanlp.stages.{stage}").run(params, root)
+    return root
+
+
+def test_promotion_needs_a_paired_gain_above_the_threshold():
+    champion = np.array([0.8, 0.6, 1.0, 0.4])
+    assert decide(champion + 0.2, champion, 0.0)[0]
+    assert not decide(champion, champion, 0.0)[0]  # a tie keeps the champion
+    promoted, reason = decide(champion + 0.01, champion, 0.05)
+    assert not promoted and "champion kept" in reason and "+1.00 pp" in reason
+
+
+def test_pyfunc_classifies_queries_from_a_support_set(registered):
+    import mlflow
+
+    with tracking(None, registered, "metanlp"):
+        model = mlflow.pyfunc.load_model("models:/metanlp-intents@champion")
+    request = example_request()
+    answer = model.predict(request)
+    queries = request[request["label"] == ""]["text"].tolist()
+    assert answer["text"].tolist() == queries
+    assert set(answer["label"]) <= set(request["label"]) - {""}
+    assert ((answer["score"] > 0) & (answer["score"] <= 1)).all()
+    with pytest.raises(Exception, match="label"):
+        model.predict(pd.DataFrame({"text": ["only a text"]}))
+
+
+def test_manual_promotion_and_unknown_version(registered):
+    params = str(registered / "params.yaml")
+    ok = runner.invoke(app, ["promote", "metanlp-intents", "1", "--params", params])
+    assert ok.exit_code == 0 and "v1 is now champion" in ok.output
+    bad = runner.invoke(app, ["promote", "metanlp-intents", "7", "--params", params])
+    assert bad.exit_code == 2 and "no version '7'" in bad.output
+
+
+def test_stage_command_rejects_an_unknown_stage(registered):
+    result = runner.invoke(app, ["stage", "deploy", "--params", str(registered / "params.yaml")])
+    assert result.exit_code == 2 and "unknown stage 'deploy'" in result.output
+
+
+def test_schedule_without_a_server_says_what_is_missing(registered, monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    result = runner.invoke(app, ["schedule", "--no-serve", "--params", str(registered / "params.yaml")])
+    assert result.exit_code == 2 and "prefect server start" in result.output

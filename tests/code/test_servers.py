@@ -1,0 +1,86 @@
+"""The pipeline against real servers on 127.0.0.1: `mlflow server` on a temporary sqlite database and
+`prefect server start` with a temporary home. The flow runs against both; the registry then holds the
+champion, and `metanlp schedule` leaves a deployment with the cron schedule on the Prefect server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from mlflow import MlflowClient
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def server(command: list[str], health: str, env: dict, log: Path, timeout: float = 120) -> Iterator[None]:
+    with log.open("w") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"{command[0]} exited {process.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(health, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"{command[0]} did not answer {health} in {timeout}s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield
+    finally:
+        os.killpg(process.pid, 15)
+        process.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_flow_against_real_mlflow_and_prefect_servers(tiny_project, tmp_path):
+    mlflow_port, prefect_port = free_port(), free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_UI_ENABLED": "false",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("PREFECT_API_URL", None)
+    mlflow_url, prefect_api = f"http://127.0.0.1:{mlflow_port}", f"http://127.0.0.1:{prefect_port}/api"
+    with server([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+                 "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                 "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+                f"{mlflow_url}/health", env, tmp_path / "mlflow.log"), \
+         server([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
+                f"{prefect_api}/health", env, tmp_path / "prefect.log"):
+        client_env = {**env, "PREFECT_API_URL": prefect_api, "MLFLOW_TRACKING_URI": mlflow_url}
+        params = str(tiny_project / "params.yaml")
+        done = subprocess.run([str(BIN / "metanlp"), "run", "--params", params], env=client_env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+        assert "registered at http://127.0.0.1" in done.stdout
+
+        registry = MlflowClient(tracking_uri=mlflow_url)
+        champion = registry.get_model_version_by_alias("metanlp-intents", "champion")
+        assert str(champion.version) == "1"
+        assert not (tiny_project / "mlflow" / "mlflow.db").exists()  # nothing went to the local default
+
+        runs = httpx.post(f"{prefect_api}/flow_runs/filter", json={}).json()
+        assert [r["state"]["type"] for r in runs] == ["COMPLETED"]
+
+        scheduled = subprocess.run([str(BIN / "metanlp"), "schedule", "--cron", "0 3 * * 0", "--no-serve",
+                                    "--params", params], env=client_env, capture_output=True, text=True,
+                                   timeout=300)
+        assert scheduled.returncode == 0, scheduled.stderr[-3000:]
+        deployment = httpx.get(f"{prefect_api}/deployments/name/metanlp-train/retrain").json()
+        assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * 0"]
+        assert deployment["parameters"]["params_file"] == params
