@@ -32,6 +32,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "learners")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--keep-previous", action="store_true",
+                        help="keep the rows of learners already in OUT/learners_clinc.json (same episodes)")
     args = parser.parse_args()
     if args.quick:
         args.train_steps, args.episodes, args.repeats = 2, 4, 1
@@ -44,6 +46,9 @@ def main() -> None:
                  "--repeats", str(args.repeats)],
     }
     runs: dict[str, dict] = {}
+    previous = args.out / "learners_clinc.json"
+    if args.keep_previous and previous.exists():
+        runs = json.loads(previous.read_text())
     for learner in args.learners.split(","):
         model = args.out / learner
         tasks = "1" if learner == "protonet" else str(args.tasks_per_step)
@@ -61,7 +66,8 @@ def main() -> None:
 
     lines = [f"Same episodes for every row; {args.train_steps} meta-training steps "
              f"({args.tasks_per_step} tasks each for gradient learners, 1 for protonet); "
-             f"`python benchmarks/learners_clinc.py --learners {args.learners} --train-steps {args.train_steps}`.\n",
+             f"`python benchmarks/learners_clinc.py --learners {args.learners} --train-steps {args.train_steps}"
+             f"{' --keep-previous' if args.keep_previous else ''}` (rows of earlier runs kept: {', '.join(runs)}).\n",
              "| setting | method | accuracy % (95% CI) | Δ vs frozen, pp (95% CI) | adapt ms/episode | train s |",
              "|---|---|---|---|---|---|"]
     first = next(iter(runs.values()))
@@ -80,7 +86,9 @@ def main() -> None:
                              f"{method['adapt_ms']:.0f} | {run['train_seconds']:.0f} |")
     (args.out / "learners_clinc.md").write_text("\n".join(lines) + "\n")
     (args.out / "learners_clinc.json").write_text(json.dumps(
-        {k: {"train_seconds": v["train_seconds"]} | {p: v[p] for p in protocols} for k, v in runs.items()}))
+        {k: {"train_seconds": v["train_seconds"], "tasks_per_step": v.get("tasks_per_step")}
+         | {p: v[p] for p in protocols}
+         for k, v in runs.items()}))
     print("\n".join(lines))
 
 

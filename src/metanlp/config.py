@@ -99,6 +99,8 @@ class GradientConfig(_Strict):
     first_order: bool = False
     learn_inner_lr: bool = False  # Meta-SGD: one learned learning rate per adapted tensor
     init_scale: float = Field(10.0, gt=0)
+    # Head-only inner loops (ANIL) on a meta-batch of same-shaped episodes run as one torch.func.vmap over tasks.
+    vmap_tasks: bool = True
 
     @classmethod
     def for_algorithm(cls, name: str) -> GradientConfig:

@@ -215,6 +215,8 @@ class GradientMetaLearner(Learner):
 
     def batch_loss(self, tokens: TokenizedTexts, episodes: list[Episode]):
         """Mean query loss over a meta-batch, and each task's query logits."""
+        if self._can_vmap(episodes):
+            return self._vmapped_head_loss(tokens, episodes)
         losses, logits = zip(*self._task_losses(tokens, episodes, self._shared_bottom(tokens, episodes)),
                              strict=True)
         return torch.stack(losses).mean(), list(logits)
@@ -226,7 +228,7 @@ class GradientMetaLearner(Learner):
         each task's backward leaves its share of gradient there, and one backward takes the sum through the
         bottom (a checkpoint at the split: the bottom's backward runs once, not once per task).
         """
-        shared = self._shared_bottom(tokens, episodes)
+        shared = None if self._can_vmap(episodes) else self._shared_bottom(tokens, episodes)
         if shared is None:
             return super().backward_batch(tokens, episodes)
         hidden, mask = shared
@@ -239,6 +241,42 @@ class GradientMetaLearner(Learner):
         if hidden.requires_grad:  # not with LoRA: peft freezes the base weights, only adapters are meta-learned
             hidden.backward(cut.grad)
         return torch.stack(losses).mean(), all_logits
+
+    def _can_vmap(self, episodes: list[Episode]) -> bool:
+        """Only the head adapts and every task has the same shape: the inner loops can run as one vmap."""
+        shapes = {(len(e.classes), len(e.support), len(e.query)) for e in episodes}
+        return self.config.vmap_tasks and not self.adapted and len(episodes) > 1 and len(shapes) == 1
+
+    def _vmapped_head_loss(self, tokens: TokenizedTexts, episodes: list[Episode]):
+        """ANIL on a meta-batch: one encoder pass over every task's rows, then each task's inner loop on its
+        head, vmapped over tasks with torch.func (second order unless first_order)."""
+        from torch.func import grad, vmap
+
+        n_classes, n_support = len(episodes[0].classes), len(episodes[0].support)
+        rows = np.concatenate([np.concatenate([e.support, e.query]) for e in episodes])
+        h = self.features({}, tokens.batch(rows)).reshape(len(episodes), -1, self.encoder.dim)
+        device = h.device
+        support_y = torch.stack([torch.as_tensor(e.support_labels) for e in episodes]).to(device)
+        query_y = torch.stack([torch.as_tensor(e.query_labels) for e in episodes]).to(device)
+        lr_w, lr_b = self.inner_lr(HEAD[0]), self.inner_lr(HEAD[1])
+
+        def task(h_task, y_support, y_query):
+            h_support, h_query = h_task[:n_support], h_task[n_support:]
+            weight, bias = self.initial_head(h_support, y_support, n_classes)
+
+            def support_loss(w, b):
+                return F.cross_entropy(h_support @ w.T + b, y_support)
+
+            for _ in range(self.config.inner_steps):
+                g_w, g_b = grad(support_loss, argnums=(0, 1))(weight, bias)
+                if self.config.first_order:
+                    g_w, g_b = g_w.detach(), g_b.detach()
+                weight, bias = weight - lr_w * g_w, bias - lr_b * g_b
+            logits = h_query @ weight.T + bias
+            return F.cross_entropy(logits, y_query), logits
+
+        losses, logits = vmap(task)(h, support_y, query_y)
+        return losses.mean(), list(logits.unbind(0))
 
     def _shared_bottom(self, tokens: TokenizedTexts, episodes: list[Episode]):
         if self.n_bottom is None:

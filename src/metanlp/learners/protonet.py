@@ -19,10 +19,10 @@ from metanlp.learners.base import Classifier, Learner, support_targets
 
 
 def prototypes(embeddings: torch.Tensor, targets: torch.Tensor, n_classes: int) -> torch.Tensor:
-    sums = torch.zeros(n_classes, embeddings.shape[1], dtype=embeddings.dtype, device=embeddings.device)
-    sums.index_add_(0, targets.to(embeddings.device), embeddings)
-    counts = torch.bincount(targets, minlength=n_classes).to(embeddings)
-    return sums / counts.unsqueeze(1)
+    # A membership matrix rather than index_add_: no in-place op, so it runs under torch.func.vmap over tasks.
+    members = (targets.to(embeddings.device)[None, :] == torch.arange(n_classes, device=embeddings.device)[:, None])
+    members = members.to(embeddings.dtype)
+    return (members @ embeddings) / members.sum(dim=1, keepdim=True)
 
 
 def prototype_logits(queries: torch.Tensor, protos: torch.Tensor, distance: str, scale: torch.Tensor):
