@@ -63,7 +63,10 @@ def main() -> None:
             metanlp(["evaluate", "--model", str(model), "--data", str(clinc / "test.jsonl"), "--split", "test",
                      *protocol_args, "--methods", f"{learner},frozen", "--out", str(out), *quiet])
             runs[learner][protocol] = json.loads(out.read_text())
+        write_tables(args, runs, protocols)  # after every learner: an interrupted run keeps what it measured
 
+
+def write_tables(args, runs: dict, protocols: dict) -> None:
     lines = [f"Same episodes for every row; {args.train_steps} meta-training steps "
              f"({args.tasks_per_step} tasks each for gradient learners, 1 for protonet); "
              f"`python benchmarks/learners_clinc.py --learners {args.learners} --train-steps {args.train_steps}"
