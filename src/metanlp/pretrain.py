@@ -1,0 +1,64 @@
+"""Unlabeled text -> a better starting encoder: continued masked-LM pretraining.
+
+The encoder gets a masked-LM head of its architecture (tied to its embeddings; the packaged sentence
+encoders ship none, so it starts fresh), trains on the text with the transformers data collator (15% of
+tokens masked, 80/10/10), and the encoder weights are copied back into the `TextEncoder`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import AutoModelForMaskedLM, DataCollatorForLanguageModeling
+
+from metanlp.encoder import TextEncoder, resolve_device
+from metanlp.progress import progress_bar
+
+
+def with_mlm_head(encoder: TextEncoder):
+    """A masked-LM model whose base carries the encoder's current weights."""
+    model = AutoModelForMaskedLM.from_config(encoder.model.config)
+    model.base_model.load_state_dict(encoder.model.state_dict(), strict=False)  # no pooler in the MLM base
+    return model
+
+
+def mlm_batches(encoder: TextEncoder, texts: list[str], batch_size: int, mlm_probability: float, seed: int):
+    """Endless shuffled batches of masked inputs, deterministic for a seed."""
+    tokenizer = encoder.tokenizer
+    encoded = tokenizer(texts, truncation=True, max_length=encoder.config.max_length)["input_ids"]
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability, return_tensors="pt")
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(len(encoded))
+        for start in range(0, len(encoded) - batch_size + 1, batch_size):
+            yield collator([{"input_ids": encoded[i]} for i in order[start:start + batch_size]])
+
+
+def mlm_pretrain(encoder: TextEncoder, texts: list[str], steps: int, lr: float = 5e-5, batch_size: int = 32,
+                 mlm_probability: float = 0.15, seed: int = 0, device: str = "auto",
+                 show_progress: bool = True, model=None) -> list[float]:
+    """Continue masked-LM pretraining of `encoder` in place on `texts`; returns the loss of every step.
+
+    `model`: a masked-LM model from `with_mlm_head(encoder)` to train (and keep its head); a new one otherwise.
+    """
+    if len(texts) < batch_size:
+        batch_size = max(1, len(texts))
+    torch.manual_seed(seed)  # the head's initialisation and the collator's masks come from torch's generator
+    target = resolve_device(device)
+    model = (model or with_mlm_head(encoder)).to(target).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    batches = mlm_batches(encoder, texts, batch_size, mlm_probability, seed)
+    losses = []
+    with progress_bar("masked-LM pretraining", steps, show_progress) as advance:
+        for _ in range(steps):
+            batch = {k: v.to(target) for k, v in next(batches).items()}
+            loss = model(**batch).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            losses.append(loss.item())
+            advance(loss=float(np.mean(losses[-20:])))
+    encoder.model.load_state_dict(model.base_model.state_dict(), strict=False)
+    encoder.to(target).eval()
+    return losses
