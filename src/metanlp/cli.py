@@ -281,6 +281,61 @@ def predict(
     Console().print(table)
 
 
+@app.command()
+@cli_errors
+def pretrain(
+    text: Annotated[list[str], typer.Option(help="unlabeled text: .txt (one per line), JSONL/CSV text column, "
+                                                  "or 'default' (repeatable)")],
+    out: Annotated[Path, typer.Option(help="directory for the pretrained encoder (HF format)")],
+    mode: Annotated[str, typer.Option(help="mlm, smlmt, or mlm,smlmt (MLM first)")] = "mlm",
+    encoder: Annotated[str, typer.Option(help="HF name, local path or 'default'")] = DEFAULT_ENCODER,
+    mlm_steps: int = 500,
+    mlm_lr: float = 5e-5,
+    smlmt_episodes: Annotated[int, typer.Option(help="ProtoNet meta-training steps on cloze tasks")] = 300,
+    smlmt_words: Annotated[int, typer.Option(help="cloze classes (words) drawn from the frequency band")] = 300,
+    seed: int = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    quiet: bool = False,
+) -> None:
+    """Pretrain an encoder on unlabeled text: masked-LM, then (or only) ProtoNet on SMLMT cloze tasks.
+    The result is an encoder directory for --encoder or params.yaml's meta_train.encoder.name_or_path."""
+    from metanlp.data.smlmt import SMLMTConfig, build_smlmt
+    from metanlp.encoder import TextEncoder
+    from metanlp.pretrain import mlm_pretrain, save_encoder, unlabeled_sentences
+
+    modes = _csv(mode)
+    unknown = sorted(set(modes) - {"mlm", "smlmt"})
+    if not modes or unknown:
+        raise DataError(f"--mode: unknown {unknown or mode!r}; use mlm, smlmt or mlm,smlmt")
+    sentences = unlabeled_sentences(text)
+    if len(sentences) < 32:
+        raise DataError(f"--text: only {len(sentences)} sentences of 3+ words; pretraining needs at least 32")
+    config = EncoderConfig(name_or_path=encoder)
+    text_encoder = TextEncoder.from_config(config)
+    if "mlm" in modes:
+        losses = mlm_pretrain(text_encoder, sentences, mlm_steps, mlm_lr, seed=seed, device=device,
+                              show_progress=not quiet)
+        typer.echo(f"masked-LM loss {losses[0]:.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f} "
+                   f"({len(sentences)} sentences)")
+    if "smlmt" in modes:
+        from metanlp.learners import build_learner
+        from metanlp.train import meta_train
+
+        tasks = build_smlmt(sentences, text_encoder.tokenizer.mask_token,
+                            SMLMTConfig(max_words=smlmt_words, seed=seed), source=",".join(text))
+        classes = tasks.classes
+        cut = max(5, len(classes) // 10)  # held-out words for early stopping
+        spec = LearnerSpec(learner="protonet", encoder=config, protonet=ProtoNetConfig())
+        learner = build_learner("protonet", text_encoder, spec)
+        result = meta_train(learner, tasks.with_classes(classes[cut:]), tasks.with_classes(classes[:cut]),
+                            TrainConfig(episodes=smlmt_episodes, val_every=max(1, smlmt_episodes // 5),
+                                        val_episodes=50, seed=seed, device=device), show_progress=not quiet)
+        typer.echo(f"SMLMT: {len(classes)} cloze classes, validation accuracy {100 * result.best_val_accuracy:.1f}% "
+                   f"at step {result.best_episode}")
+    save_encoder(text_encoder, out)
+    typer.echo(f"pretrained encoder written to {out}")
+
+
 ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml of the pipeline; its folder is the root")]
 
 

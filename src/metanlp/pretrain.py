@@ -62,3 +62,30 @@ def mlm_pretrain(encoder: TextEncoder, texts: list[str], steps: int, lr: float =
     encoder.model.load_state_dict(model.base_model.state_dict(), strict=False)
     encoder.to(target).eval()
     return losses
+
+
+def unlabeled_sentences(sources: list[str]) -> list[str]:
+    """Text files (one text per line, or JSONL/CSV with a text column) or 'default' -> sentences."""
+    from metanlp.data.load import DEFAULT_CORPUS, load_labelled, read_texts
+    from metanlp.data.smlmt import split_sentences
+
+    texts: list[str] = []
+    for source in sources:
+        texts += load_labelled(DEFAULT_CORPUS).texts if source == DEFAULT_CORPUS else read_texts(source)
+    return split_sentences(texts, min_words=3)
+
+
+def save_encoder(encoder: TextEncoder, directory) -> None:
+    """A Hugging Face directory (safetensors + JSON config + tokenizer): any --encoder option takes it."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    encoder.model.save_pretrained(staging, safe_serialization=True)
+    encoder.tokenizer.save_pretrained(staging)
+    if directory.exists():
+        shutil.rmtree(directory)
+    staging.rename(directory)

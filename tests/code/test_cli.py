@@ -114,3 +114,21 @@ def test_every_gradient_learner_trains_and_evaluates_from_the_cli(learner, tmp_p
                                  "--out", str(tmp_path / "e.json")])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "e.json").read_text())["settings"][0]["methods"][learner]["episodes"] == 2
+
+
+def test_pretrain_mlm_then_smlmt_writes_an_encoder_that_train_accepts(tmp_path):
+    out = tmp_path / "encoder"
+    result = runner.invoke(app, ["pretrain", "--text", "default", "--out", str(out), "--mode", "mlm,smlmt",
+                                 "--encoder", "tiny-random-bert", "--mlm-steps", "2", "--smlmt-episodes", "2",
+                                 "--smlmt-words", "20", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "masked-LM loss" in result.output and "SMLMT: 20 cloze classes" in result.output, result.output
+    assert (out / "model.safetensors").exists() and (out / "config.json").exists()
+    trained = runner.invoke(app, ["train", "--encoder", str(out), "--episodes", "2", "--val-every", "1",
+                                  "--val-episodes", "2", "--out", str(tmp_path / "model"), "--quiet"])
+    assert trained.exit_code == 0, trained.output
+
+
+def test_pretrain_rejects_an_unknown_mode(tmp_path):
+    result = runner.invoke(app, ["pretrain", "--text", "default", "--out", str(tmp_path / "e"), "--mode", "bert"])
+    assert result.exit_code == 2 and "--mode" in result.output and not (tmp_path / "e").exists()

@@ -26,7 +26,7 @@ CLASS_PREFIX = "mask:"
 @dataclass(frozen=True)
 class SMLMTConfig:
     min_sentences: int = 10  # a word needs K + Q sentences to fill a class
-    max_fraction: float = 0.01  # words in more than this share of sentences are too common (the, of, ...)
+    max_fraction: float = 0.05  # words in more than this share of sentences are too common (the, of, ...)
     max_words: int = 500  # classes kept, drawn at random from the band
     sentences_per_word: int = 20  # rows per class
     min_word_length: int = 3
