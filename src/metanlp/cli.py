@@ -293,11 +293,15 @@ def pretrain(
     mlm_lr: float = 5e-5,
     smlmt_episodes: Annotated[int, typer.Option(help="ProtoNet meta-training steps on cloze tasks")] = 300,
     smlmt_words: Annotated[int, typer.Option(help="cloze classes (words) drawn from the frequency band")] = 300,
+    labelled: Annotated[str | None, typer.Option(help="hybrid: supervised training classes (text, label) whose "
+                                                      "episodes are mixed with the cloze tasks")] = None,
+    smlmt_fraction: Annotated[float, typer.Option(help="hybrid: share of episodes that are cloze tasks")] = 0.5,
     seed: int = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     quiet: bool = False,
 ) -> None:
-    """Pretrain an encoder on unlabeled text: masked-LM, then (or only) ProtoNet on SMLMT cloze tasks.
+    """Pretrain an encoder on unlabeled text: masked-LM, then (or only) ProtoNet on SMLMT cloze tasks, alone
+    or mixed with supervised episodes (--labelled: hybrid).
     The result is an encoder directory for --encoder or params.yaml's meta_train.encoder.name_or_path."""
     from metanlp.data.smlmt import SMLMTConfig, build_smlmt
     from metanlp.encoder import TextEncoder
@@ -325,11 +329,18 @@ def pretrain(
                             SMLMTConfig(max_words=smlmt_words, seed=seed), source=",".join(text))
         classes = tasks.classes
         cut = max(5, len(classes) // 10)  # held-out words for early stopping
+        train_set, mix = tasks.with_classes(classes[cut:]), None
+        if labelled is not None:  # hybrid: supervised episodes beside the cloze tasks, never in one episode
+            supervised = load_labelled(labelled)
+            train_set = LabelledTexts(train_set.texts + supervised.texts, train_set.labels + supervised.labels,
+                                      source=f"{train_set.source}+{supervised.source}")
+            mix = smlmt_fraction
         spec = LearnerSpec(learner="protonet", encoder=config, protonet=ProtoNetConfig())
         learner = build_learner("protonet", text_encoder, spec)
-        result = meta_train(learner, tasks.with_classes(classes[cut:]), tasks.with_classes(classes[:cut]),
+        result = meta_train(learner, train_set, tasks.with_classes(classes[:cut]),
                             TrainConfig(episodes=smlmt_episodes, val_every=max(1, smlmt_episodes // 5),
-                                        val_episodes=50, seed=seed, device=device), show_progress=not quiet)
+                                        val_episodes=50, seed=seed, device=device, smlmt_fraction=mix),
+                            show_progress=not quiet)
         typer.echo(f"SMLMT: {len(classes)} cloze classes, validation accuracy {100 * result.best_val_accuracy:.1f}% "
                    f"at step {result.best_episode}")
     save_encoder(text_encoder, out)

@@ -127,6 +127,9 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     episode: EpisodeConfig = EpisodeConfig()
     val_episode: EpisodeConfig = EpisodeConfig(ways=5, shots=1, queries=5)
+    # Hybrid pretraining: the share of training episodes drawn from SMLMT cloze classes ("mask:*"), the rest
+    # from the supervised classes of the same training set. None: classes are drawn from all alike.
+    smlmt_fraction: float | None = Field(None, ge=0, le=1)
 
 
 class LearnerSpec(_Strict):

@@ -21,6 +21,7 @@ from metanlp.checkpoint import LoopState, load_checkpoint, save_checkpoint
 from metanlp.config import LearnerSpec, TrainConfig
 from metanlp.data.episodes import EpisodeSampler
 from metanlp.data.load import DataError, LabelledTexts, load_labelled
+from metanlp.data.smlmt import CLASS_PREFIX
 from metanlp.data.splits import split_classes
 from metanlp.encoder import resolve_device
 from metanlp.evaluate import mean_ci, run_episode
@@ -74,7 +75,8 @@ def meta_train(learner: Learner, train_data: LabelledTexts, val_data: LabelledTe
     encoder = learner.encoder
     train_tokens, val_tokens = encoder.tokenize(train_data.texts), encoder.tokenize(val_data.texts)
     e = config.episode
-    sampler = EpisodeSampler(train_data, e.ways, e.shots, e.queries, seed=config.seed)
+    mix = None if config.smlmt_fraction is None else (CLASS_PREFIX, config.smlmt_fraction)
+    sampler = EpisodeSampler(train_data, e.ways, e.shots, e.queries, seed=config.seed, mix=mix)
     v = config.val_episode
     val_episodes = EpisodeSampler(val_data, v.ways, v.shots, v.queries, seed=config.seed + 1).take(
         config.val_episodes)

@@ -132,3 +132,17 @@ def test_pretrain_mlm_then_smlmt_writes_an_encoder_that_train_accepts(tmp_path):
 def test_pretrain_rejects_an_unknown_mode(tmp_path):
     result = runner.invoke(app, ["pretrain", "--text", "default", "--out", str(tmp_path / "e"), "--mode", "bert"])
     assert result.exit_code == 2 and "--mode" in result.output and not (tmp_path / "e").exists()
+
+
+def test_pretrain_hybrid_mixes_supervised_episodes(tmp_path, small_jsonl):
+    def pretrain(labelled: str, out: str):
+        return runner.invoke(app, ["pretrain", "--text", "default", "--out", str(tmp_path / out), "--mode", "smlmt",
+                                   "--encoder", "tiny-random-bert", "--smlmt-episodes", "2", "--smlmt-words", "20",
+                                   "--labelled", labelled, "--smlmt-fraction", "0.5", "--quiet"])
+
+    result = pretrain("default", "enc")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "enc" / "model.safetensors").exists()
+    too_few = pretrain(str(small_jsonl), "enc2")  # 4 supervised classes cannot fill a 5-way episode
+    assert too_few.exit_code == 2 and "need 5 other classes, found 4" in too_few.output
+    assert not (tmp_path / "enc2").exists()

@@ -49,3 +49,15 @@ def test_smlmt_classes_make_episodes(corpus):
 def test_sentences_from_running_text():
     text = ["= Heading =", "The first sentence is here now. Short one. And a second sentence follows it."]
     assert split_sentences(text) == ["The first sentence is here now.", "And a second sentence follows it."]
+
+
+def test_hybrid_sampler_keeps_pools_apart_and_follows_the_fraction(corpus):
+    from metanlp.data.load import LabelledTexts
+
+    tasks = build_smlmt(sentences(corpus), MASK, CONFIG)
+    mixed = LabelledTexts(tasks.texts + corpus.texts, tasks.labels + corpus.labels)
+    sampler = EpisodeSampler(mixed, 3, 2, 2, seed=0, mix=(CLASS_PREFIX, 0.25))
+    kinds = [{c.startswith(CLASS_PREFIX) for c in sampler.sample().classes} for _ in range(400)]
+    assert all(len(k) == 1 for k in kinds)  # an episode is all cloze or all supervised
+    share = sum(k == {True} for k in kinds) / len(kinds)
+    assert 0.18 < share < 0.32

@@ -30,10 +30,23 @@ class EpisodeSampler:
     resume exactly where it stopped.
     """
 
-    def __init__(self, data: LabelledTexts, ways: int, shots: int, queries: int, seed: int = 0) -> None:
+    def __init__(self, data: LabelledTexts, ways: int, shots: int, queries: int, seed: int = 0,
+                 mix: tuple[str, float] | None = None) -> None:
+        """`mix=(prefix, p)`: classes named with `prefix` (e.g. SMLMT's "mask:") and the others form two
+        pools; each episode comes from the prefixed pool with probability p, never from both (hybrid
+        self-supervised + supervised meta-training)."""
         self.data, self.ways, self.shots, self.queries = data, ways, shots, queries
         self.by_class = data.indices_by_class()
         self.classes = list(self.by_class)
+        self.pools = None
+        if mix is not None:
+            prefix, self.mix_p = mix
+            prefixed = [i for i, c in enumerate(self.classes) if c.startswith(prefix)]
+            others = [i for i, c in enumerate(self.classes) if not c.startswith(prefix)]
+            for name, pool in ((f"classes named {prefix}*", prefixed), ("other classes", others)):
+                if len(pool) < ways:
+                    raise DataError(f"{data.source}: hybrid {ways}-way episodes need {ways} {name}, found {len(pool)}")
+            self.pools = (np.asarray(prefixed), np.asarray(others))
         if ways > len(self.classes):
             raise DataError(f"{data.source}: {ways}-way episodes need {ways} classes, the data has "
                             f"{len(self.classes)}")
@@ -46,7 +59,11 @@ class EpisodeSampler:
         self.rng = np.random.default_rng(seed)
 
     def sample(self) -> Episode:
-        chosen = sorted(self.rng.choice(len(self.classes), size=self.ways, replace=False))
+        if self.pools is None:
+            chosen = sorted(self.rng.choice(len(self.classes), size=self.ways, replace=False))
+        else:
+            pool = self.pools[0] if self.rng.random() < self.mix_p else self.pools[1]
+            chosen = sorted(self.rng.choice(pool, size=self.ways, replace=False).tolist())
         classes = [self.classes[i] for i in chosen]
         support, query = [], []
         for c in classes:
