@@ -311,6 +311,13 @@ def pretrain(
     unknown = sorted(set(modes) - {"mlm", "smlmt"})
     if not modes or unknown:
         raise DataError(f"--mode: unknown {unknown or mode!r}; use mlm, smlmt or mlm,smlmt")
+    from metanlp.stages.validate import failure_summary, validate_unlabeled
+
+    for source in text:
+        if Path(source).suffix.lower() == ".txt":  # labelled formats are checked by their strict reader
+            report_ = validate_unlabeled(Path(source))
+            if not report_["success"]:
+                raise StageError(failure_summary(report_))
     sentences = unlabeled_sentences(text)
     if len(sentences) < 32:
         raise DataError(f"--text: only {len(sentences)} sentences of 3+ words; pretraining needs at least 32")

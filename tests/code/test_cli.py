@@ -146,3 +146,12 @@ def test_pretrain_hybrid_mixes_supervised_episodes(tmp_path, small_jsonl):
     too_few = pretrain(str(small_jsonl), "enc2")  # 4 supervised classes cannot fill a 5-way episode
     assert too_few.exit_code == 2 and "need 5 other classes, found 4" in too_few.output
     assert not (tmp_path / "enc2").exists()
+
+
+def test_pretrain_refuses_text_that_fails_validation(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_bytes(b"only \xff one line.\n")
+    result = runner.invoke(app, ["pretrain", "--text", str(text), "--out", str(tmp_path / "enc"),
+                                 "--encoder", "tiny-random-bert", "--quiet"])
+    assert result.exit_code == 2 and "expect_column_values_to_be_in_set on 'utf8_valid'" in result.output
+    assert "expect_table_row_count_to_be_between" in result.output and not (tmp_path / "enc").exists()

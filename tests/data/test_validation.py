@@ -98,3 +98,17 @@ def test_corpus_is_not_built_without_a_passing_report(tiny_project):
     with pytest.raises(StageError, match="no passing validation report"):
         build_corpus_stage.run(params, tiny_project)
     assert not (tiny_project / "artifacts" / "corpus").exists()
+
+
+def test_unlabeled_text_rules(tmp_path):
+    from metanlp.stages.validate import validate_unlabeled
+
+    good = tmp_path / "good.txt"
+    good.write_text("\n".join(f"This is sentence number {i} of the unlabeled text." for i in range(40)) + "\n\n")
+    assert validate_unlabeled(good)["success"]
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"one short line with a bad byte \xff here.\n" + b"\n" * 5 + b"too few sentences here.\n")
+    report = validate_unlabeled(bad)
+    failed = {(r["suite"], r["expectation"]) for r in report["results"] if not r["success"]}
+    assert failed == {("lines", "expect_column_values_to_be_in_set"), ("lines", "expect_column_values_to_match_regex"),
+                      ("sentences", "expect_table_row_count_to_be_between")}

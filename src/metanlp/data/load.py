@@ -216,7 +216,7 @@ def read_raw_rows(source: str | Path) -> pd.DataFrame:
         import csv
         import io
 
-        decoded = [(raw.decode("utf-8", errors="replace"), _utf8_ok(raw)) for raw in raw_lines]
+        decoded = [(raw.decode("utf-8", errors="replace"), is_utf8(raw)) for raw in raw_lines]
         reader = csv.DictReader(io.StringIO("\n".join(text for text, _ in decoded)),
                                 delimiter="\t" if suffix == ".tsv" else ",")
         for row in reader:
@@ -232,11 +232,12 @@ def read_raw_rows(source: str | Path) -> pd.DataFrame:
         except json.JSONDecodeError:
             row = None
         valid = isinstance(row, dict)
-        rows.append({**(row if valid else {}), "_line": number, "_utf8_valid": _utf8_ok(raw), "_json_valid": valid})
+        rows.append({**(row if valid else {}), "_line": number, "_utf8_valid": is_utf8(raw), "_json_valid": valid})
     return pd.DataFrame(rows)
 
 
-def _utf8_ok(raw: bytes) -> bool:
+def is_utf8(raw: bytes) -> bool:
+    """Whether a byte string decodes as UTF-8."""
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from metanlp.config import PipelineParams
-from metanlp.data.load import DataError, LabelledTexts, read_raw_rows
+from metanlp.data.load import DataError, LabelledTexts, is_utf8, read_raw_rows
 from metanlp.data.splits import split_classes
 from metanlp.stages import StageError, Workspace, write_json
 
@@ -177,3 +177,35 @@ def run(params: PipelineParams, root: Path) -> dict:
     if not report["success"]:
         raise StageError(failure_summary(report))
     return {"report": str(workspace.validation / "report.json"), "rows": report["rows"], "classes": report["classes"]}
+
+
+def validate_unlabeled(source: Path, min_sentences: int = 32, min_nonempty: float = 0.5) -> dict:
+    """GE rules for unlabeled text (one text per line): valid UTF-8, mostly non-empty lines, and enough
+    sentences to pretrain on. Same report shape as `validate_corpus`."""
+    from metanlp.data.smlmt import split_sentences
+
+    gx, context = _context()
+    raw = source.read_bytes().splitlines()
+    lines = pd.DataFrame({"line": range(1, len(raw) + 1),
+                          "text": [r.decode("utf-8", errors="replace").strip() for r in raw],
+                          "utf8_valid": [is_utf8(r) for r in raw]})
+    sentences = pd.DataFrame({"sentence": split_sentences(lines["text"].tolist(), min_words=3)})
+    E = gx.expectations
+    suites = [("lines", lines, [E.ExpectColumnValuesToBeInSet(column="utf8_valid", value_set=[True]),
+                                E.ExpectColumnValuesToMatchRegex(column="text", regex=r"\S", mostly=min_nonempty)],
+               "line"),
+              ("sentences", sentences, [E.ExpectTableRowCountToBeBetween(min_value=min_sentences)], "sentence")]
+    datasource = context.data_sources.add_pandas("unlabeled")
+    outcomes = []
+    for name, frame, expectations, id_column in suites:
+        batch = datasource.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all").get_batch(
+            batch_parameters={"dataframe": frame})
+        result = batch.validate(gx.ExpectationSuite(name=name, expectations=expectations),
+                                result_format={"result_format": "COMPLETE",
+                                               "unexpected_index_column_names": [id_column],
+                                               "partial_unexpected_count": EXAMPLES_SHOWN})
+        outcomes += [_outcome(name, r, id_column) for r in result.results]
+    failed = [o for o in outcomes if not o["success"]]
+    return {"source": str(source), "rows": len(lines), "sentences": len(sentences), "success": not failed,
+            "expectations": len(outcomes), "failed": len(failed), "results": outcomes}
+
