@@ -303,53 +303,24 @@ def pretrain(
     """Pretrain an encoder on unlabeled text: masked-LM, then (or only) ProtoNet on SMLMT cloze tasks, alone
     or mixed with supervised episodes (--labelled: hybrid).
     The result is an encoder directory for --encoder or params.yaml's meta_train.encoder.name_or_path."""
-    from metanlp.data.smlmt import SMLMTConfig, build_smlmt
-    from metanlp.encoder import TextEncoder
-    from metanlp.pretrain import mlm_pretrain, save_encoder, unlabeled_sentences
+    from metanlp.config import PretrainParams
+    from metanlp.pretrain import pretrain_encoder, save_encoder
 
     modes = _csv(mode)
     unknown = sorted(set(modes) - {"mlm", "smlmt"})
     if not modes or unknown:
         raise DataError(f"--mode: unknown {unknown or mode!r}; use mlm, smlmt or mlm,smlmt")
-    from metanlp.stages.validate import failure_summary, validate_unlabeled
-
-    for source in text:
-        if Path(source).suffix.lower() == ".txt":  # labelled formats are checked by their strict reader
-            report_ = validate_unlabeled(Path(source))
-            if not report_["success"]:
-                raise StageError(failure_summary(report_))
-    sentences = unlabeled_sentences(text)
-    if len(sentences) < 32:
-        raise DataError(f"--text: only {len(sentences)} sentences of 3+ words; pretraining needs at least 32")
-    config = EncoderConfig(name_or_path=encoder)
-    text_encoder = TextEncoder.from_config(config)
-    if "mlm" in modes:
-        losses = mlm_pretrain(text_encoder, sentences, mlm_steps, mlm_lr, seed=seed, device=device,
-                              show_progress=not quiet)
-        typer.echo(f"masked-LM loss {losses[0]:.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f} "
-                   f"({len(sentences)} sentences)")
-    if "smlmt" in modes:
-        from metanlp.learners import build_learner
-        from metanlp.train import meta_train
-
-        tasks = build_smlmt(sentences, text_encoder.tokenizer.mask_token,
-                            SMLMTConfig(max_words=smlmt_words, seed=seed), source=",".join(text))
-        classes = tasks.classes
-        cut = max(5, len(classes) // 10)  # held-out words for early stopping
-        train_set, mix = tasks.with_classes(classes[cut:]), None
-        if labelled is not None:  # hybrid: supervised episodes beside the cloze tasks, never in one episode
-            supervised = load_labelled(labelled)
-            train_set = LabelledTexts(train_set.texts + supervised.texts, train_set.labels + supervised.labels,
-                                      source=f"{train_set.source}+{supervised.source}")
-            mix = smlmt_fraction
-        spec = LearnerSpec(learner="protonet", encoder=config, protonet=ProtoNetConfig())
-        learner = build_learner("protonet", text_encoder, spec)
-        result = meta_train(learner, train_set, tasks.with_classes(classes[:cut]),
-                            TrainConfig(episodes=smlmt_episodes, val_every=max(1, smlmt_episodes // 5),
-                                        val_episodes=50, seed=seed, device=device, smlmt_fraction=mix),
-                            show_progress=not quiet)
-        typer.echo(f"SMLMT: {len(classes)} cloze classes, validation accuracy {100 * result.best_val_accuracy:.1f}% "
-                   f"at step {result.best_episode}")
+    config = PretrainParams(modes=modes, text=text, mlm_steps=mlm_steps, mlm_lr=mlm_lr,
+                            smlmt_episodes=smlmt_episodes, smlmt_words=smlmt_words, hybrid=labelled is not None,
+                            smlmt_fraction=smlmt_fraction, seed=seed)
+    text_encoder, summary = pretrain_encoder(config, EncoderConfig(name_or_path=encoder),
+                                             load_labelled(labelled) if labelled else None, device, not quiet)
+    if "mlm_loss_first" in summary:
+        typer.echo(f"masked-LM loss {summary['mlm_loss_first']:.3f} -> {summary['mlm_loss_last20']:.3f} "
+                   f"({summary['sentences']} sentences)")
+    if "smlmt_classes" in summary:
+        typer.echo(f"SMLMT: {summary['smlmt_classes']} cloze classes, validation accuracy "
+                   f"{100 * summary['smlmt_val_accuracy']:.1f}% at step {summary['smlmt_best_step']}")
     save_encoder(text_encoder, out)
     typer.echo(f"pretrained encoder written to {out}")
 

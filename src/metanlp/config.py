@@ -180,6 +180,24 @@ class MetaTrainParams(_Strict):
     train: TrainConfig = TrainConfig(episodes=300, val_every=50, val_episodes=60)
 
 
+class PretrainParams(_Strict):
+    """Pretraining on unlabeled text before meta-training (the encoder meta_train then starts from).
+
+    modes: "mlm" (continued masked-LM), "smlmt" (ProtoNet on self-supervised cloze tasks), both in that
+    order; empty = no pretraining. `hybrid` mixes the supervised training classes into the cloze episodes.
+    """
+
+    modes: list[Literal["mlm", "smlmt"]] = []
+    text: list[str] = ["default"]  # text files (one text per line) or labelled files' text, or 'default'
+    mlm_steps: int = Field(500, ge=1)
+    mlm_lr: float = Field(5e-5, gt=0)
+    smlmt_episodes: int = Field(300, ge=1)
+    smlmt_words: int = Field(300, ge=2)
+    hybrid: bool = False
+    smlmt_fraction: float = Field(0.5, ge=0, le=1)
+    seed: int = 0
+
+
 class TuneParams(_Strict):
     """Optuna budget. `storage` is any SQLAlchemy URL (e.g. PostgreSQL, shared by several workers); left
     empty it is METANLP_OPTUNA_STORAGE, else a sqlite file of its own under artifacts/, never MLflow's database."""
@@ -230,6 +248,7 @@ class RegisterParams(_Strict):
 class PipelineParams(_Strict):
     data: DataParams = DataParams()
     validate_: ValidateParams = Field(ValidateParams(), alias="validate")
+    pretrain: PretrainParams = PretrainParams()
     meta_train: MetaTrainParams = MetaTrainParams()
     tune: TuneParams = TuneParams()
     evaluate: EvaluateParams = EvaluateParams()

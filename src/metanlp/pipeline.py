@@ -1,4 +1,4 @@
-"""The Prefect flow: validate -> build_corpus -> tune -> meta_train -> evaluate -> register, each a cached,
+"""The Prefect flow: validate -> build_corpus -> pretrain -> tune -> meta_train -> evaluate -> register, each a cached,
 retried task around the plain stage function of `metanlp.stages`.
 
 Caching is by content: a stage's key hashes its slice of params.yaml, the bytes of the files it reads and
@@ -38,13 +38,15 @@ def configure_prefect(root: Path) -> None:
         os.environ.setdefault(key, value)
 
 
-def stage_inputs(stage: str, workspace: Workspace, source: Path) -> list[Path]:
-    """The files a stage reads (besides params.yaml): the same as its deps in dvc.yaml."""
+def stage_inputs(stage: str, workspace: Workspace, source: Path, texts: tuple[Path, ...] = ()) -> list[Path]:
+    """The files a stage reads (besides params.yaml): its deps in dvc.yaml, and for pretrain the text files
+    params.yaml names (DVC sees those only through the `pretrain.text` param)."""
     return {
         "validate": [source],
         "build_corpus": [source, workspace.validation / "report.json"],
-        "tune": [workspace.corpus],
-        "meta_train": [workspace.corpus, workspace.tune / "best.json"],
+        "pretrain": [workspace.corpus / "train.jsonl", *texts],
+        "tune": [workspace.corpus, workspace.pretrained],
+        "meta_train": [workspace.corpus, workspace.tune / "best.json", workspace.pretrained],
         "evaluate": [workspace.corpus / "test.jsonl", workspace.model],
         "register": [workspace.evaluation / "results.json", workspace.evaluation / "metrics.json", workspace.model,
                      workspace.validation, workspace.tune / "best.json"],
@@ -55,6 +57,7 @@ def stage_outputs(stage: str, workspace: Workspace) -> list[Path]:
     return {
         "validate": [workspace.validation / "report.json"],
         "build_corpus": [workspace.corpus / "manifest.json"],
+        "pretrain": [workspace.pretrained / "pretrain.json"],
         "tune": [workspace.tune / "best.json"],
         "meta_train": [workspace.model / "training.json"],
         "evaluate": [workspace.evaluation / "results.json", workspace.evaluation / "metrics.json"],
@@ -74,8 +77,11 @@ def stage_cache_key(stage: str, params_file: str, root: str) -> str:
     from metanlp.tracking import tracking_uri
 
     params, workspace = load_params(params_file), Workspace(Path(root))
+    from metanlp.stages.pretrain import text_sources
+
+    texts = tuple(Path(t) for t in text_sources(params, workspace.root) if t != "default")
     inputs = {str(p.relative_to(workspace.root) if p.is_relative_to(workspace.root) else p): file_digest(p)
-              for p in stage_inputs(stage, workspace, workspace.source(params))}
+              for p in stage_inputs(stage, workspace, workspace.source(params), texts)}
     key = {"stage": stage, "params": params_slice(params, stage), "inputs": inputs, "code": code_version()}
     if stage in ("tune", "register"):  # they write to a tracking server: another server is another result
         key["tracking"] = tracking_uri(params.register_.tracking_uri, workspace.root)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForMaskedLM, DataCollatorForLanguageModeling
 
+from metanlp.config import EncoderConfig, PretrainParams
 from metanlp.encoder import TextEncoder, resolve_device
 from metanlp.progress import progress_bar
 
@@ -89,3 +90,59 @@ def save_encoder(encoder: TextEncoder, directory) -> None:
     if directory.exists():
         shutil.rmtree(directory)
     staging.rename(directory)
+
+
+def pretrain_encoder(config: PretrainParams, encoder_config: EncoderConfig, labelled=None, device: str = "auto",
+                     show_progress: bool = True) -> tuple[TextEncoder, dict]:
+    """The text of `config.text` -> a pretrained encoder and a summary of what was done.
+
+    Text files are validated first (GE); `labelled` (a LabelledTexts of training classes) is mixed into the
+    cloze episodes when `config.hybrid`.
+    """
+    from pathlib import Path
+
+    from metanlp.config import LearnerSpec, ProtoNetConfig, TrainConfig
+    from metanlp.data.load import DataError, LabelledTexts
+    from metanlp.data.smlmt import SMLMTConfig, build_smlmt
+    from metanlp.stages import StageError
+    from metanlp.stages.validate import failure_summary, validate_unlabeled
+
+    for source in config.text:
+        if Path(source).suffix.lower() == ".txt":  # labelled formats are checked by their strict reader
+            report = validate_unlabeled(Path(source))
+            if not report["success"]:
+                raise StageError(failure_summary(report))
+    sentences = unlabeled_sentences(config.text)
+    if len(sentences) < 32:
+        raise DataError(f"{config.text}: only {len(sentences)} sentences of 3+ words; pretraining needs 32")
+    if config.hybrid and labelled is None:
+        raise DataError("hybrid pretraining needs the supervised training classes")
+    encoder = TextEncoder.from_config(encoder_config)
+    summary: dict = {"modes": list(config.modes), "sentences": len(sentences)}
+    if "mlm" in config.modes:
+        losses = mlm_pretrain(encoder, sentences, config.mlm_steps, config.mlm_lr, seed=config.seed, device=device,
+                              show_progress=show_progress)
+        summary["mlm_loss_first"], summary["mlm_loss_last20"] = losses[0], float(np.mean(losses[-20:]))
+    if "smlmt" in config.modes:
+        from metanlp.learners import build_learner
+        from metanlp.train import meta_train
+
+        tasks = build_smlmt(sentences, encoder.tokenizer.mask_token,
+                            SMLMTConfig(max_words=config.smlmt_words, seed=config.seed), source=",".join(config.text))
+        classes = tasks.classes
+        cut = max(5, len(classes) // 10)  # held-out words for early stopping
+        train_set, mix = tasks.with_classes(classes[cut:]), None
+        if config.hybrid:  # supervised episodes beside the cloze tasks, never within one episode
+            train_set = LabelledTexts(train_set.texts + labelled.texts, train_set.labels + labelled.labels,
+                                      source=f"{train_set.source}+{labelled.source}")
+            mix = config.smlmt_fraction
+        spec = LearnerSpec(learner="protonet", encoder=encoder_config, protonet=ProtoNetConfig())
+        learner = build_learner("protonet", encoder, spec)
+        steps = config.smlmt_episodes
+        result = meta_train(learner, train_set, tasks.with_classes(classes[:cut]),
+                            TrainConfig(episodes=steps, val_every=max(1, steps // 5), val_episodes=50,
+                                        seed=config.seed, device=device, smlmt_fraction=mix),
+                            show_progress=show_progress)
+        summary.update(smlmt_classes=len(classes), smlmt_val_accuracy=result.best_val_accuracy,
+                       smlmt_best_step=result.best_episode)
+    return encoder, summary

@@ -109,3 +109,14 @@ def test_wrong_parameter_fails_before_any_stage(train_flow, tiny_project):
     with pytest.raises(DataError, match=r"meta_train\.train\.lr"):
         run(train_flow, tiny_project)
     assert not (tiny_project / "artifacts").exists()
+
+
+def test_pretrained_encoder_is_where_meta_training_starts(train_flow, tiny_project):
+    write_params(tiny_project, pretrain={"modes": ["mlm", "smlmt"], "hybrid": True, "mlm_steps": 2,
+                                         "smlmt_episodes": 2, "smlmt_words": 20}, tune={"enabled": False})
+    result = run(train_flow, tiny_project)
+    pretrained = tiny_project / "artifacts" / "pretrained"
+    assert result["pretrain"]["modes"] == ["mlm", "smlmt"] and result["pretrain"]["smlmt_classes"] == 20
+    assert (pretrained / "model.safetensors").exists()
+    spec = json.loads((tiny_project / "artifacts" / "model" / "learner.json").read_text())
+    assert spec["encoder"]["name_or_path"] == str(pretrained)

@@ -3,6 +3,7 @@
     raw corpus (data/, tracked by data.dvc)
       -> validate      Great Expectations suite, report in artifacts/validation/
       -> build_corpus  class-disjoint train/val/test files in artifacts/corpus/
+      -> pretrain      optional MLM / SMLMT / hybrid pretraining, artifacts/pretrained/
       -> tune          Optuna study, best values in artifacts/tune/
       -> meta_train    the meta-trained learner in artifacts/model/
       -> evaluate      every method on the same episodes, artifacts/evaluation/
@@ -26,13 +27,14 @@ from pydantic import ValidationError
 from metanlp.config import PipelineParams
 from metanlp.data.load import DataError
 
-STAGES = ("validate", "build_corpus", "tune", "meta_train", "evaluate", "register")
+STAGES = ("validate", "build_corpus", "pretrain", "tune", "meta_train", "evaluate", "register")
 
 # The params.yaml keys each stage reads. dvc.yaml lists the same keys (a test keeps them equal), and the
 # Prefect cache key hashes the same slice, so a changed key reruns the same stages under both.
 STAGE_PARAMS: dict[str, list[str]] = {
     "validate": ["data", "validate", "meta_train.train.episode", "evaluate.shots", "evaluate.queries"],
     "build_corpus": ["data"],
+    "pretrain": ["pretrain", "meta_train.encoder", "meta_train.train.device"],
     "tune": ["meta_train", "tune"],
     "meta_train": ["meta_train"],
     "evaluate": ["evaluate"],
@@ -61,6 +63,10 @@ class Workspace:
     @property
     def corpus(self) -> Path:
         return self.artifacts / "corpus"
+
+    @property
+    def pretrained(self) -> Path:
+        return self.artifacts / "pretrained"
 
     @property
     def tune(self) -> Path:

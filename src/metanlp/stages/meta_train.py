@@ -8,6 +8,7 @@ from pathlib import Path
 from metanlp.config import GradientConfig, LearnerSpec, MetaTrainParams, PipelineParams
 from metanlp.stages import Workspace, read_json, write_json
 from metanlp.stages.build_corpus import load_split
+from metanlp.stages.pretrain import starting_encoder
 
 
 def with_overrides(base: MetaTrainParams, overrides: dict[str, float | int]) -> MetaTrainParams:
@@ -54,7 +55,7 @@ def train_learner(params: MetaTrainParams, root: Path, split, out_dir: Path | No
 def run(params: PipelineParams, root: Path, show_progress: bool = True) -> dict:
     workspace = Workspace(root)
     tuned = read_json(workspace.tune / "best.json", "tune")
-    config = with_overrides(params.meta_train, tuned["overrides"])
+    config = with_overrides(starting_encoder(params, root), tuned["overrides"])
     # A checkpoint beside the output lets a retried or preempted run resume where it stopped.
     checkpoint = workspace.artifacts / "model.checkpoint"
     result = train_learner(config, root, params.data.split, workspace.model, show_progress,

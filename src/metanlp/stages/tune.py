@@ -18,6 +18,7 @@ from pathlib import Path
 from metanlp.config import PipelineParams
 from metanlp.stages import Workspace, file_digest, params_slice, write_json
 from metanlp.stages.meta_train import train_learner, with_overrides
+from metanlp.stages.pretrain import starting_encoder
 from metanlp.tracking import tracking
 
 
@@ -39,7 +40,9 @@ def search_space(trial, learner: str, adapt: str | None) -> dict:
 def study_name(params: PipelineParams, root: Path) -> str:
     if params.tune.study_name:
         return params.tune.study_name
-    tuned = {"params": params_slice(params, "tune"), "train": file_digest(Workspace(root).corpus)}
+    workspace = Workspace(root)
+    tuned = {"params": params_slice(params, "tune"), "train": file_digest(workspace.corpus),
+             "start": file_digest(workspace.pretrained)}
     return "metanlp-" + hashlib.md5(json.dumps(tuned, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -67,10 +70,11 @@ def run(params: PipelineParams, root: Path, show_progress: bool = True) -> dict:
         sampler=optuna.samplers.TPESampler(seed=tune.seed),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=tune.val_every))
     gradient = params.meta_train.gradient
+    start = starting_encoder(params, root)  # meta_train's params, with the pretrained encoder if any
 
     def objective(trial) -> float:
         values = search_space(trial, params.meta_train.learner, gradient.adapt if gradient else None)
-        config = with_overrides(params.meta_train, values)
+        config = with_overrides(start, values)
         config = config.model_copy(update={"train": config.train.model_copy(update={
             "episodes": tune.episodes, "val_every": tune.val_every, "val_episodes": tune.val_episodes,
             "warmup_episodes": min(config.train.warmup_episodes, tune.episodes // 2)})})
