@@ -76,3 +76,16 @@ def test_schedule_without_a_server_says_what_is_missing(registered, monkeypatch)
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     result = runner.invoke(app, ["schedule", "--no-serve", "--params", str(registered / "params.yaml")])
     assert result.exit_code == 2 and "prefect server start" in result.output
+
+
+def test_champion_is_re_evaluated_when_the_episodes_changed(registered):
+    """A challenger scored on other episodes is compared with the champion re-scored on those episodes."""
+    from conftest import write_params
+    from metanlp.stages import evaluate, register
+
+    write_params(registered, tune={"enabled": False}, evaluate={"episodes": 8, "seed": 1})
+    params = load_params(registered / "params.yaml")
+    evaluate.run(params, registered, show_progress=False)
+    record = register.run(params, registered)
+    assert record["version"] == "2" and "re-evaluated on these episodes" in record["reason"]
+    assert "on 8 episodes" in record["reason"]

@@ -6,6 +6,7 @@ the run and in artifacts/registry.json.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import tempfile
 from importlib import resources
@@ -66,8 +67,6 @@ def champion_scores(client, name: str, champion, challenger: dict, params: Pipel
         try:
             path = mlflow.artifacts.download_artifacts(run_id=champion.run_id,
                                                        artifact_path="evaluation/results.json", dst_path=tmp)
-            import json
-
             previous = json.loads(Path(path).read_text())
         except Exception:  # an older or foreign run without our evaluation artifact: measure instead
             previous = None
@@ -76,8 +75,9 @@ def champion_scores(client, name: str, champion, challenger: dict, params: Pipel
         from metanlp.stages.evaluate import evaluate_model
 
         model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@{CHAMPION}", dst_path=tmp))
-        results = evaluate_model(model_dir / "artifacts" / "model", root, params.evaluate, methods=[],
-                                 show_progress=False)
+        flavor = yaml.safe_load((model_dir / "MLmodel").read_text())["flavors"]["python_function"]
+        results = evaluate_model(model_dir / flavor["artifacts"]["model"]["path"], root, params.evaluate,
+                                 methods=[], show_progress=False)
         return _primary_per_episode(results, params.evaluate.primary), "re-evaluated on these episodes"
 
 
