@@ -325,6 +325,40 @@ def pretrain(
     typer.echo(f"pretrained encoder written to {out}")
 
 
+@app.command()
+@cli_errors
+def adapt(
+    model: Annotated[Path, typer.Option(help="meta-trained model directory")],
+    support: Annotated[str, typer.Option(help="the new domain's labelled examples (JSONL/CSV/Parquet: text, label)")],
+    out: Annotated[Path, typer.Option(help="directory for the domain-adapted model")],
+    unlabeled: Annotated[str | None, typer.Option(help="the domain's unlabeled text: .txt (one per line) or "
+                                                       "JSONL/CSV with a text column")] = None,
+    strategy: Annotated[str, typer.Option(help="comma-separated: prototypes, selfsup, finetune, fused")] = (
+        "finetune"),
+    steps: Annotated[int, typer.Option(help="most fine-tuning steps (the held-out shot picks how many)")] = 30,
+    selfsup_steps: int = 20,
+    seconds: Annotated[float, typer.Option(help="wall-clock cap per strategy")] = 90.0,
+    seed: int = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+) -> None:
+    """Adapt a model to a new domain from its support set (and unlabeled text); `predict`, `evaluate` and
+    the registry take the result like any model."""
+    from metanlp.adaptation import AdaptBudget, domain_adapt
+    from metanlp.encoder import resolve_device
+    from metanlp.learners import load_learner, save_learner
+
+    support_set = load_labelled(support)
+    texts = read_texts(unlabeled) if unlabeled else None
+    learner = load_learner(model).to(resolve_device(device))
+    budget = AdaptBudget(finetune_steps=steps, selfsup_steps=selfsup_steps, seconds=seconds, seed=seed)
+    adapted, summary = domain_adapt(learner, support_set.texts, support_set.labels, texts, _csv(strategy), budget)
+    adapted.provenance = {**learner.provenance, "adapted": {"support": support, "unlabeled": unlabeled,
+                                                            **summary.__dict__}}
+    save_learner(adapted, out)
+    typer.echo(json.dumps(summary.__dict__, default=str))
+    typer.echo(f"adapted model written to {out} ({len(support_set)} support examples)")
+
+
 ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml of the pipeline; its folder is the root")]
 
 

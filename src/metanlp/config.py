@@ -143,6 +143,7 @@ class LearnerSpec(_Strict):
     split: SplitConfig | None = None
     classes: dict[str, list[str]] | None = None  # the class lists the split produced
     train_data: str | None = None
+    adapted: dict | None = None  # domain adaptation applied after meta-training (metanlp adapt)
 
 
 # --- The pipeline's params.yaml: one validated model, one key per stage (DVC reruns only what a key feeds) ---

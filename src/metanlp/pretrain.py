@@ -37,10 +37,11 @@ def mlm_batches(encoder: TextEncoder, texts: list[str], batch_size: int, mlm_pro
 
 def mlm_pretrain(encoder: TextEncoder, texts: list[str], steps: int, lr: float = 5e-5, batch_size: int = 32,
                  mlm_probability: float = 0.15, seed: int = 0, device: str = "auto",
-                 show_progress: bool = True, model=None) -> list[float]:
+                 show_progress: bool = True, model=None, anchor: float = 0.0) -> list[float]:
     """Continue masked-LM pretraining of `encoder` in place on `texts`; returns the loss of every step.
 
     `model`: a masked-LM model from `with_mlm_head(encoder)` to train (and keep its head); a new one otherwise.
+    `anchor`: weight of an L2 penalty toward the starting encoder weights (test-time self-supervision).
     """
     if len(texts) < batch_size:
         batch_size = max(1, len(texts))
@@ -49,11 +50,15 @@ def mlm_pretrain(encoder: TextEncoder, texts: list[str], steps: int, lr: float =
     model = (model or with_mlm_head(encoder)).to(target).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     batches = mlm_batches(encoder, texts, batch_size, mlm_probability, seed)
+    base = dict(model.base_model.named_parameters())
+    start = {k: v.detach().clone() for k, v in base.items()} if anchor else {}
     losses = []
     with progress_bar("masked-LM pretraining", steps, show_progress) as advance:
         for _ in range(steps):
             batch = {k: v.to(target) for k, v in next(batches).items()}
             loss = model(**batch).loss
+            if anchor:
+                loss = loss + anchor * sum(((base[k] - v) ** 2).sum() for k, v in start.items())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

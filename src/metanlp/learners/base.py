@@ -181,6 +181,6 @@ def load_learner(directory: str | Path, attn_implementation: str | None = None) 
     if missing or unexpected:
         raise DataError(f"{directory / WEIGHTS_FILE}: weights do not match the {spec.learner!r} learner "
                         f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
-    learner.provenance = {k: getattr(spec, k) for k in ("split", "classes", "train_data")}
+    learner.provenance = {k: getattr(spec, k) for k in ("split", "classes", "train_data", "adapted")}
     return learner.eval()
 

@@ -1,0 +1,170 @@
+"""A meta-trained model + a new domain's support set (+ its unlabeled text) -> a domain-adapted model.
+
+Strategies, applied in this order when combined:
+- `selfsup`: a bounded number of masked-LM steps on the domain's unlabeled text (the support texts when
+  there is none), with an L2 pull toward the starting weights so the encoder does not drift far;
+- `finetune`: encoder fine-tuning with a cosine head initialised from the class prototypes (Proto-MAML
+  style); the number of steps is chosen on the support set itself: one shot per class is held out, the
+  rest trains, the step with the best held-out accuracy wins, then all shots train for that many steps;
+- `fused`: the fine-tuned weights averaged with the starting ones, (1 - a) * start + a * tuned, with a
+  chosen on the same held-out shot (model fusion);
+- `prototypes`: no weight change (the learner's own adaptation: class means of the support set).
+
+Queries are never seen. Budgets are explicit: steps and seconds per strategy.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from metanlp.data.load import DataError
+from metanlp.encoder import autocast
+from metanlp.learners.base import Learner, support_targets
+from metanlp.learners.protonet import prototypes
+
+STRATEGIES = ("prototypes", "selfsup", "finetune", "fused")
+FUSION_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+@dataclass(frozen=True)
+class AdaptBudget:
+    finetune_steps: int = 30  # upper bound; the held-out shot picks the number actually used
+    one_shot_steps: int = 5  # with one shot per class nothing can be held out: this many steps
+    selfsup_steps: int = 20
+    seconds: float = 90.0  # wall-clock cap per strategy
+    lr: float = 2e-5
+    head_lr: float = 1e-2
+    anchor: float = 0.1  # selfsup: weight of the L2 pull toward the starting weights
+    batch_size: int = 32
+    seed: int = 0
+
+
+@dataclass
+class AdaptReport:
+    strategies: list[str]
+    finetune_steps: int | None = None
+    fusion: float | None = None
+    held_out_accuracy: dict = field(default_factory=dict)
+    selfsup_steps: int | None = None
+    seconds: dict = field(default_factory=dict)
+
+
+def fuse(start: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], factor: float) -> dict[str, torch.Tensor]:
+    """(1 - factor) * start + factor * tuned, tensor by tensor (integer buffers are taken from `start`)."""
+    return {k: (torch.lerp(start[k], tuned[k], factor) if start[k].is_floating_point() else start[k])
+            for k in start}
+
+
+def held_out_split(targets: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """One shot of every class held out (the rest trains); None when some class has a single shot."""
+    rng = np.random.default_rng(seed)
+    train, held = [], []
+    for c in np.unique(targets):
+        rows = rng.permutation(np.flatnonzero(targets == c))
+        if len(rows) < 2:
+            return None
+        held.append(rows[0])
+        train.extend(rows[1:])
+    return np.sort(np.asarray(train)), np.sort(np.asarray(held))
+
+
+class _Tuner:
+    """Fine-tunes a copy of the encoder weights on some support rows; scores other rows on request."""
+
+    def __init__(self, learner: Learner, tokens, targets: torch.Tensor, n_classes: int, budget: AdaptBudget):
+        self.encoder, self.tokens, self.targets, self.n_classes, self.budget = (
+            learner.encoder, tokens, targets, n_classes, budget)
+        self.start = {k: v.detach().clone() for k, v in self.encoder.named_parameters()}
+
+    def embed(self, weights, rows) -> torch.Tensor:
+        with autocast(self.encoder.device):
+            return F.normalize(functional_call(self.encoder, weights, (self.tokens.batch(rows),)).float(), dim=-1)
+
+    def train(self, rows: np.ndarray, steps: int, score_rows: np.ndarray | None = None):
+        """Returns the tuned weights, the head, and the held-out accuracy after every step (if scoring)."""
+        b = self.budget
+        weights = {k: v.clone().requires_grad_() for k, v in self.start.items()}
+        with torch.no_grad():
+            head = prototypes(self.embed(weights, rows), self.targets[rows], self.n_classes)
+        head = (F.normalize(head, dim=-1) * 10.0).requires_grad_()  # cosine logits, temperature 10
+        optimizer = torch.optim.AdamW([{"params": list(weights.values()), "lr": b.lr},
+                                       {"params": [head], "lr": b.head_lr}], weight_decay=0.0)
+        rng = np.random.default_rng(b.seed)
+        scores, started = [], time.perf_counter()
+        for _ in range(steps):
+            batch = rows if len(rows) <= b.batch_size else rng.choice(rows, size=b.batch_size, replace=False)
+            loss = F.cross_entropy(self.embed(weights, batch) @ head.T, self.targets[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if score_rows is not None:
+                scores.append(self.accuracy(weights, head, score_rows))
+            if time.perf_counter() - started > b.seconds:
+                break
+        return {k: v.detach() for k, v in weights.items()}, head.detach(), scores
+
+    def accuracy(self, weights, head, rows) -> float:
+        with torch.no_grad():
+            predicted = (self.embed(weights, rows) @ head.T).argmax(-1)
+        return float((predicted == self.targets[rows]).float().mean())
+
+
+def domain_adapt(learner: Learner, support: list[str], labels: list[str], unlabeled: list[str] | None = None,
+                 strategies: list[str] | tuple[str, ...] = ("finetune",), budget: AdaptBudget = AdaptBudget()
+                 ) -> tuple[Learner, AdaptReport]:
+    """A copy of `learner` whose encoder is adapted to the support set's domain; the learner is unchanged."""
+    unknown = sorted(set(strategies) - set(STRATEGIES))
+    if unknown or not strategies:
+        raise DataError(f"unknown adaptation strategy {unknown or strategies}; choose from {list(STRATEGIES)}")
+    if "fused" in strategies and "finetune" not in strategies:
+        strategies = [*strategies, "finetune"]  # fusion mixes fine-tuned weights with the start
+    torch.manual_seed(budget.seed)
+    adapted = copy.deepcopy(learner).eval()
+    report = AdaptReport(strategies=[s for s in STRATEGIES if s in strategies])
+    if "selfsup" in strategies:
+        from metanlp.pretrain import mlm_pretrain
+
+        started = time.perf_counter()
+        texts = list(unlabeled) if unlabeled else list(support)
+        mlm_pretrain(adapted.encoder, texts, budget.selfsup_steps, lr=budget.lr, batch_size=min(16, len(texts)),
+                     seed=budget.seed, show_progress=False, anchor=budget.anchor)
+        report.selfsup_steps, report.seconds["selfsup"] = budget.selfsup_steps, time.perf_counter() - started
+    if "finetune" in strategies:
+        started = time.perf_counter()
+        classes, targets = support_targets(list(labels))
+        tokens = adapted.encoder.tokenize(list(support))
+        tuner = _Tuner(adapted, tokens, targets.to(adapted.encoder.device), len(classes), budget)
+        split = held_out_split(targets.numpy(), budget.seed)
+        factor = 1.0
+        if split is None:  # one shot: nothing to hold out
+            steps, factor = budget.one_shot_steps, (0.5 if "fused" in strategies else 1.0)
+        else:
+            fit, held = split
+            tuned, head, scores = tuner.train(fit, budget.finetune_steps, score_rows=held)
+            before = tuner.accuracy(tuner.start, prototypes_head(tuner, fit), held)
+            report.held_out_accuracy = {"start": before, "best_step": max(scores)}
+            steps = int(np.argmax(scores)) + 1 if max(scores) > before else 0
+            if "fused" in strategies and steps:
+                fused_scores = [tuner.accuracy(fuse(tuner.start, tuned, a), head, held) for a in FUSION_GRID]
+                report.held_out_accuracy["fused"] = dict(zip(map(str, FUSION_GRID), fused_scores, strict=True))
+                factor = FUSION_GRID[int(np.argmax(fused_scores))]
+        weights = tuner.start
+        if steps:
+            tuned, _, _ = tuner.train(np.arange(len(tokens)), steps)
+            weights = fuse(tuner.start, tuned, factor)
+        adapted.encoder.load_state_dict({**adapted.encoder.state_dict(), **weights})
+        report.finetune_steps, report.fusion = steps, (factor if "fused" in strategies else None)
+        report.seconds["finetune"] = time.perf_counter() - started
+    return adapted, report
+
+
+def prototypes_head(tuner: _Tuner, rows: np.ndarray) -> torch.Tensor:
+    with torch.no_grad():
+        return F.normalize(prototypes(tuner.embed(tuner.start, rows), tuner.targets[rows], tuner.n_classes), dim=-1)

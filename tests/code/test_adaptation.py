@@ -1,0 +1,94 @@
+"""Domain adaptation from the support set: fusion endpoints, budgets, no access to queries, the CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from metanlp.adaptation import AdaptBudget, domain_adapt, fuse, held_out_split
+from metanlp.cli import app
+from metanlp.config import LearnerSpec
+from metanlp.learners import build_learner, load_learner
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def learner(tiny_encoder_config):
+    return build_learner("protonet", tiny_encoder_config, LearnerSpec(learner="protonet", encoder=tiny_encoder_config))
+
+
+def support_of(corpus, classes=4, shots=3):
+    by_class = corpus.indices_by_class()
+    rows = [i for c in list(by_class)[:classes] for i in by_class[c][:shots]]
+    return [corpus.texts[i] for i in rows], [corpus.labels[i] for i in rows]
+
+
+def test_fusion_endpoints_are_the_two_models():
+    start = {"w": torch.zeros(3), "n": torch.tensor([1, 2])}
+    tuned = {"w": torch.ones(3), "n": torch.tensor([5, 6])}
+    assert torch.equal(fuse(start, tuned, 0.0)["w"], start["w"])
+    assert torch.equal(fuse(start, tuned, 1.0)["w"], tuned["w"])
+    assert torch.equal(fuse(start, tuned, 0.5)["n"], start["n"])  # integer buffers are not averaged
+
+
+def test_held_out_split_keeps_one_shot_per_class():
+    fit, held = held_out_split(np.array([0, 0, 0, 1, 1, 1]), seed=0)
+    assert sorted(np.array([0, 0, 0, 1, 1, 1])[held]) == [0, 1] and len(fit) == 4
+    assert held_out_split(np.array([0, 1, 1]), seed=0) is None
+
+
+def test_finetune_respects_the_step_budget_and_leaves_the_learner_alone(learner, corpus):
+    texts, labels = support_of(corpus)
+    before = {k: v.clone() for k, v in learner.state_dict().items()}
+    adapted, report = domain_adapt(learner, texts, labels, strategies=["finetune", "fused"],
+                                   budget=AdaptBudget(finetune_steps=4, lr=1e-3))
+    assert report.finetune_steps <= 4 and report.fusion in (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert all(torch.equal(v, learner.state_dict()[k]) for k, v in before.items())
+    assert adapted is not learner
+
+
+def test_seconds_budget_stops_fine_tuning(learner, corpus):
+    texts, labels = support_of(corpus)
+    _, report = domain_adapt(learner, texts, labels, strategies=["finetune"],
+                             budget=AdaptBudget(finetune_steps=500, seconds=0.0, lr=1e-3))
+    assert report.finetune_steps <= 1  # the held-out pass stopped after its first step
+
+
+def test_prototypes_strategy_changes_nothing(learner, corpus):
+    texts, labels = support_of(corpus)
+    adapted, _ = domain_adapt(learner, texts, labels, strategies=["prototypes"])
+    assert all(torch.equal(v, learner.state_dict()[k]) for k, v in adapted.state_dict().items())
+
+
+def test_selfsup_uses_unlabeled_text(learner, corpus):
+    texts, labels = support_of(corpus)
+    adapted, report = domain_adapt(learner, texts, labels, unlabeled=corpus.texts[100:200], strategies=["selfsup"],
+                                   budget=AdaptBudget(selfsup_steps=2, lr=1e-3))
+    assert report.selfsup_steps == 2
+    assert any(not torch.equal(v, learner.state_dict()[k]) for k, v in adapted.state_dict().items())
+
+
+def test_unknown_strategy_is_named(learner, corpus):
+    with pytest.raises(ValueError, match="unknown adaptation strategy"):
+        domain_adapt(learner, *support_of(corpus), strategies=["magic"])
+
+
+def test_adapt_cli_writes_a_model_predict_can_use(tmp_path, learner, corpus):
+    from conftest import write_jsonl
+    from metanlp.learners import save_learner
+
+    save_learner(learner, tmp_path / "model")
+    texts, labels = support_of(corpus)
+    rows = [{"text": t, "label": lab} for t, lab in zip(texts, labels, strict=True)]
+    support = write_jsonl(tmp_path / "support.jsonl", rows)
+    result = runner.invoke(app, ["adapt", "--model", str(tmp_path / "model"), "--support", str(support),
+                                 "--strategy", "finetune,fused", "--steps", "3", "--out", str(tmp_path / "adapted")])
+    assert result.exit_code == 0, result.output
+    adapted = load_learner(tmp_path / "adapted")
+    assert adapted.provenance["adapted"]["strategies"] == ["finetune", "fused"]
+    predicted = runner.invoke(app, ["predict", "--model", str(tmp_path / "adapted"), "--support", str(support),
+                                    "--text", texts[0], "--json"])
+    assert predicted.exit_code == 0 and labels[0] in predicted.output
