@@ -213,6 +213,10 @@ def evaluate(
     exclude_labels: Annotated[str | None, typer.Option(help="labels to leave out, e.g. oos")] = None,
     finetune_episodes: Annotated[int | None, typer.Option(
         help="run finetune on only the first N of the same episodes (it costs seconds an episode on CPU)")] = None,
+    adapt: Annotated[list[str] | None, typer.Option(
+        help="also score the model after domain adaptation on each support set: prototypes, selfsup, finetune, "
+             "fused, or a comma-separated combination (repeatable)")] = None,
+    unlabeled: Annotated[str | None, typer.Option(help="--adapt selfsup: the domain's unlabeled text")] = None,
     encoder: Annotated[str, typer.Option(help="encoder for the baselines when no --model")] = DEFAULT_ENCODER,
     seed: int = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
@@ -235,12 +239,24 @@ def evaluate(
         support_set = load_labelled(support_data).with_classes(set(query_set.classes))
     settings = build_settings(query_set, ways_value, shot_list, queries, episodes, repeats, support_set, seed)
     learners = build_methods(model, encoder, names, device)
+    if adapt:
+        from metanlp.adaptation import DomainAdaptedLearner
+        from metanlp.learners import load_learner
+
+        if model is None:
+            raise DataError("--adapt needs --model")
+        base = load_learner(model).to(next(iter(learners.values())).encoder.device)
+        texts = read_texts(unlabeled) if unlabeled else None
+        for combination in adapt:
+            strategies = _csv(combination)
+            learners[f"{base.name}+{'+'.join(strategies)}"] = DomainAdaptedLearner(base, strategies, unlabeled=texts)
     limits = {"finetune": finetune_episodes} if finetune_episodes else None
     results = evaluate_methods(learners, query_set, settings, support_set, seed, show_progress=not quiet,
                                episode_limits=limits)
     results["config"] = {"data": data, "model": str(model) if model else None, "split": split, "ways": ways,
                          "shots": shot_list, "queries": queries, "episodes": episodes, "repeats": repeats,
                          "support_data": support_data, "methods": names, "finetune_episodes": finetune_episodes,
+                         "adapt": adapt, "unlabeled": unlabeled,
                          "seed": seed}
     paths = write_report(results, out, title=Path(data).stem)
     typer.echo(markdown_table(results))

@@ -92,3 +92,37 @@ def test_adapt_cli_writes_a_model_predict_can_use(tmp_path, learner, corpus):
     predicted = runner.invoke(app, ["predict", "--model", str(tmp_path / "adapted"), "--support", str(support),
                                     "--text", texts[0], "--json"])
     assert predicted.exit_code == 0 and labels[0] in predicted.output
+
+
+def test_adaptation_never_reads_query_labels(learner, corpus):
+    """Shuffling the queries' labels changes the score, never the predictions."""
+    from metanlp.adaptation import DomainAdaptedLearner
+    from metanlp.data.episodes import EpisodeSampler
+
+    method = DomainAdaptedLearner(learner, ["finetune", "fused"], AdaptBudget(finetune_steps=3, lr=1e-3))
+    tokens = learner.encoder.tokenize(corpus.texts)
+    episode = EpisodeSampler(corpus, 3, 3, 4, seed=2).sample()
+    shuffled = np.random.default_rng(0).permutation(episode.query_labels)
+    predictions = []
+    for query_labels in (episode.query_labels, shuffled):
+        torch.manual_seed(0)
+        labels = [episode.classes[i] for i in episode.support_labels]
+        classifier = method.adapt(tokens.subset(episode.support), labels)
+        predictions.append(classifier.predict(tokens.subset(episode.query)).labels)
+        assert len(query_labels) == len(predictions[-1])
+    assert predictions[0] == predictions[1]
+
+
+def test_evaluate_compares_adaptation_strategies_on_the_same_episodes(tmp_path, learner):
+    import json
+
+    from metanlp.learners import save_learner
+
+    save_learner(learner, tmp_path / "model")
+    result = runner.invoke(app, ["evaluate", "--model", str(tmp_path / "model"), "--data", "default", "--shots", "2",
+                                 "--episodes", "2", "--methods", "protonet,frozen", "--adapt", "finetune,fused",
+                                 "--adapt", "prototypes", "--out", str(tmp_path / "e.json"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    methods = json.loads((tmp_path / "e.json").read_text())["settings"][0]["methods"]
+    assert set(methods) == {"protonet", "frozen", "protonet+finetune+fused", "protonet+prototypes"}
+    assert methods["protonet+prototypes"]["per_episode"] == methods["protonet"]["per_episode"]
