@@ -25,7 +25,7 @@ from metanlp.data.load import load_labelled
 from metanlp.evaluate import mean_ci
 from metanlp.learners import read_spec
 
-STRATEGIES = ["finetune", "finetune,fused", "selfsup,finetune,fused"]
+STRATEGIES = ["finetune", "selfsup,finetune,fused"]
 
 
 def pm(mean: float, ci: float) -> str:
