@@ -256,8 +256,7 @@ def evaluate(
     results["config"] = {"data": data, "model": str(model) if model else None, "split": split, "ways": ways,
                          "shots": shot_list, "queries": queries, "episodes": episodes, "repeats": repeats,
                          "support_data": support_data, "methods": names, "finetune_episodes": finetune_episodes,
-                         "adapt": adapt, "unlabeled": unlabeled,
-                         "seed": seed}
+                         "adapt": adapt, "unlabeled": unlabeled, "seed": seed}
     paths = write_report(results, out, title=Path(data).stem)
     typer.echo(markdown_table(results))
     typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
