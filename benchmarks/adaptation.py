@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
     for name, (folder, extra) in sets.items():
-        unlabeled = args.out / f"{name}_test_texts.txt"  # transductive selfsup: the queries' texts, no labels
+        # transductive selfsup: the queries' texts, no labels; a temporary file (shared data is never copied in)
+        unlabeled = Path(tempfile.mkdtemp(prefix="metanlp-adapt-")) / f"{name}_test_texts.txt"
         queries = load_labelled(folder / "test.jsonl")
         if extra:  # CLINC150: only the rows of the held-out domains are this domain's text
             queries = queries.with_classes(read_spec(args.model).classes["test"])
