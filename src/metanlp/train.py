@@ -102,6 +102,8 @@ def meta_train(learner: Learner, train_data: LabelledTexts, val_data: LabelledTe
         val_acc, val_ci = validate(learner, val_tokens, val_episodes, config.seed)
         state.history.append({"episode": 0, "val_accuracy": val_acc, "val_ci95": val_ci})
         state.best_accuracy = val_acc
+        # The starting weights are a candidate too: if no validation beats them, they are what is kept.
+        best_state = {k: v.detach().cpu().clone() for k, v in learner.state_dict().items()}
     losses, accs, stopped_early = [], [], state.stale >= config.patience
     with progress_bar(f"meta-train {learner.name}", config.episodes, show_progress) as advance:
         for _ in range(state.step):

@@ -106,3 +106,19 @@ def test_checkpoint_from_other_settings_is_refused(corpus, tiny_encoder_config, 
     with pytest.raises(DataError, match=r"written with other settings \(train\)"):
         meta_train(build_learner("protonet", tiny_encoder_config), train_set, val_set,
                    config.model_copy(update={"lr": 1e-3}), show_progress=False, checkpoint_dir=tmp_path / "c")
+
+
+def test_starting_weights_are_kept_when_no_validation_beats_them(corpus, tiny_encoder_config, monkeypatch):
+    """Best-checkpoint selection includes episode 0: a run whose validation only falls returns its start."""
+    import metanlp.train
+
+    scores = iter([0.9, 0.8, 0.7, 0.6, 0.5])
+    monkeypatch.setattr(metanlp.train, "validate", lambda *args, **kwargs: (next(scores), 0.01))
+    split = split_classes(corpus, SplitConfig(by="random", sizes=(30, 6, 6), seed=0))
+    learner = build_learner("protonet", tiny_encoder_config)
+    start = {k: v.clone() for k, v in learner.state_dict().items()}
+    result = meta_train(learner, corpus.with_classes(split.train), corpus.with_classes(split.val),
+                        TrainConfig(episodes=4, val_every=1, val_episodes=2, lr=1e-2, patience=10, warmup_episodes=0),
+                        show_progress=False)
+    assert result.best_episode == 0 and result.episodes_run == 4
+    assert all(torch.equal(v, start[k]) for k, v in learner.state_dict().items())
