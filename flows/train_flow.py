@@ -6,6 +6,8 @@ from pathlib import Path
 
 from metanlp.pipeline import build_flow, configure_prefect
 
+# Prefect finds a deployment's flow as a module-level object, so this entry file builds it on import
+# (the package builds it only when asked: `metanlp.pipeline.build_flow`).
 ROOT = Path(__file__).resolve().parents[1]
 configure_prefect(ROOT)
 train_flow = build_flow()
