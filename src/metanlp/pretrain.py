@@ -83,18 +83,13 @@ def unlabeled_sentences(sources: list[str]) -> list[str]:
 
 def save_encoder(encoder: TextEncoder, directory) -> None:
     """A Hugging Face directory (safetensors + JSON config + tokenizer): any --encoder option takes it."""
-    import shutil
-    import tempfile
-    from pathlib import Path
+    from metanlp.learners.base import replace_directory
 
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    encoder.model.save_pretrained(staging, safe_serialization=True)
-    encoder.tokenizer.save_pretrained(staging)
-    if directory.exists():
-        shutil.rmtree(directory)
-    staging.rename(directory)
+    def write(staging) -> None:
+        encoder.model.save_pretrained(staging, safe_serialization=True)
+        encoder.tokenizer.save_pretrained(staging)
+
+    replace_directory(directory, write)
 
 
 def pretrain_encoder(config: PretrainParams, encoder_config: EncoderConfig, labelled=None, device: str = "auto",

@@ -133,15 +133,14 @@ class Learner(nn.Module):
         return LearnerSpec(learner=self.name, encoder=self.encoder.config, **self.options(), **self.provenance)
 
 
-def save_learner(learner: Learner, directory: str | Path) -> Path:
-    """Write the learner to `directory` atomically: a crash leaves the old contents, never half a model."""
+def replace_directory(directory: str | Path, write: Callable[[Path], None]) -> Path:
+    """Fill a staging folder with `write`, then swap it in for `directory`: a crash leaves the old
+    contents, never half of the new ones."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        (staging / SPEC_FILE).write_text(learner.spec().model_dump_json(indent=2))
-        save_model(learner, str(staging / WEIGHTS_FILE))
-        learner.encoder.save_architecture(staging / ENCODER_DIR)
+        write(staging)
         if directory.exists():
             retired = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(retired, ignore_errors=True)
@@ -154,6 +153,17 @@ def save_learner(learner: Learner, directory: str | Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+def save_learner(learner: Learner, directory: str | Path) -> Path:
+    """Write the learner to `directory` atomically: a crash leaves the old contents, never half a model."""
+
+    def write(staging: Path) -> None:
+        (staging / SPEC_FILE).write_text(learner.spec().model_dump_json(indent=2))
+        save_model(learner, str(staging / WEIGHTS_FILE))
+        learner.encoder.save_architecture(staging / ENCODER_DIR)
+
+    return replace_directory(directory, write)
 
 
 def read_spec(directory: str | Path) -> LearnerSpec:
