@@ -17,6 +17,7 @@ from rich.table import Table
 
 from metanlp.config import (
     DEFAULT_ENCODER,
+    EMBEDDED_SPLIT,
     EncoderConfig,
     EpisodeConfig,
     GradientConfig,
@@ -24,6 +25,7 @@ from metanlp.config import (
     ProtoNetConfig,
     SplitConfig,
     TrainConfig,
+    describe_validation_error,
 )
 from metanlp.data.load import DEFAULT_CORPUS, DataError, LabelledTexts, load_labelled, read_texts
 from metanlp.stages import StageError, load_params
@@ -38,10 +40,6 @@ def report(kind: str, message: str) -> None:
     """Print an error or warning; the message is user text, so rich markup in it is escaped."""
     colour = "red" if kind == "error" else "yellow"
     err_console.print(f"[{colour}]{kind}:[/{colour}] {escape(str(message))}")
-
-# The embedded corpus' class split: whole domains, so test classes come from domains never trained on.
-DEFAULT_SPLIT = SplitConfig(by="domain", train_domains=["garden", "fitness", "library", "pets"],
-                            val_domains=["it_helpdesk"], test_domains=["real_estate", "events"])
 
 
 def _offline_defaults() -> None:
@@ -60,8 +58,7 @@ def cli_errors(func):
         try:
             return func(*args, **kwargs)
         except ValidationError as err:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in err.errors())
-            report("error", f"invalid parameter: {problems}")
+            report("error", f"invalid parameter: {describe_validation_error(err)}")
         except (DataError, ValueError, FileNotFoundError, StageError) as err:
             report("error", str(err))
         raise typer.Exit(2)
@@ -89,7 +86,7 @@ def _split_config(data: str, split_by: str | None, train_domains: str | None, va
         if data != DEFAULT_CORPUS:
             raise DataError("give the class split: --train-domains/--val-domains/--test-domains, "
                             "or --split-sizes TRAIN,VAL,TEST")
-        return DEFAULT_SPLIT
+        return EMBEDDED_SPLIT
     by = split_by or ("random" if split_sizes else "domain")
     sizes = tuple(_ints(split_sizes, "--split-sizes")) if split_sizes else None
     return SplitConfig(by=by, train_domains=_csv(train_domains), val_domains=_csv(val_domains),

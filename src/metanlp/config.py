@@ -56,6 +56,16 @@ class SplitConfig(_Strict):
         return self
 
 
+# The embedded corpus' class split: whole domains, so test classes come from domains never trained on.
+EMBEDDED_SPLIT = SplitConfig(by="domain", train_domains=["garden", "fitness", "library", "pets"],
+                             val_domains=["it_helpdesk"], test_domains=["real_estate", "events"])
+
+
+def describe_validation_error(err) -> str:
+    """A pydantic ValidationError as 'dotted.key: message; ...', naming each wrong field."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in err.errors())
+
+
 class EpisodeConfig(_Strict):
     """N ways, K shots, Q queries per class."""
 
@@ -153,8 +163,7 @@ class DataParams(_Strict):
     """The raw corpus (the folder tracked by data.dvc) and how its classes are split."""
 
     corpus: str = "data/intents.jsonl"
-    split: SplitConfig = SplitConfig(by="domain", train_domains=["garden", "fitness", "library", "pets"],
-                                     val_domains=["it_helpdesk"], test_domains=["real_estate", "events"])
+    split: SplitConfig = EMBEDDED_SPLIT
 
 
 class ValidateParams(_Strict):

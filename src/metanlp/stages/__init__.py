@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from metanlp.config import PipelineParams
+from metanlp.config import PipelineParams, describe_validation_error
 from metanlp.data.load import DataError
 
 STAGES = ("validate", "build_corpus", "pretrain", "tune", "meta_train", "evaluate", "register")
@@ -106,8 +106,7 @@ def load_params(path: str | Path) -> PipelineParams:
     try:
         return PipelineParams.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise DataError(f"{path}: {problems}") from err
+        raise DataError(f"{path}: {describe_validation_error(err)}") from err
 
 
 def params_slice(params: PipelineParams, stage: str) -> dict:
