@@ -92,9 +92,7 @@ class _Tuner:
         """Returns the tuned weights, the head, and the held-out loss after every step (if scoring)."""
         b = self.budget
         weights = {k: v.clone().requires_grad_() for k, v in self.start.items()}
-        with torch.no_grad():
-            head = prototypes(self.embed(weights, rows), self.targets[rows], self.n_classes)
-        head = (F.normalize(head, dim=-1) * 10.0).requires_grad_()  # cosine logits, temperature 10
+        head = self.prototype_head(rows).requires_grad_()
         optimizer = torch.optim.AdamW([{"params": list(weights.values()), "lr": b.lr},
                                        {"params": [head], "lr": b.head_lr}], weight_decay=0.0)
         rng = np.random.default_rng(b.seed)
@@ -110,6 +108,12 @@ class _Tuner:
             if time.perf_counter() - started > b.seconds:
                 break
         return {k: v.detach() for k, v in weights.items()}, head.detach(), scores
+
+    def prototype_head(self, rows: np.ndarray) -> torch.Tensor:
+        """Proto-MAML head: the starting encoder's class prototypes of `rows`, unit norm, temperature 10."""
+        with torch.no_grad():
+            protos = prototypes(self.embed(self.start, rows), self.targets[rows], self.n_classes)
+        return F.normalize(protos, dim=-1) * 10.0
 
     def loss(self, weights, head, rows) -> float:
         """Held-out cross-entropy: finer than accuracy on a handful of held-out shots."""
@@ -149,7 +153,7 @@ def domain_adapt(learner: Learner, support: list[str], labels: list[str], unlabe
         else:
             fit, held = split
             tuned, head, losses = tuner.train(fit, budget.finetune_steps, score_rows=held)
-            before = tuner.loss(tuner.start, 10.0 * prototypes_head(tuner, fit), held)
+            before = tuner.loss(tuner.start, tuner.prototype_head(fit), held)
             report.held_out_loss = {"start": before, "best": min(losses)}
             steps = int(np.argmin(losses)) + 1 if min(losses) < before else 0
             if "fused" in strategies and steps:
@@ -165,10 +169,6 @@ def domain_adapt(learner: Learner, support: list[str], labels: list[str], unlabe
         report.seconds["finetune"] = time.perf_counter() - started
     return adapted, report
 
-
-def prototypes_head(tuner: _Tuner, rows: np.ndarray) -> torch.Tensor:
-    with torch.no_grad():
-        return F.normalize(prototypes(tuner.embed(tuner.start, rows), tuner.targets[rows], tuner.n_classes), dim=-1)
 
 
 class DomainAdaptedLearner(Learner):
