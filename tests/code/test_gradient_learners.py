@@ -119,6 +119,46 @@ def test_split_encoder_equals_the_whole_encoder(corpus, adapt):
     torch.testing.assert_close(learner.feature_fn(batch)(fast), learner.features(fast, batch))
 
 
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_packed_top_layers_equal_transformers_layers(corpus, pooling):
+    """The padding-free layers compute what transformers' BertLayer computes: features and their gradients."""
+    learner, tokens, episode = _setup(corpus, "maml", top_layers=1)
+    learner.encoder.config = learner.encoder.config.model_copy(update={"pooling": pooling})
+    assert learner.packed and learner.n_bottom == 1
+    batch = tokens.batch(episode.support)
+    assert not batch.attention_mask.all(), "the batch must hold padding for the test to mean anything"
+    fast = {n: p for n, p in learner.encoder.named_parameters() if n in learner.adapted}
+    params = list(fast.values()) + [p for n, p in learner.encoder.named_parameters() if ".layer.0." in n]
+    results = {}
+    for packed in (True, False):  # bottom layer and top layer, values and gradients of both
+        learner.packed = packed
+        features = learner.feature_fn(batch)(fast)
+        weights = torch.randn(features.shape, generator=torch.Generator().manual_seed(0), dtype=features.dtype)
+        grads = torch.autograd.grad((features * weights).sum(), params)
+        results[packed] = features, grads
+    torch.testing.assert_close(results[True][0], results[False][0])
+    for a, b in zip(results[True][1], results[False][1], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_lora_layers_fall_back_to_transformers_layers(corpus):
+    learner, _, _ = _setup(corpus, "maml", adapt="lora", top_layers=1, lora_rank=2)
+    assert not learner.packed
+
+
+def test_gradient_checkpointing_gives_the_same_second_order_meta_gradient(corpus):
+    episodes = EpisodeSampler(corpus, 3, 2, 2, seed=2).take(2)
+    grads = []
+    for checkpointing in (False, True):
+        learner, tokens, _ = _setup(corpus, "maml", top_layers=1, gradient_checkpointing=checkpointing)
+        learner.zero_grad()
+        learner.backward_batch(tokens, episodes)
+        grads.append({n: p.grad for n, p in learner.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, msg=n)
+
+
 def test_meta_batch_shares_the_bottom_and_equals_the_mean_of_its_tasks(corpus):
     learner, tokens, _ = _setup(corpus, "maml", top_layers=1)
     episodes = EpisodeSampler(corpus, 3, 2, 2, seed=4).take(3)

@@ -25,6 +25,7 @@ from metanlp.config import GradientConfig
 from metanlp.data.episodes import Episode
 from metanlp.encoder import TextEncoder, TokenBatch, TokenizedTexts, autocast, pool
 from metanlp.learners.base import Classifier, Learner, logits_in_chunks, support_targets
+from metanlp.learners.packed import PackedTokens, bert_layer, packable
 from metanlp.learners.protonet import prototypes
 
 HEAD = ("head.weight", "head.bias")
@@ -100,6 +101,10 @@ class GradientMetaLearner(Learner):
             add_lora_adapters(encoder, self.config)
         self.adapted = adapted_parameter_names(encoder, self.config.adapt, self.config.top_layers)
         self.n_bottom = _bottom_layer_count(encoder, self.config)
+        layers = [] if self.n_bottom is None else list(encoder.model.encoder.layer)
+        self.packed = self.config.packed and len(layers) > self.n_bottom and packable(encoder.model, layers)
+        if self.config.gradient_checkpointing and self.n_bottom is None:  # the whole encoder runs at every step
+            encoder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.log_inner_lrs = nn.ParameterDict()
         if self.config.learn_inner_lr:
             for name in self.adapted:
@@ -128,22 +133,45 @@ class GradientMetaLearner(Learner):
         model, batch = self.encoder.model, batch.to(self.encoder.device)
         with autocast(self.encoder.device):
             hidden = model.embeddings(input_ids=batch.input_ids)
+            if self.packed:  # [real tokens of all rows, hidden], row after row
+                packed = self._packed_tokens(batch.attention_mask, hidden)
+                hidden = packed.pack(hidden)
+                for layer in model.encoder.layer[: self.n_bottom]:
+                    hidden = self._checkpointed(bert_layer, dict(layer.named_parameters()), hidden, packed,
+                                                model.config, layer.training)
+                return hidden, None
             mask = create_bidirectional_mask(config=model.config, inputs_embeds=hidden,
                                              attention_mask=batch.attention_mask)
             for layer in model.encoder.layer[: self.n_bottom]:
-                hidden = layer(hidden, mask)
+                hidden = self._checkpointed(layer, hidden, mask)
         return hidden, mask
 
     def top(self, fast: dict[str, torch.Tensor], hidden: torch.Tensor, mask: torch.Tensor | None,
-            attention_mask: torch.Tensor) -> torch.Tensor:
-        """The adapted top layers with the fast tensors, then pooling: unit-norm features."""
+            attention_mask: torch.Tensor, packed: PackedTokens | None = None) -> torch.Tensor:
+        """The adapted top layers with the fast tensors, then pooling: unit-norm features.
+
+        packed: the batch's token positions when `hidden` is packed (`self.packed`): real tokens only."""
         layers = self.encoder.model.encoder.layer
         with autocast(self.encoder.device):
             for i in range(self.n_bottom, len(layers)):
                 prefix = f"model.encoder.layer.{i}."
                 local = {n[len(prefix):]: t for n, t in fast.items() if n.startswith(prefix)}
-                hidden = functional_call(layers[i], local, (hidden, mask))
+                if packed is not None:
+                    hidden = self._checkpointed(bert_layer, local, hidden, packed, self.encoder.model.config,
+                                                layers[i].training)
+                else:
+                    hidden = self._checkpointed(functional_call, layers[i], local, (hidden, mask))
+        if packed is not None:
+            return _unit(packed.pool(hidden))
         return _unit(pool(hidden, attention_mask.to(hidden.device), self.encoder.config.pooling))
+
+    def _checkpointed(self, function, *args):
+        """`function(*args)`, its activations recomputed in the backward pass with gradient checkpointing."""
+        if self.config.gradient_checkpointing and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(function, *args, use_reentrant=False)
+        return function(*args)
 
     def feature_fn(self, batch: TokenBatch, shared=None, track_meta: bool = True):
         """Features of `batch` as a function of the fast tensors.
@@ -159,7 +187,13 @@ class GradientMetaLearner(Learner):
         hidden, mask = shared
         if not track_meta:
             hidden = hidden.detach()
-        return lambda fast: self.top(fast, hidden, mask, batch.attention_mask)
+        # The token positions are found once per batch, not once per inner step.
+        packed = self._packed_tokens(batch.attention_mask, hidden) if self.packed else None
+        return lambda fast: self.top(fast, hidden, mask, batch.attention_mask, packed)
+
+    def _packed_tokens(self, attention_mask: torch.Tensor, hidden: torch.Tensor) -> PackedTokens:
+        return PackedTokens(attention_mask.to(hidden.device), torch.promote_types(hidden.dtype, torch.float32),
+                            self.encoder.config.pooling)
 
     def inner_loop(self, support: TokenBatch, targets: torch.Tensor, n_classes: int, *, create_graph: bool,
                    track_meta: bool, steps: int | None = None, features=None) -> dict[str, torch.Tensor]:
@@ -292,8 +326,14 @@ class GradientMetaLearner(Learner):
             support_shared = query_shared = None
             if shared is not None:
                 hidden, mask = shared
-                ends = (start, start + len(episode.support), start + len(episode.support) + len(episode.query))
+                if self.packed:  # packed rows: a task's support and query are consecutive runs of tokens
+                    sizes = [int(tokens.lengths[torch.as_tensor(rows)].sum()) for rows in (episode.support,
+                                                                                         episode.query)]
+                else:
+                    sizes = [len(episode.support), len(episode.query)]
+                ends = (start, start + sizes[0], start + sum(sizes))
                 support_shared, query_shared = (
+                    (hidden[a:b], None) if self.packed else
                     _trim((hidden[a:b], None if mask is None else mask[a:b]), batch.input_ids.shape[1])
                     for a, b, batch in ((ends[0], ends[1], support), (ends[1], ends[2], query)))
                 start = ends[2]
