@@ -5,7 +5,10 @@ itself does not build on Python 3.11): clone the whole module per task (paramete
 copies), take inner steps by writing `p - lr * grad` back into the clone, run the whole model at every
 inner step, and loop over tasks, calling backward per task. metanlp keeps a dict of fast tensors for
 `torch.func.functional_call`, runs the layers the inner loop does not adapt once for all tasks of the
-meta-batch, and re-runs only the adapted top layers at each inner step.
+meta-batch, and re-runs only the adapted top layers at each inner step, on the real tokens only (padding-free
+layers, learners/packed.py). Two more metanlp rows show where the time goes and what memory can be traded:
+`metanlp-padded` (transformers' own layers, padding included) and `metanlp-checkpointed` (gradient
+checkpointing on).
 
 Same model (all-MiniLM-L6-v2), same episodes, same Proto-MAML head, same inner loop (top 2 layers + head,
 5 steps, 5-way 5-shot 5-query, 4 tasks per meta-batch). Each variant runs in its own process so that its
@@ -27,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WAYS, SHOTS, QUERIES, TASKS, INNER_STEPS, TOP_LAYERS = 5, 5, 5, 4, 5, 2
+IMPLEMENTATIONS = ("reference", "metanlp-padded", "metanlp", "metanlp-checkpointed")
 
 
 def _peak_reset() -> None:
@@ -124,8 +128,9 @@ def worker(implementation: str, algorithm: str, meta_batches: int) -> dict:
 
     torch.manual_seed(0)
     first_order = algorithm == "fomaml"
-    config = GradientConfig.for_algorithm(algorithm).model_copy(update={"inner_steps": INNER_STEPS,
-                                                                       "top_layers": TOP_LAYERS})
+    config = GradientConfig.for_algorithm(algorithm).model_copy(update={
+        "inner_steps": INNER_STEPS, "top_layers": TOP_LAYERS, "packed": implementation != "metanlp-padded",
+        "gradient_checkpointing": implementation == "metanlp-checkpointed"})
     encoder = EncoderConfig(attn_implementation="sdpa" if first_order else "eager")
     learner = build_learner(algorithm, encoder, LearnerSpec(learner=algorithm, encoder=encoder, gradient=config))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -168,7 +173,7 @@ def main() -> None:
     rows = []
     for algorithm in ("fomaml", "maml"):
         grads = {}
-        for implementation in ("reference", "metanlp"):
+        for implementation in IMPLEMENTATIONS:
             grad_file = args.out / f".grads_{implementation}_{algorithm}.safetensors"
             env = {**os.environ, "METANLP_GRADS": str(grad_file), "HF_HUB_OFFLINE": "1"}
             result = subprocess.run([sys.executable, __file__, "--worker", implementation, algorithm,
@@ -180,9 +185,10 @@ def main() -> None:
             print(rows[-1], flush=True)
         # Same computation, so the same meta-gradient: the speed-up is not bought with a different algorithm.
         # (Relative L2 over all tensors: some, like attention key biases, have exactly-zero true gradients.)
-        diff = sum(float((grads["reference"][n] - g).pow(2).sum()) for n, g in grads["metanlp"].items())
-        norm = sum(float(g.pow(2).sum()) for g in grads["metanlp"].values())
-        rows[-1]["rel_l2_grad_diff_vs_reference"] = (diff / norm) ** 0.5
+        for row, implementation in zip(rows[-len(IMPLEMENTATIONS) + 1:], IMPLEMENTATIONS[1:], strict=True):
+            theirs = grads[implementation]
+            diff = sum(float((grads["reference"][n] - g).pow(2).sum()) for n, g in theirs.items())
+            row["rel_l2_grad_diff_vs_reference"] = (diff / sum(float(g.pow(2).sum()) for g in theirs.values())) ** 0.5
     table = ["| algorithm | implementation | episodes/s | s per meta-batch | peak MiB | speed-up | memory ratio | "
              "meta-gradient vs reference (rel. L2) |", "|---|---|---|---|---|---|---|---|"]
     for algorithm in ("fomaml", "maml"):
