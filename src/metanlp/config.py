@@ -111,7 +111,7 @@ class GradientConfig(_Strict):
     init_scale: float = Field(10.0, gt=0)
     # Head-only inner loops (ANIL) on a meta-batch of same-shaped episodes run as one torch.func.vmap over tasks.
     vmap_tasks: bool = True
-    # BERT-family top layers run on the real tokens only (learners/packed.py); off: transformers' own layers.
+    # BERT-family layers run on the real tokens only, no padding (learners/packed.py); off: transformers' layers.
     packed: bool = True
     # Recompute each layer's activations in the backward pass instead of keeping them: less memory, more time.
     gradient_checkpointing: bool = False

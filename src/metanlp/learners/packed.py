@@ -1,4 +1,4 @@
-"""Padding-free BERT layers for the inner loop: token-wise work runs on the real tokens only.
+"""Padding-free BERT layers for the gradient learners: token-wise work runs on the real tokens only.
 
 A meta-learner re-runs its adapted layers at every inner step. In a padded batch of short texts a quarter to
 two fifths of the positions are padding (CLINC150 5-shot support sets: 40%), and the projections and the
