@@ -111,6 +111,10 @@ class GradientConfig(_Strict):
     init_scale: float = Field(10.0, gt=0)
     # Head-only inner loops (ANIL) on a meta-batch of same-shaped episodes run as one torch.func.vmap over tasks.
     vmap_tasks: bool = True
+    # Top-layer inner loops of a meta-batch of same-shaped episodes run for all tasks at once, each task with its
+    # own slice of stacked fast weights (learners/packed.py, TaskGrid). "auto": on CUDA, where the number of
+    # kernel launches, not arithmetic, bounds the time; on CPU the task-by-task loop keeps one task's graph alive.
+    batch_tasks: Literal["auto", "always", "never"] = "auto"
     # BERT-family layers run on the real tokens only, no padding (learners/packed.py); off: transformers' layers.
     packed: bool = True
     # Recompute each layer's activations in the backward pass instead of keeping them: less memory, more time.

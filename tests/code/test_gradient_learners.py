@@ -238,3 +238,34 @@ def test_vmapped_batch_of_tasks_gives_the_loop_gradients(corpus, name, first_ord
     torch.testing.assert_close(vmapped_loss, loop_loss)
     for a, b in zip(vmapped_logits, loop_logits, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", ["maml", "fomaml", "metasgd", "leopard"])
+def test_stacked_tasks_give_the_task_loop_gradients(corpus, name):
+    """Top-layer inner loops of a whole meta-batch at once (task-stacked fast weights, batched products; the
+    default on CUDA) give the task-by-task loop's meta-gradient, loss and logits."""
+    learner, tokens, _ = _setup(corpus, name, top_layers=1)
+    episodes = EpisodeSampler(corpus, 3, 2, 2, seed=1).take(3)
+    results = {}
+    for mode in ("always", "never"):
+        learner.config = learner.config.model_copy(update={"batch_tasks": mode})
+        assert learner._can_batch(episodes) == (mode == "always")
+        learner.zero_grad()
+        loss, logits = learner.backward_batch(tokens, episodes)
+        results[mode] = ({n: p.grad.clone() for n, p in learner.named_parameters() if p.grad is not None},
+                         loss, logits)
+    (stacked, stacked_loss, stacked_logits), (loop, loop_loss, loop_logits) = results["always"], results["never"]
+    assert stacked.keys() == loop.keys() and any(n.startswith("encoder.model.embeddings") for n in loop)
+    for n, g in loop.items():
+        torch.testing.assert_close(stacked[n], g, rtol=1e-6, atol=1e-10, msg=n)
+    torch.testing.assert_close(stacked_loss, loop_loss)
+    for a, b in zip(stacked_logits, loop_logits, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_stacked_tasks_need_same_shaped_episodes(corpus):
+    learner, _, _ = _setup(corpus, "maml", batch_tasks="always")
+    mixed = [EpisodeSampler(corpus, 3, 2, 2, seed=1).sample(), EpisodeSampler(corpus, 4, 2, 2, seed=1).sample()]
+    assert not learner._can_batch(mixed)
+    assert learner._can_batch(EpisodeSampler(corpus, 3, 2, 2, seed=1).take(2))
+    assert not _setup(corpus, "maml", batch_tasks="auto")[0]._can_batch(EpisodeSampler(corpus, 3, 2, 2).take(2))

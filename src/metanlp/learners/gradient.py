@@ -25,7 +25,7 @@ from metanlp.config import GradientConfig
 from metanlp.data.episodes import Episode
 from metanlp.encoder import TextEncoder, TokenBatch, TokenizedTexts, autocast, pool
 from metanlp.learners.base import Classifier, Learner, logits_in_chunks, support_targets
-from metanlp.learners.packed import PackedTokens, bert_layer, packable
+from metanlp.learners.packed import PackedTokens, TaskGrid, bert_layer, packable
 from metanlp.learners.protonet import prototypes
 
 HEAD = ("head.weight", "head.bias")
@@ -83,6 +83,13 @@ def _trim(shared, width: int):
 def _unit(features: torch.Tensor) -> torch.Tensor:
     """Unit-norm features in at least fp32 (bf16 under autocast is raised; fp64 in gradient checks stays)."""
     return F.normalize(features.to(torch.promote_types(features.dtype, torch.float32)), dim=-1)
+
+
+def _support_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The head's cross-entropy; on a stack of tasks the sum of each task's mean, so that every task's fast
+    tensors get the gradient they would get alone."""
+    logits = h @ weight.mT + bias.unsqueeze(-2)
+    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="sum") / targets.shape[-1]
 
 
 def _key(name: str) -> str:
@@ -147,10 +154,13 @@ class GradientMetaLearner(Learner):
         return hidden, mask
 
     def top(self, fast: dict[str, torch.Tensor], hidden: torch.Tensor, mask: torch.Tensor | None,
-            attention_mask: torch.Tensor, packed: PackedTokens | None = None) -> torch.Tensor:
+            attention_mask: torch.Tensor, packed: PackedTokens | None = None,
+            grid: TaskGrid | None = None) -> torch.Tensor:
         """The adapted top layers with the fast tensors, then pooling: unit-norm features.
 
-        packed: the batch's token positions when `hidden` is packed (`self.packed`): real tokens only."""
+        packed: the batch's token positions when `hidden` is packed (`self.packed`): real tokens only.
+        grid: `hidden` holds a stack of tasks in the grid's layout and every fast tensor has one entry per task;
+        the features are then [tasks, texts of a task, dim]."""
         layers = self.encoder.model.encoder.layer
         with autocast(self.encoder.device):
             for i in range(self.n_bottom, len(layers)):
@@ -158,9 +168,11 @@ class GradientMetaLearner(Learner):
                 local = {n[len(prefix):]: t for n, t in fast.items() if n.startswith(prefix)}
                 if packed is not None:
                     hidden = self._checkpointed(bert_layer, local, hidden, packed, self.encoder.model.config,
-                                                layers[i].training)
+                                                layers[i].training, grid)
                 else:
                     hidden = self._checkpointed(functional_call, layers[i], local, (hidden, mask))
+        if grid is not None:
+            return _unit(packed.pool(grid.from_grid(hidden))).unflatten(0, (grid.tasks, -1))
         if packed is not None:
             return _unit(packed.pool(hidden))
         return _unit(pool(hidden, attention_mask.to(hidden.device), self.encoder.config.pooling))
@@ -196,16 +208,21 @@ class GradientMetaLearner(Learner):
                             self.encoder.config.pooling)
 
     def inner_loop(self, support: TokenBatch, targets: torch.Tensor, n_classes: int, *, create_graph: bool,
-                   track_meta: bool, steps: int | None = None, features=None) -> dict[str, torch.Tensor]:
+                   track_meta: bool, steps: int | None = None, features=None,
+                   tasks: int | None = None) -> dict[str, torch.Tensor]:
         """Adapt on the support set; returns the fast tensors (adapted encoder tensors and the head).
 
         track_meta: keep the graph back to the meta-parameters (meta-training); otherwise the start is detached.
         create_graph: differentiate through the inner gradients (second order).
         features: a `feature_fn` of the support batch, when the caller already ran the bottom layers.
+        tasks: a stack of that many tasks adapts at once ([tasks, support] targets, features on a TaskGrid);
+        every fast tensor starts as the meta-parameter repeated per task, so each task gets its own gradient.
         """
         features = features or self.feature_fn(support, track_meta=track_meta)
         fast = {n: p if track_meta else p.detach().requires_grad_() for n, p in self.encoder.named_parameters()
                 if n in set(self.adapted)}
+        if tasks is not None:
+            fast = {n: p.expand(tasks, *p.shape) for n, p in fast.items()}
         h = features(fast)
         targets = targets.to(h.device)
         weight, bias = self.initial_head(h, targets, n_classes)
@@ -222,7 +239,7 @@ class GradientMetaLearner(Learner):
                 h = h.detach()
             if step > 0 and self.adapted:
                 h = features({n: probe[n] for n in self.adapted})
-            loss = F.cross_entropy(h @ probe[HEAD[0]].T + probe[HEAD[1]], targets)
+            loss = _support_loss(h, probe[HEAD[0]], probe[HEAD[1]], targets)
             names = list(probe)
             # retain_graph: the outer loss still needs the graph from the meta-parameters to the start.
             grads = torch.autograd.grad(loss, [probe[n] for n in names], create_graph=create_graph,
@@ -236,12 +253,12 @@ class GradientMetaLearner(Learner):
     def initial_head(self, h: torch.Tensor, targets: torch.Tensor, n_classes: int):
         """Proto-MAML: class weights are the scaled prototypes, biases zero; step 0 is ProtoNet."""
         weight = self.log_scale.exp() * F.normalize(prototypes(h, targets, n_classes), dim=-1)
-        return weight, torch.zeros(n_classes, device=h.device, dtype=h.dtype, requires_grad=True)
+        return weight, torch.zeros(*h.shape[:-2], n_classes, device=h.device, dtype=h.dtype, requires_grad=True)
 
     def logits(self, fast: dict[str, torch.Tensor], batch: TokenBatch, features=None) -> torch.Tensor:
         features = features or self.feature_fn(batch, track_meta=False)
         h = features({n: fast[n] for n in self.adapted})
-        return h @ fast[HEAD[0]].T + fast[HEAD[1]]
+        return h @ fast[HEAD[0]].mT + fast[HEAD[1]].unsqueeze(-2)
 
     def episode_loss(self, tokens: TokenizedTexts, episode: Episode):
         loss, logits = self.batch_loss(tokens, [episode])
@@ -251,6 +268,8 @@ class GradientMetaLearner(Learner):
         """Mean query loss over a meta-batch, and each task's query logits."""
         if self._can_vmap(episodes):
             return self._vmapped_head_loss(tokens, episodes)
+        if self._can_batch(episodes):
+            return self._batched_tasks_loss(tokens, episodes)
         losses, logits = zip(*self._task_losses(tokens, episodes, self._shared_bottom(tokens, episodes)),
                              strict=True)
         return torch.stack(losses).mean(), list(logits)
@@ -262,7 +281,8 @@ class GradientMetaLearner(Learner):
         each task's backward leaves its share of gradient there, and one backward takes the sum through the
         bottom (a checkpoint at the split: the bottom's backward runs once, not once per task).
         """
-        shared = None if self._can_vmap(episodes) else self._shared_bottom(tokens, episodes)
+        batched = self._can_vmap(episodes) or self._can_batch(episodes)
+        shared = None if batched else self._shared_bottom(tokens, episodes)
         if shared is None:
             return super().backward_batch(tokens, episodes)
         hidden, mask = shared
@@ -280,6 +300,41 @@ class GradientMetaLearner(Learner):
         """Only the head adapts and every task has the same shape: the inner loops can run as one vmap."""
         shapes = {(len(e.classes), len(e.support), len(e.query)) for e in episodes}
         return self.config.vmap_tasks and not self.adapted and len(episodes) > 1 and len(shapes) == 1
+
+    def _can_batch(self, episodes: list[Episode]) -> bool:
+        """Top-layer inner loops of same-shaped episodes on packed BERT layers: all tasks can adapt at once."""
+        mode = self.config.batch_tasks
+        shapes = {(len(e.classes), len(e.support), len(e.query)) for e in episodes}
+        if mode == "never" or not (self.packed and self.adapted) or len(episodes) < 2 or len(shapes) > 1:
+            return False
+        return mode == "always" or self.encoder.device.type == "cuda"
+
+    def _batched_tasks_loss(self, tokens: TokenizedTexts, episodes: list[Episode]):
+        """A meta-batch's inner loops all at once: the bottom runs once on every row, then each inner step runs
+        the top layers once for the whole stack of tasks, every task with its own fast weights (TaskGrid)."""
+        n_tasks, n_classes = len(episodes), len(episodes[0].classes)
+        support_rows = np.concatenate([e.support for e in episodes])
+        query_rows = np.concatenate([e.query for e in episodes])
+        hidden, _ = self.bottom(tokens.batch(np.concatenate([support_rows, query_rows])))
+        lengths = tokens.lengths
+        support_tokens = int(lengths[torch.as_tensor(support_rows)].sum())
+
+        def stacked_features(rows: np.ndarray, packed_hidden: torch.Tensor):
+            batch = tokens.batch(rows)
+            packed = self._packed_tokens(batch.attention_mask, packed_hidden)
+            grid = TaskGrid([int(lengths[torch.as_tensor(task_rows)].sum()) for task_rows in np.split(rows, n_tasks)],
+                            packed_hidden.device)
+            on_grid = grid.to_grid(packed_hidden)
+            return lambda fast: self.top(fast, on_grid, None, batch.attention_mask, packed, grid)
+
+        support_targets = torch.stack([torch.as_tensor(e.support_labels) for e in episodes])
+        fast = self.inner_loop(tokens.batch(support_rows), support_targets, n_classes,
+                               create_graph=not self.config.first_order, track_meta=True, tasks=n_tasks,
+                               features=stacked_features(support_rows, hidden[:support_tokens]))
+        logits = self.logits(fast, None, stacked_features(query_rows, hidden[support_tokens:]))
+        query_targets = torch.stack([torch.as_tensor(e.query_labels) for e in episodes]).to(logits.device)
+        losses = F.cross_entropy(logits.flatten(0, 1), query_targets.flatten(), reduction="none").view(n_tasks, -1)
+        return losses.mean(dim=1).mean(), list(logits.unbind(0))
 
     def _vmapped_head_loss(self, tokens: TokenizedTexts, episodes: list[Episode]):
         """ANIL on a meta-batch: one encoder pass over every task's rows, then each task's inner loop on its
@@ -391,7 +446,7 @@ class Leopard(GradientMetaLearner):
     def initial_head(self, h: torch.Tensor, targets: torch.Tensor, n_classes: int):
         weight, bias = super().initial_head(h, targets, n_classes)  # residual on the Proto-MAML head
         generated = prototypes(self.generator(h), targets, n_classes)
-        return weight + generated[:, :-1], bias + generated[:, -1]
+        return weight + generated[..., :-1], bias + generated[..., -1]
 
 
 class Reptile(GradientMetaLearner):

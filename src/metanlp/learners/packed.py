@@ -60,30 +60,70 @@ class PackedTokens:
         return self.mean_weights.to(packed.dtype) @ packed
 
 
+class TaskGrid:
+    """The packed tokens of a stack of tasks (task after task, as `PackedTokens` packs their rows) laid out as
+    [tasks, most tokens of a task, hidden], zeros after a task's last token.
+
+    When every task has its own weights (inner loops adapt per task), a layer then applies all tasks'
+    weights with one batched matrix product instead of one product per task: far fewer, larger kernels.
+    """
+
+    def __init__(self, tokens_per_task: list[int], device: torch.device) -> None:
+        self.tasks, self.width = len(tokens_per_task), max(tokens_per_task)
+        self.index = torch.cat([torch.arange(n, device=device) + task * self.width
+                                for task, n in enumerate(tokens_per_task)])
+
+    def to_grid(self, packed: torch.Tensor) -> torch.Tensor:
+        grid = packed.new_zeros(self.tasks * self.width, packed.shape[-1])
+        return grid.index_copy(0, self.index, packed).view(self.tasks, self.width, -1)
+
+    def from_grid(self, grid: torch.Tensor) -> torch.Tensor:
+        return grid.reshape(-1, grid.shape[-1]).index_select(0, self.index)
+
+
 def bert_layer(params: dict[str, torch.Tensor], hidden: torch.Tensor, tokens: PackedTokens, config,
-               training: bool) -> torch.Tensor:
-    """One post-LayerNorm BERT encoder layer on packed hidden states [real tokens, hidden]."""
+               training: bool, grid: TaskGrid | None = None) -> torch.Tensor:
+    """One post-LayerNorm BERT encoder layer on packed hidden states [real tokens, hidden].
+
+    grid: the tensors in `params` are stacks with one entry per task ([tasks, out, in] weights), and `hidden`
+    is in the grid's [tasks, tokens, hidden] layout; `tokens` then describes the texts of all tasks together.
+    """
     width, heads = hidden.shape[-1], config.num_attention_heads
     head_dim = width // heads
 
     def dropout(x, p):
         return F.dropout(x, p, training=training)
 
+    def affine(x, weight, bias):
+        if grid is None:
+            return F.linear(x, weight, bias)
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
     def linear(name, x):
-        return F.linear(x, params[f"{name}.weight"], params[f"{name}.bias"])
+        return affine(x, params[f"{name}.weight"], params[f"{name}.bias"])
 
     def norm(name, x):
-        return F.layer_norm(x, (width,), params[f"{name}.weight"], params[f"{name}.bias"], config.layer_norm_eps)
+        weight, bias = params[f"{name}.weight"], params[f"{name}.bias"]
+        if grid is None:
+            return F.layer_norm(x, (width,), weight, bias, config.layer_norm_eps)
+        return F.layer_norm(x, (width,), eps=config.layer_norm_eps) * weight.unsqueeze(1) + bias.unsqueeze(1)
+
+    def to_texts(x):  # token rows (packed or grid) -> [texts, length, channels]
+        return tokens.unpack(x if grid is None else grid.from_grid(x))
+
+    def from_texts(x):
+        packed = tokens.pack(x)
+        return packed if grid is None else grid.to_grid(packed)
 
     # One projection for query, key and value: a single larger matrix product, then one scatter to texts.
-    qkv_weight = torch.cat([params[f"attention.self.{n}.weight"] for n in ("query", "key", "value")])
-    qkv_bias = torch.cat([params[f"attention.self.{n}.bias"] for n in ("query", "key", "value")])
-    qkv = tokens.unpack(F.linear(hidden, qkv_weight, qkv_bias))
+    qkv_weight = torch.cat([params[f"attention.self.{n}.weight"] for n in ("query", "key", "value")], dim=-2)
+    qkv_bias = torch.cat([params[f"attention.self.{n}.bias"] for n in ("query", "key", "value")], dim=-1)
+    qkv = to_texts(affine(hidden, qkv_weight, qkv_bias))
     query, key, value = (t.reshape(tokens.texts, tokens.length, heads, head_dim).transpose(1, 2)
                          for t in qkv.split(width, dim=-1))
     scores = query @ key.transpose(-1, -2) * head_dim**-0.5 + tokens.attention_bias
     probs = dropout(F.softmax(scores, dim=-1), config.attention_probs_dropout_prob)
-    context = tokens.pack((probs @ value).transpose(1, 2).reshape(tokens.texts, tokens.length, width))
+    context = from_texts((probs @ value).transpose(1, 2).reshape(tokens.texts, tokens.length, width))
     attended = norm("attention.output.LayerNorm",
                     dropout(linear("attention.output.dense", context), config.hidden_dropout_prob) + hidden)
     inner = ACT2FN[config.hidden_act](linear("intermediate.dense", attended))

@@ -19,10 +19,11 @@ from metanlp.learners.base import Classifier, Learner, support_targets
 
 
 def prototypes(embeddings: torch.Tensor, targets: torch.Tensor, n_classes: int) -> torch.Tensor:
-    # A membership matrix rather than index_add_: no in-place op, so it runs under torch.func.vmap over tasks.
-    members = (targets.to(embeddings.device)[None, :] == torch.arange(n_classes, device=embeddings.device)[:, None])
-    members = members.to(embeddings.dtype)
-    return (members @ embeddings) / members.sum(dim=1, keepdim=True)
+    # A membership matrix rather than index_add_: no in-place op, so it runs under torch.func.vmap over tasks,
+    # and on a stack of tasks ([tasks, rows, dim] with [tasks, rows] targets) as well as on one.
+    classes = torch.arange(n_classes, device=embeddings.device)[:, None]
+    members = (targets.to(embeddings.device)[..., None, :] == classes).to(embeddings.dtype)
+    return (members @ embeddings) / members.sum(dim=-1, keepdim=True)
 
 
 def prototype_logits(queries: torch.Tensor, protos: torch.Tensor, distance: str, scale: torch.Tensor):
