@@ -127,8 +127,9 @@ def _named_tensors(module, prefix: str = ""):
 
 def count_operations(step) -> dict:
     """How many aten operations one `step()` dispatches, forward and backward, and how many of them are not
-    views (on a GPU each of those is at least one kernel launch). With small tasks a GPU waits on launches, not
-    arithmetic, so these counts, not FLOPs, predict the GPU's ratios."""
+    views (on a GPU each of those is at least one kernel launch). With small tasks a GPU waits on the host, not
+    on arithmetic, so between variants that spend the same host time per operation these counts, not FLOPs,
+    predict the GPU's ratios (host work outside aten, such as `functional_call` re-binding a module, is unseen)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
