@@ -67,10 +67,12 @@ def main() -> None:
 
 
 def write_tables(args, runs: dict, protocols: dict) -> None:
+    kept = [learner for learner in runs if learner not in args.learners.split(",")]
     lines = [f"Same episodes for every row; {args.train_steps} meta-training steps "
              f"({args.tasks_per_step} tasks each for gradient learners, 1 for protonet); "
              f"`python benchmarks/learners_clinc.py --learners {args.learners} --train-steps {args.train_steps}"
-             f"{' --keep-previous' if args.keep_previous else ''}` (rows of earlier runs kept: {', '.join(runs)}).\n",
+             f"{' --keep-previous' if args.keep_previous else ''}`"
+             + (f" (rows kept from earlier runs: {', '.join(kept)})" if kept else "") + ".\n",
              "| setting | method | accuracy % (95% CI) | Δ vs frozen, pp (95% CI) | adapt ms/episode | train s |",
              "|---|---|---|---|---|---|"]
     first = next(iter(runs.values()))
