@@ -55,6 +55,10 @@ class TokenizedTexts:
         return TokenizedTexts([self.texts[i] for i in index.tolist()], self.input_ids[index],
                               self.attention_mask[index])
 
+    def real_tokens(self, rows: np.ndarray | list[int]) -> int:
+        """How many real (non-padding) tokens these rows hold."""
+        return int(self.lengths[torch.as_tensor(np.asarray(rows), dtype=torch.long)].sum())
+
     def batch(self, rows: np.ndarray | list[int] | None = None) -> TokenBatch:
         if rows is None:
             ids, mask, lengths = self.input_ids, self.attention_mask, self.lengths

@@ -92,6 +92,11 @@ def _support_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, tar
     return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="sum") / targets.shape[-1]
 
 
+def _same_shaped(episodes: list[Episode]) -> bool:
+    """Several episodes with equal ways, support and query sizes: their inner loops can run as one batch."""
+    return len(episodes) > 1 and len({(len(e.classes), len(e.support), len(e.query)) for e in episodes}) == 1
+
+
 def _key(name: str) -> str:
     return name.replace(".", "__")  # ParameterDict keys may not contain dots
 
@@ -298,14 +303,12 @@ class GradientMetaLearner(Learner):
 
     def _can_vmap(self, episodes: list[Episode]) -> bool:
         """Only the head adapts and every task has the same shape: the inner loops can run as one vmap."""
-        shapes = {(len(e.classes), len(e.support), len(e.query)) for e in episodes}
-        return self.config.vmap_tasks and not self.adapted and len(episodes) > 1 and len(shapes) == 1
+        return self.config.vmap_tasks and not self.adapted and _same_shaped(episodes)
 
     def _can_batch(self, episodes: list[Episode]) -> bool:
         """Top-layer inner loops of same-shaped episodes on packed BERT layers: all tasks can adapt at once."""
         mode = self.config.batch_tasks
-        shapes = {(len(e.classes), len(e.support), len(e.query)) for e in episodes}
-        if mode == "never" or not (self.packed and self.adapted) or len(episodes) < 2 or len(shapes) > 1:
+        if mode == "never" or not (self.packed and self.adapted) or not _same_shaped(episodes):
             return False
         return mode == "always" or self.encoder.device.type == "cuda"
 
@@ -316,22 +319,21 @@ class GradientMetaLearner(Learner):
         support_rows = np.concatenate([e.support for e in episodes])
         query_rows = np.concatenate([e.query for e in episodes])
         hidden, _ = self.bottom(tokens.batch(np.concatenate([support_rows, query_rows])))
-        lengths = tokens.lengths
-        support_tokens = int(lengths[torch.as_tensor(support_rows)].sum())
+        support_tokens = tokens.real_tokens(support_rows)
 
-        def stacked_features(rows: np.ndarray, packed_hidden: torch.Tensor):
-            batch = tokens.batch(rows)
+        def stacked_features(rows: np.ndarray, batch: TokenBatch, packed_hidden: torch.Tensor):
             packed = self._packed_tokens(batch.attention_mask, packed_hidden)
-            grid = TaskGrid([int(lengths[torch.as_tensor(task_rows)].sum()) for task_rows in np.split(rows, n_tasks)],
+            grid = TaskGrid([tokens.real_tokens(task_rows) for task_rows in np.split(rows, n_tasks)],
                             packed_hidden.device)
             on_grid = grid.to_grid(packed_hidden)
             return lambda fast: self.top(fast, on_grid, None, batch.attention_mask, packed, grid)
 
+        support, query = tokens.batch(support_rows), tokens.batch(query_rows)
         support_targets = torch.stack([torch.as_tensor(e.support_labels) for e in episodes])
-        fast = self.inner_loop(tokens.batch(support_rows), support_targets, n_classes,
+        fast = self.inner_loop(support, support_targets, n_classes,
                                create_graph=not self.config.first_order, track_meta=True, tasks=n_tasks,
-                               features=stacked_features(support_rows, hidden[:support_tokens]))
-        logits = self.logits(fast, None, stacked_features(query_rows, hidden[support_tokens:]))
+                               features=stacked_features(support_rows, support, hidden[:support_tokens]))
+        logits = self.logits(fast, query, stacked_features(query_rows, query, hidden[support_tokens:]))
         query_targets = torch.stack([torch.as_tensor(e.query_labels) for e in episodes]).to(logits.device)
         losses = F.cross_entropy(logits.flatten(0, 1), query_targets.flatten(), reduction="none").view(n_tasks, -1)
         return losses.mean(dim=1).mean(), list(logits.unbind(0))
@@ -382,8 +384,7 @@ class GradientMetaLearner(Learner):
             if shared is not None:
                 hidden, mask = shared
                 if self.packed:  # packed rows: a task's support and query are consecutive runs of tokens
-                    sizes = [int(tokens.lengths[torch.as_tensor(rows)].sum()) for rows in (episode.support,
-                                                                                         episode.query)]
+                    sizes = [tokens.real_tokens(episode.support), tokens.real_tokens(episode.query)]
                 else:
                     sizes = [len(episode.support), len(episode.query)]
                 ends = (start, start + sizes[0], start + sum(sizes))
