@@ -240,11 +240,13 @@ def test_vmapped_batch_of_tasks_gives_the_loop_gradients(corpus, name, first_ord
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("name", ["maml", "fomaml", "metasgd", "leopard"])
-def test_stacked_tasks_give_the_task_loop_gradients(corpus, name):
+@pytest.mark.parametrize(("name", "checkpointing"), [("maml", False), ("fomaml", False), ("metasgd", False),
+                                                     ("leopard", False), ("maml", True)])
+def test_stacked_tasks_give_the_task_loop_gradients(corpus, name, checkpointing):
     """Top-layer inner loops of a whole meta-batch at once (task-stacked fast weights, batched products; the
-    default on CUDA) give the task-by-task loop's meta-gradient, loss and logits."""
-    learner, tokens, _ = _setup(corpus, name, top_layers=1)
+    default on CUDA, also under gradient checkpointing) give the task-by-task loop's meta-gradient, loss and
+    logits."""
+    learner, tokens, _ = _setup(corpus, name, top_layers=1, gradient_checkpointing=checkpointing)
     episodes = EpisodeSampler(corpus, 3, 2, 2, seed=1).take(3)
     results = {}
     for mode in ("always", "never"):
