@@ -147,6 +147,21 @@ def count_operations(step) -> dict:
     return {"operations": count.operations, "kernels": count.kernels}
 
 
+MATRIX_PRODUCTS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"})
+
+
+def matrix_product_share(step) -> dict:
+    """The share of one `step()`'s CPU time spent in matrix products (torch.profiler, self time of each aten
+    operation). Near 1, time follows arithmetic; the rest is element-wise work, copies and the host's own."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    return {"matrix_product_share": sum(e.self_cpu_time_total for e in events if e.key in MATRIX_PRODUCTS) / total}
+
+
 def metanlp_step(learner, tokens, episodes, optimizer, first_order: bool) -> None:
     optimizer.zero_grad(set_to_none=True)
     learner.backward_batch(tokens, episodes)
@@ -190,8 +205,10 @@ def worker(implementation: str, algorithm: str, meta_batches: int, encoder_path:
     seconds = time.perf_counter() - start
     peak = _peak_mib()
     # Counted on the CPU only: there the backward runs on this thread, so the dispatch mode sees it too.
-    counts = {} if device.type == "cuda" else count_operations(
-        lambda: step(learner, tokens, batches[1], optimizer, first_order))
+    def one_step() -> None:
+        step(learner, tokens, batches[1], optimizer, first_order)
+
+    counts = {} if device.type == "cuda" else count_operations(one_step) | matrix_product_share(one_step)
     save_file({n: g.contiguous().cpu() for n, g in grads.items()}, os.environ["METANLP_GRADS"])
     return {"implementation": implementation, "algorithm": algorithm, "episodes_per_s": meta_batches * TASKS / seconds,
             "seconds_per_meta_batch": seconds / meta_batches, "peak_mib": peak, "device": str(device), **counts}
@@ -232,9 +249,9 @@ def main() -> None:
             row["rel_l2_grad_diff_vs_reference"] = (diff / sum(float(g.pow(2).sum()) for g in theirs.values())) ** 0.5
     counted = all("kernels" in r for r in rows)
     table = ["| algorithm | implementation | episodes/s | s per meta-batch | peak MiB | speed-up | memory ratio | "
-             "meta-gradient vs reference (rel. L2) |" + (" kernels per meta-batch | kernel-count ratio |" if counted
-                                                         else ""), "|---|---|---|---|---|---|---|---|"
-             + ("---|---|" if counted else "")]
+             "meta-gradient vs reference (rel. L2) |" + (" kernels per meta-batch | kernel-count ratio | "
+                                                         "matrix products, share of CPU time |" if counted else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|---|---|" if counted else "")]
     for algorithm in ("fomaml", "maml"):
         ref = next(r for r in rows if r["algorithm"] == algorithm and r["implementation"] == "reference")
         for r in (r for r in rows if r["algorithm"] == algorithm):
@@ -243,7 +260,8 @@ def main() -> None:
             table.append(f"| {algorithm} | {r['implementation']} | {r['episodes_per_s']:.2f} | "
                          f"{r['seconds_per_meta_batch']:.2f} | {r['peak_mib']:.0f} | {speedup:.2f}x | {memory:.2f} | "
                          + ("— |" if grad_diff is None else f"{grad_diff:.1e} |")
-                         + (f" {r['kernels']} | {ref['kernels'] / r['kernels']:.2f}x |" if counted else ""))
+                         + (f" {r['kernels']} | {ref['kernels'] / r['kernels']:.2f}x | "
+                            f"{100 * r['matrix_product_share']:.0f}% |" if counted else ""))
     header = (f"Meta-training throughput, `python benchmarks/meta_throughput.py --meta-batches {args.meta_batches}`; "
               f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'} "
               f"({platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}). "
