@@ -204,7 +204,7 @@ def worker(implementation: str, algorithm: str, meta_batches: int, encoder_path:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = _peak_mib()
-    # Counted on the CPU only: there the backward runs on this thread, so the dispatch mode sees it too.
+    # Counted and profiled on the CPU only: there the backward runs on this thread, so both see it too.
     def one_step() -> None:
         step(learner, tokens, batches[1], optimizer, first_order)
 
