@@ -97,6 +97,13 @@ def _same_shaped(episodes: list[Episode]) -> bool:
     return len(episodes) > 1 and len({(len(e.classes), len(e.support), len(e.query)) for e in episodes}) == 1
 
 
+def _stacked_labels(episodes: list[Episode], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Support and query labels of same-shaped episodes as [tasks, rows] tensors."""
+    support = torch.stack([torch.as_tensor(e.support_labels) for e in episodes])
+    query = torch.stack([torch.as_tensor(e.query_labels) for e in episodes])
+    return support.to(device), query.to(device)
+
+
 def _key(name: str) -> str:
     return name.replace(".", "__")  # ParameterDict keys may not contain dots
 
@@ -329,12 +336,11 @@ class GradientMetaLearner(Learner):
             return lambda fast: self.top(fast, on_grid, None, batch.attention_mask, packed, grid)
 
         support, query = tokens.batch(support_rows), tokens.batch(query_rows)
-        support_targets = torch.stack([torch.as_tensor(e.support_labels) for e in episodes])
+        support_targets, query_targets = _stacked_labels(episodes, hidden.device)
         fast = self.inner_loop(support, support_targets, n_classes,
                                create_graph=not self.config.first_order, track_meta=True, tasks=n_tasks,
                                features=stacked_features(support_rows, support, hidden[:support_tokens]))
         logits = self.logits(fast, query, stacked_features(query_rows, query, hidden[support_tokens:]))
-        query_targets = torch.stack([torch.as_tensor(e.query_labels) for e in episodes]).to(logits.device)
         losses = F.cross_entropy(logits.flatten(0, 1), query_targets.flatten(), reduction="none").view(n_tasks, -1)
         return losses.mean(dim=1).mean(), list(logits.unbind(0))
 
@@ -347,8 +353,7 @@ class GradientMetaLearner(Learner):
         rows = np.concatenate([np.concatenate([e.support, e.query]) for e in episodes])
         h = self.features({}, tokens.batch(rows)).reshape(len(episodes), -1, self.encoder.dim)
         device = h.device
-        support_y = torch.stack([torch.as_tensor(e.support_labels) for e in episodes]).to(device)
-        query_y = torch.stack([torch.as_tensor(e.query_labels) for e in episodes]).to(device)
+        support_y, query_y = _stacked_labels(episodes, device)
         lr_w, lr_b = self.inner_lr(HEAD[0]), self.inner_lr(HEAD[1])
 
         def task(h_task, y_support, y_query):
