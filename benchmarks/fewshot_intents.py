@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import subprocess
@@ -33,11 +34,14 @@ CLINC_SPLIT = ["--split-by", "domain",
                "--exclude-labels", "oos"]
 
 
-def metanlp(args: list[str]) -> float:
+def metanlp(args: list[str], source: Path = ROOT) -> float:
+    """Run the CLI and return its wall time. source: a checkout of another commit (its package comes first on the
+    path, ahead of the installed one)."""
     command = [sys.executable, "-m", "metanlp.cli", *args]
     print("$ metanlp " + shlex.join(args), flush=True)
+    env = None if source == ROOT else {**os.environ, "PYTHONPATH": str(source / "src")}
     start = time.perf_counter()
-    subprocess.run(command, check=True, cwd=ROOT)
+    subprocess.run(command, check=True, cwd=source, env=env)
     return time.perf_counter() - start
 
 

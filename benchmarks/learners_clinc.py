@@ -23,6 +23,14 @@ from fewshot_intents import CLINC_SPLIT, ROOT, SHARED, metanlp
 from metanlp.evaluate import mean_ci
 
 
+def train_args(learner: str, steps: int, tasks: int, val_every: int, val_episodes: int, out: Path) -> list[str]:
+    """`metanlp train` on the CLINC150 training domains, early-stopped on `work`."""
+    clinc = SHARED / "clinc150"
+    return ["train", "--data", str(clinc / "train.jsonl"), "--val-data", str(clinc / "val.jsonl"), *CLINC_SPLIT,
+            "--learner", learner, "--episodes", str(steps), "--tasks-per-step", str(tasks),
+            "--val-every", str(val_every), "--val-episodes", str(val_episodes), "--no-checkpoint", "--out", str(out)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--learners", default="protonet,fomaml,anil,metasgd,reptile,leopard,maml")
@@ -51,13 +59,10 @@ def main() -> None:
         runs = json.loads(previous.read_text())
     for learner in args.learners.split(","):
         model = args.out / learner
-        tasks = "1" if learner == "protonet" else str(args.tasks_per_step)
-        seconds = metanlp(["train", "--data", str(clinc / "train.jsonl"), "--val-data", str(clinc / "val.jsonl"),
-                           *CLINC_SPLIT, "--learner", learner, "--episodes", str(args.train_steps),
-                           "--tasks-per-step", tasks, "--val-every", str(max(1, args.train_steps // 5)),
-                           "--val-episodes", str(min(50, args.episodes)), "--no-checkpoint", "--out", str(model),
-                           *quiet])
-        runs[learner] = {"train_seconds": seconds, "tasks_per_step": int(tasks)}
+        tasks = 1 if learner == "protonet" else args.tasks_per_step
+        seconds = metanlp([*train_args(learner, args.train_steps, tasks, max(1, args.train_steps // 5),
+                                       min(50, args.episodes), model), *quiet])
+        runs[learner] = {"train_seconds": seconds, "tasks_per_step": tasks}
         for protocol, protocol_args in protocols.items():
             out = args.out / f"{learner}_{protocol}.json"
             metanlp(["evaluate", "--model", str(model), "--data", str(clinc / "test.jsonl"), "--split", "test",
