@@ -23,7 +23,7 @@ import numpy as np
 from fewshot_intents import ROOT, SHARED, metanlp
 
 from metanlp.data.load import load_labelled
-from metanlp.evaluate import mean_ci
+from metanlp.evaluation import mean_ci
 from metanlp.learners import read_spec
 
 STRATEGIES = ["finetune", "selfsup,finetune,fused"]
@@ -51,7 +51,7 @@ def main() -> None:
         unlabeled = Path(tempfile.mkdtemp(prefix="metanlp-adapt-")) / f"{name}_test_texts.txt"
         queries = load_labelled(folder / "test.jsonl")
         if extra:  # CLINC150: only the rows of the held-out domains are this domain's text
-            queries = queries.with_classes(read_spec(args.model).classes["test"])
+            queries = queries.with_classes(read_spec(args.model).provenance.classes["test"])
         unlabeled.write_text("\n".join(queries.texts) + "\n")
         out = args.out / f"{name}.json"
         adapt = [arg for s in STRATEGIES for arg in ("--adapt", s)]

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from fewshot_intents import CLINC_SPLIT, ROOT, SHARED, metanlp
 
-from metanlp.evaluate import mean_ci
+from metanlp.evaluation import mean_ci
 
 
 def train_args(learner: str, steps: int, tasks: int, val_every: int, val_episodes: int, out: Path) -> list[str]:

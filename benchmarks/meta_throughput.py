@@ -172,18 +172,18 @@ def worker(implementation: str, algorithm: str, meta_batches: int, encoder_path:
     import torch
     from safetensors.torch import save_file
 
-    from metanlp.config import EncoderConfig, GradientConfig, LearnerSpec
+    from metanlp.config import EncoderConfig, learner_config
     from metanlp.data.episodes import EpisodeSampler
     from metanlp.data.load import load_labelled
     from metanlp.learners import build_learner
 
     torch.manual_seed(0)
     first_order = algorithm == "fomaml"
-    config = GradientConfig.for_algorithm(algorithm).model_copy(update={
-        "inner_steps": INNER_STEPS, "top_layers": TOP_LAYERS, **VARIANTS.get(implementation, {})})
+    config = learner_config(algorithm, inner_steps=INNER_STEPS, top_layers=TOP_LAYERS,
+                            **VARIANTS.get(implementation, {}))
     encoder = EncoderConfig(attn_implementation="sdpa" if first_order else "eager",
                             **({"name_or_path": encoder_path} if encoder_path else {}))
-    learner = build_learner(algorithm, encoder, LearnerSpec(learner=algorithm, encoder=encoder, gradient=config))
+    learner = build_learner(config, encoder)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     learner.to(device).eval()  # no dropout: both variants compute the same function
     data = load_labelled("default")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from fewshot_intents import CLINC_SPLIT, ROOT, SHARED, metanlp
 
-from metanlp.evaluate import mean_ci
+from metanlp.evaluation import mean_ci
 
 TRAIN_DOMAINS = CLINC_SPLIT[CLINC_SPLIT.index("--train-domains") + 1].split(",")
 VARIANTS = {  # name -> `metanlp pretrain` arguments (None: meta-train the packaged encoder as it is)

@@ -177,9 +177,12 @@ class DomainAdaptedLearner(Learner):
 
     def __init__(self, base: Learner, strategies: list[str], budget: AdaptBudget = AdaptBudget(),
                  unlabeled: list[str] | None = None) -> None:
-        super().__init__(base.encoder)
+        super().__init__(base.encoder, base.config, base.provenance)
         self.base, self.strategies, self.budget, self.unlabeled = base, list(strategies), budget, unlabeled
-        self.name = f"{base.name}+{'+'.join(strategies)}"
+
+    @property
+    def name(self) -> str:
+        return f"{self.base.name}+{'+'.join(self.strategies)}"
 
     def adapt(self, support, labels):
         texts = support.texts if hasattr(support, "texts") else list(support)

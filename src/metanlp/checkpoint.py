@@ -9,14 +9,13 @@ It is written whole or not at all, and only resumed by a run with the same finge
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from metanlp.atomic import replace_directory
 from metanlp.data.load import DataError
 
 
@@ -31,9 +30,7 @@ class LoopState:
 
 def save_checkpoint(directory: Path, fingerprint: dict, learner, optimizer, sampler, state: LoopState,
                     best_state: dict | None) -> None:
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    def write(staging: Path) -> None:
         save_model(learner, str(staging / "weights.safetensors"))
         if best_state is not None:
             save_file({k: v.contiguous() for k, v in best_state.items()}, str(staging / "best.safetensors"))
@@ -45,12 +42,8 @@ def save_checkpoint(directory: Path, fingerprint: dict, learner, optimizer, samp
         (staging / "state.json").write_text(json.dumps({
             "fingerprint": fingerprint, "loop": asdict(state), "param_groups": opt["param_groups"],
             "sampler": sampler.state(), "has_best": best_state is not None}, indent=1))
-        if directory.exists():
-            shutil.rmtree(directory)
-        staging.rename(directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    replace_directory(directory, write)
 
 
 def load_checkpoint(directory: Path, fingerprint: dict, learner, optimizer, sampler) -> tuple[LoopState, dict | None]:

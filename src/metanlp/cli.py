@@ -18,16 +18,18 @@ from rich.table import Table
 from metanlp.config import (
     DEFAULT_ENCODER,
     EMBEDDED_SPLIT,
+    LEARNER_KINDS,
     EncoderConfig,
     EpisodeConfig,
-    GradientConfig,
     LearnerSpec,
-    ProtoNetConfig,
+    Provenance,
     SplitConfig,
     TrainConfig,
     describe_validation_error,
+    learner_config,
 )
 from metanlp.data.load import DEFAULT_CORPUS, DataError, LabelledTexts, load_labelled, read_texts
+from metanlp.runtime import apply_environment_defaults
 from metanlp.stages import StageError, load_params
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -42,19 +44,12 @@ def report(kind: str, message: str) -> None:
     err_console.print(f"[{colour}]{kind}:[/{colour}] {escape(str(message))}")
 
 
-def _offline_defaults() -> None:
-    # Weights come from the installed package or a local path; a hub name still works when the user
-    # exports HF_HUB_OFFLINE=0 themselves.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
 def cli_errors(func):
     """Bad input ends with a one-line message naming what is wrong and where, and exit status 2."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        _offline_defaults()
+        apply_environment_defaults()
         try:
             return func(*args, **kwargs)
         except ValidationError as err:
@@ -93,16 +88,15 @@ def _split_config(data: str, split_by: str | None, train_domains: str | None, va
                        test_domains=_csv(test_domains), sizes=sizes, exclude_labels=_csv(exclude), seed=seed)
 
 
-def _gradient_config(learner: str, inner_steps, inner_lr, adapt, top_layers) -> GradientConfig | None:
-    from metanlp.learners import LEARNERS, GradientMetaLearner
-
+def _learner_config(learner: str, inner_steps, inner_lr, adapt, top_layers):
+    """The learner's spec from its kind and the gradient-learner options given."""
     given = {k: v for k, v in {"inner_steps": inner_steps, "inner_lr": inner_lr, "adapt": adapt,
                                "top_layers": top_layers}.items() if v is not None}
-    if learner in LEARNERS and issubclass(LEARNERS[learner], GradientMetaLearner):
-        return GradientConfig(**{**GradientConfig.for_algorithm(learner).model_dump(), **given})
-    if given:
-        raise DataError(f"--{next(iter(given)).replace('_', '-')} is for gradient learners, not {learner!r}")
-    return None
+    config = learner_config(learner)
+    unknown = [k for k in given if k not in type(config).model_fields]
+    if unknown:
+        raise DataError(f"--{unknown[0].replace('_', '-')} is for gradient learners, not {learner!r}")
+    return learner_config(learner, **given)
 
 
 DataOpt = Annotated[str, typer.Option(help="labelled JSONL/CSV/Parquet file, 'default' (embedded corpus) "
@@ -115,7 +109,7 @@ def train(
     out: Annotated[Path, typer.Option(help="directory for the meta-trained model")] = Path("models/default"),
     data: DataOpt = DEFAULT_CORPUS,
     val_data: Annotated[str | None, typer.Option(help="file for the validation classes (default: --data)")] = None,
-    learner: Annotated[str, typer.Option(help="meta-learner")] = "protonet",
+    learner: Annotated[str, typer.Option(help=f"meta-learner: {', '.join(LEARNER_KINDS)}")] = "protonet",
     encoder: Annotated[str, typer.Option(help="HF name, local path or 'default' (all-MiniLM-L6-v2)")] = DEFAULT_ENCODER,
     pooling: Annotated[str, typer.Option(help="mean or cls")] = "mean",
     max_length: int = 64,
@@ -145,23 +139,31 @@ def train(
     quiet: bool = False,
 ) -> None:
     """Meta-train a learner on episodes from the training classes; keep the best on validation classes."""
-    from metanlp.train import train_from_config
+    from metanlp.data.splits import split_classes
+    from metanlp.reporting import write_training_report
+    from metanlp.train import train_learner
 
     config = TrainConfig(episodes=episodes, tasks_per_step=tasks_per_step, lr=lr, val_every=val_every,
                          val_episodes=val_episodes, patience=patience, seed=seed, device=device,
                          episode=EpisodeConfig(ways=ways, shots=shots, queries=queries))
     split = _split_config(data, split_by, train_domains, val_domains, test_domains, split_sizes, exclude_labels,
                           seed)
-    spec = LearnerSpec(learner=learner, encoder=EncoderConfig(name_or_path=encoder, pooling=pooling,
-                                                              max_length=max_length),
-                       protonet=ProtoNetConfig(), gradient=_gradient_config(learner, inner_steps, inner_lr, adapt,
-                                                                            top_layers),
-                       split=split, train_data=data)
+    spec_learner = _learner_config(learner, inner_steps, inner_lr, adapt, top_layers)
+    corpus = load_labelled(data)
+    classes = split_classes(corpus, split)
+    validation = load_labelled(val_data) if val_data else corpus
+    train_set, val_set = corpus.with_classes(classes.train), validation.with_classes(classes.val)
+    if len(val_set) == 0:
+        raise DataError(f"{validation.source}: has none of the validation classes {classes.val[:5]}")
+    spec = LearnerSpec(learner=spec_learner, encoder=EncoderConfig(name_or_path=encoder, pooling=pooling,
+                                                                   max_length=max_length),
+                       provenance=Provenance(split=split, classes=classes.to_dict(), train_data=data))
     checkpoint_dir = out.with_name(out.name + ".checkpoint") if checkpoint else None
     if checkpoint_dir is not None and checkpoint_dir.exists():
         err_console.print(f"resuming from {checkpoint_dir}")
-    result = train_from_config(spec, config, data, val_data, out, show_progress=not quiet,
-                               checkpoint_dir=checkpoint_dir)
+    result = train_learner(spec, train_set, val_set, config, out, show_progress=not quiet,
+                           checkpoint_dir=checkpoint_dir)
+    write_training_report(out)
     typer.echo(f"best validation accuracy {100 * result.best_val_accuracy:.1f}% at episode {result.best_episode} "
                f"({result.episodes_run} episodes run); model written to {out}")
 
@@ -172,17 +174,17 @@ def _restrict(data: LabelledTexts, model: Path | None, split: str | None, exclud
     if split is not None:
         if model is None:
             raise DataError("--split needs --model (the model knows its class split)")
-        spec = read_spec(model)
-        if not spec.classes:
+        recorded = read_spec(model).provenance.classes
+        if not recorded:
             raise DataError(f"{model}: the model records no class split; leave out --split")
-        if split not in spec.classes:
-            raise DataError(f"unknown split {split!r}; choose one of {sorted(spec.classes)}")
-        classes = set(spec.classes[split])
+        if split not in recorded:
+            raise DataError(f"unknown split {split!r}; choose one of {sorted(recorded)}")
+        classes = set(recorded[split])
         data = data.with_classes(classes)
         if len(data) == 0:
             raise DataError(f"{data.source}: has none of the model's {split} classes")
     elif model is not None:
-        trained_on = set((read_spec(model).classes or {}).get("train", []))
+        trained_on = set((read_spec(model).provenance.classes or {}).get("train", []))
         seen = sorted(trained_on & set(data.classes))
         if seen:
             report("warning", f"{len(seen)} classes of {data.source} were meta-trained on "
@@ -222,7 +224,8 @@ def evaluate(
     quiet: bool = False,
 ) -> None:
     """Evaluate methods on the same episodes: accuracy, 95% CI, paired difference to frozen, adaptation ms."""
-    from metanlp.evaluate import build_methods, build_settings, evaluate_methods, markdown_table, write_report
+    from metanlp.evaluation import build_settings, evaluate_model
+    from metanlp.reporting import markdown_table, write_report
 
     ways_value: int | str = "all" if ways == "all" else _ints(ways, "--ways")[0]
     shot_list = _ints(shots, "--shots")
@@ -235,21 +238,22 @@ def evaluate(
     if support_data is not None:
         support_set = load_labelled(support_data).with_classes(set(query_set.classes))
     settings = build_settings(query_set, ways_value, shot_list, queries, episodes, repeats, support_set, seed)
-    learners = build_methods(model, encoder, names, device)
+    extra = {}
     if adapt:
         from metanlp.adaptation import DomainAdaptedLearner
+        from metanlp.encoder import resolve_device
         from metanlp.learners import load_learner
 
         if model is None:
             raise DataError("--adapt needs --model")
-        base = load_learner(model).to(next(iter(learners.values())).encoder.device)
+        base = load_learner(model).to(resolve_device(device))
         texts = read_texts(unlabeled) if unlabeled else None
         for combination in adapt:
             strategies = _csv(combination)
-            learners[f"{base.name}+{'+'.join(strategies)}"] = DomainAdaptedLearner(base, strategies, unlabeled=texts)
+            extra[f"{base.name}+{'+'.join(strategies)}"] = DomainAdaptedLearner(base, strategies, unlabeled=texts)
     limits = {"finetune": finetune_episodes} if finetune_episodes else None
-    results = evaluate_methods(learners, query_set, settings, support_set, seed, show_progress=not quiet,
-                               episode_limits=limits)
+    results = evaluate_model(model, query_set, settings, names, support_set, encoder, device, extra, seed,
+                             show_progress=not quiet, episode_limits=limits)
     results["config"] = {"data": data, "model": str(model) if model else None, "split": split, "ways": ways,
                          "shots": shot_list, "queries": queries, "episodes": episodes, "repeats": repeats,
                          "support_data": support_data, "methods": names, "finetune_episodes": finetune_episodes,
@@ -364,9 +368,8 @@ def adapt(
     learner = load_learner(model).to(resolve_device(device))
     budget = AdaptBudget(finetune_steps=steps, selfsup_steps=selfsup_steps, seconds=seconds, seed=seed)
     adapted, summary = domain_adapt(learner, support_set.texts, support_set.labels, texts, _csv(strategy), budget)
-    adapted.provenance = {**learner.provenance, "adapted": {"support": support, "unlabeled": unlabeled,
-                                                            **summary.__dict__}}
-    save_learner(adapted, out)
+    record = {"support": support, "unlabeled": unlabeled, **summary.__dict__}
+    save_learner(adapted, out, provenance=learner.provenance.model_copy(update={"adapted": record}))
     typer.echo(json.dumps(summary.__dict__, default=str))
     typer.echo(f"adapted model written to {out} ({len(support_set)} support examples)")
 
@@ -379,11 +382,11 @@ ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml of the pi
 def run(params: ParamsOpt = Path("params.yaml")) -> None:
     """The main job: the whole pipeline as a Prefect flow (validate, build_corpus, tune, meta_train, evaluate,
     register), each stage cached by content, on the corpus params.yaml names (the embedded default)."""
-    from metanlp.pipeline import build_flow, configure_prefect
+    from metanlp.pipeline import build_flow
 
     root = params.resolve().parent
     load_params(params)
-    configure_prefect(root)
+    apply_environment_defaults(root)
     results = build_flow()(params_file=str(params.resolve()), root=str(root))
     registry = results["register"]
     typer.echo(f"model {registry['model_name']} v{registry['version']} registered at {registry['tracking_uri']}: "
@@ -393,18 +396,34 @@ def run(params: ParamsOpt = Path("params.yaml")) -> None:
 @app.command()
 @cli_errors
 def stage(
-    name: Annotated[str, typer.Argument(help="validate, build_corpus, tune, meta_train, evaluate or register")],
+    name: Annotated[str, typer.Argument(help="a stage of the pipeline: validate, build_corpus, pretrain, tune, "
+                                             "meta_train, evaluate or register")],
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Run one pipeline stage alone (this is what dvc.yaml calls)."""
-    from metanlp.stages import STAGES
-
-    if name not in STAGES:
-        raise DataError(f"unknown stage {name!r}; choose from {list(STAGES)}")
     from metanlp.pipeline import run_stage
 
     result = run_stage(name, str(params.resolve()), str(params.resolve().parent))
     typer.echo(json.dumps(result, indent=2, default=str))
+
+
+@app.command("dvc-yaml")
+@cli_errors
+def dvc_yaml_command(
+    out: Annotated[Path, typer.Option(help="where to write it")] = Path("dvc.yaml"),
+    check: Annotated[bool, typer.Option(help="only check that OUT matches the stage declarations")] = False,
+) -> None:
+    """Write dvc.yaml from the stage declarations (or check the one there), so DVC runs what `metanlp run` runs."""
+    from metanlp.stages import dvc_yaml
+
+    expected = dvc_yaml()
+    if check:
+        if not out.exists() or out.read_text() != expected:
+            raise DataError(f"{out} does not match the stage declarations; run `metanlp dvc-yaml` to rewrite it")
+        typer.echo(f"{out} matches the stage declarations")
+        return
+    out.write_text(expected)
+    typer.echo(f"wrote {out}")
 
 
 @app.command()
@@ -435,11 +454,11 @@ def schedule(
                                              "--no-serve only registers the deployment")] = True,
 ) -> None:
     """Create the scheduled retraining deployment on the Prefect server PREFECT_API_URL points at."""
-    from metanlp.pipeline import configure_prefect, deployment
+    from metanlp.pipeline import deployment
 
     root = params.resolve().parent
     load_params(params)
-    configure_prefect(root)
+    apply_environment_defaults(root)
     if not os.environ.get("PREFECT_API_URL"):
         raise DataError("schedules need a running Prefect server: start `prefect server start` and set "
                         "PREFECT_API_URL=http://127.0.0.1:4200/api")

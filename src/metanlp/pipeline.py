@@ -8,61 +8,25 @@ A stage whose outputs were deleted runs again even if its key is cached. Transie
 with exponential backoff; bad input (a failed validation, a wrong parameter) fails at once.
 
 Prefect's home, database and results live under the project's .prefect/ unless PREFECT_HOME and
-PREFECT_LOCAL_STORAGE_PATH say otherwise (`configure_prefect`, called before Prefect is imported).
+PREFECT_LOCAL_STORAGE_PATH say otherwise (`metanlp.runtime.apply_environment_defaults`, called by the entry
+points before Prefect is imported).
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
-import os
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from metanlp.data.load import DataError
-from metanlp.stages import STAGES, StageError, Workspace, file_digest, load_params, params_slice
+from metanlp.stages import Stage, StageError, Workspace, file_digest, load_params, params_slice, stages
 
 
-def configure_prefect(root: Path) -> None:
-    """Keep Prefect's state in the project and offline; must run before `import prefect`."""
-    home = (root / ".prefect").resolve()
-    os.environ.setdefault("PREFECT_HOME", str(home))
-    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(home / "storage"))
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    for key, value in (("MLFLOW_DISABLE_TELEMETRY", "true"), ("DVC_NO_ANALYTICS", "1"),
-                       ("GX_ANALYTICS_ENABLED", "false"), ("HF_HUB_OFFLINE", "1"),
-                       ("TOKENIZERS_PARALLELISM", "false")):
-        os.environ.setdefault(key, value)
-
-
-def stage_inputs(stage: str, workspace: Workspace, source: Path, texts: tuple[Path, ...] = ()) -> list[Path]:
-    """The files a stage reads (besides params.yaml): its deps in dvc.yaml, and for pretrain the text files
-    params.yaml names (DVC sees those only through the `pretrain.text` param)."""
-    return {
-        "validate": [source],
-        "build_corpus": [source, workspace.validation / "report.json"],
-        "pretrain": [workspace.corpus / "train.jsonl", *texts],
-        "tune": [workspace.corpus, workspace.pretrained],
-        "meta_train": [workspace.corpus, workspace.tune / "best.json", workspace.pretrained],
-        "evaluate": [workspace.corpus / "test.jsonl", workspace.model],
-        "register": [workspace.evaluation / "results.json", workspace.evaluation / "metrics.json", workspace.model,
-                     workspace.validation, workspace.tune / "best.json"],
-    }[stage]
-
-
-def stage_outputs(stage: str, workspace: Workspace) -> list[Path]:
-    return {
-        "validate": [workspace.validation / "report.json"],
-        "build_corpus": [workspace.corpus / "manifest.json"],
-        "pretrain": [workspace.pretrained / "pretrain.json"],
-        "tune": [workspace.tune / "best.json"],
-        "meta_train": [workspace.model / "training.json"],
-        "evaluate": [workspace.evaluation / "results.json", workspace.evaluation / "metrics.json"],
-        "register": [workspace.registry_record],
-    }[stage]
+def stage_inputs(stage: Stage, params, root: Path) -> list[Path]:
+    """The files a stage reads besides params.yaml: its declared deps and the files its params name."""
+    return [root / dep for dep in stage.deps] + (stage.inputs(params, root) if stage.inputs else [])
 
 
 def code_version() -> str:
@@ -73,25 +37,24 @@ def code_version() -> str:
     return digest.hexdigest()
 
 
-def stage_cache_key(stage: str, params_file: str, root: str) -> str:
+def stage_cache_key(name: str, params_file: str, root: str) -> str:
+    """The stage's params slice, the bytes of every file it reads and the code: equal keys, equal results."""
     from metanlp.tracking import tracking_uri
 
-    params, workspace = load_params(params_file), Workspace(Path(root))
-    from metanlp.stages.pretrain import text_sources
-
-    texts = tuple(Path(t) for t in text_sources(params, workspace.root) if t != "default")
-    inputs = {str(p.relative_to(workspace.root) if p.is_relative_to(workspace.root) else p): file_digest(p)
-              for p in stage_inputs(stage, workspace, workspace.source(params), texts)}
-    key = {"stage": stage, "params": params_slice(params, stage), "inputs": inputs, "code": code_version()}
-    if stage in ("tune", "register"):  # they write to a tracking server: another server is another result
-        key["tracking"] = tracking_uri(params.register_.tracking_uri, workspace.root)
-    return f"{stage}-" + hashlib.md5(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    stage, params, root_path = stages()[name], load_params(params_file), Path(root)
+    inputs = {str(p.relative_to(root_path) if p.is_relative_to(root_path) else p): file_digest(p)
+              for p in stage_inputs(stage, params, root_path)}
+    key = {"stage": name, "params": params_slice(params, stage.params), "inputs": inputs, "code": code_version()}
+    if stage.tracks:  # it writes to a tracking server: another server is another result
+        key["tracking"] = tracking_uri(params.register_.tracking_uri, root_path)
+    return f"{name}-" + hashlib.md5(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def run_stage(stage: str, params_file: str, root: str) -> dict:
-    """Run one stage in this process (the module is looked up at call time)."""
-    module = importlib.import_module(f"metanlp.stages.{stage}")
-    return module.run(load_params(params_file), Path(root))
+def run_stage(name: str, params_file: str, root: str) -> dict:
+    """Run one stage in this process: what `metanlp stage NAME`, dvc.yaml's commands and the flow's tasks do."""
+    if name not in stages():
+        raise DataError(f"unknown stage {name!r}; choose from {list(stages())}")
+    return stages()[name].run(load_params(params_file), Path(root))
 
 
 def is_transient(task, task_run, state) -> bool:
@@ -118,7 +81,7 @@ def build_flow():
     from prefect.tasks import exponential_backoff
 
     def cache_key(context, parameters) -> str:
-        return stage_cache_key(parameters["stage"], parameters["params_file"], parameters["root"])
+        return stage_cache_key(parameters["name"], parameters["params_file"], parameters["root"])
 
     stage_task = task(run_stage, retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2),
                       retry_jitter_factor=0.5, retry_condition_fn=is_transient, cache_key_fn=cache_key,
@@ -131,11 +94,11 @@ def build_flow():
         params_path = Path(params_file) if Path(params_file).is_absolute() else root_path / params_file
         load_params(params_path)  # a wrong parameter stops the flow before any task
         ensure_raw_data(params_path, root_path)
-        workspace, results = Workspace(root_path), {}
-        for stage in STAGES:
-            missing = not all(p.exists() for p in stage_outputs(stage, workspace))
-            results[stage] = stage_task.with_options(name=stage, refresh_cache=missing or None)(
-                stage, str(params_path), str(root_path))
+        results = {}
+        for name, stage in stages().items():
+            missing = not all((root_path / path).exists() for path in stage.done)
+            results[name] = stage_task.with_options(name=name, refresh_cache=missing or None)(
+                name, str(params_path), str(root_path))
         return results
 
     return train_flow
@@ -144,8 +107,6 @@ def build_flow():
 def deployment(name: str, cron: str, timezone: str, params_file: str, root: str):
     """The scheduled retraining deployment of the flow, served by a Prefect runner (`metanlp schedule`)."""
     from prefect.client.schemas.schedules import CronSchedule
-
-    from metanlp.data.load import DataError
 
     try:
         schedule = CronSchedule(cron=cron, timezone=timezone)

@@ -83,7 +83,7 @@ def unlabeled_sentences(sources: list[str]) -> list[str]:
 
 def save_encoder(encoder: TextEncoder, directory) -> None:
     """A Hugging Face directory (safetensors + JSON config + tokenizer): any --encoder option takes it."""
-    from metanlp.learners.base import replace_directory
+    from metanlp.atomic import replace_directory
 
     def write(staging) -> None:
         encoder.model.save_pretrained(staging, safe_serialization=True)
@@ -101,17 +101,16 @@ def pretrain_encoder(config: PretrainParams, encoder_config: EncoderConfig, labe
     """
     from pathlib import Path
 
-    from metanlp.config import LearnerSpec, ProtoNetConfig, TrainConfig
+    from metanlp.config import ProtoNetConfig, TrainConfig
     from metanlp.data.load import DataError, LabelledTexts
     from metanlp.data.smlmt import SMLMTConfig, build_smlmt
-    from metanlp.stages import StageError
-    from metanlp.stages.validate import failure_summary, validate_unlabeled
+    from metanlp.data.validation import CorpusInvalid, validate_unlabeled
 
     for source in config.text:
         if Path(source).suffix.lower() == ".txt":  # labelled formats are checked by their strict reader
             report = validate_unlabeled(Path(source))
             if not report["success"]:
-                raise StageError(failure_summary(report))
+                raise CorpusInvalid(report)
     sentences = unlabeled_sentences(config.text)
     if len(sentences) < 32:
         raise DataError(f"{config.text}: only {len(sentences)} sentences of 3+ words; pretraining needs 32")
@@ -136,8 +135,7 @@ def pretrain_encoder(config: PretrainParams, encoder_config: EncoderConfig, labe
             train_set = LabelledTexts(train_set.texts + labelled.texts, train_set.labels + labelled.labels,
                                       source=f"{train_set.source}+{labelled.source}")
             mix = config.smlmt_fraction
-        spec = LearnerSpec(learner="protonet", encoder=encoder_config, protonet=ProtoNetConfig())
-        learner = build_learner("protonet", encoder, spec)
+        learner = build_learner(ProtoNetConfig(), encoder)
         steps = config.smlmt_episodes
         result = meta_train(learner, train_set, tasks.with_classes(classes[:cut]),
                             TrainConfig(episodes=steps, val_every=max(1, steps // 5), val_episodes=50,

@@ -26,8 +26,6 @@ def tracking(configured: str | None, root: Path, experiment: str):
     so one process can run pipelines of several projects. With a local sqlite store the artifacts go beside
     it (mlflow/artifacts), not to ./mlruns of whatever folder the command ran in.
     """
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
     previous = os.environ.get("MLFLOW_TRACKING_URI")

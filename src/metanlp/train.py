@@ -8,7 +8,6 @@ is given).
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,19 +19,15 @@ import torch
 from metanlp.checkpoint import LoopState, load_checkpoint, save_checkpoint
 from metanlp.config import LearnerSpec, TrainConfig
 from metanlp.data.episodes import EpisodeSampler
-from metanlp.data.load import DataError, LabelledTexts, load_labelled
+from metanlp.data.load import LabelledTexts
 from metanlp.data.smlmt import CLASS_PREFIX
-from metanlp.data.splits import split_classes
 from metanlp.encoder import resolve_device
-from metanlp.evaluate import mean_ci, run_episode
-from metanlp.learners import Learner, save_learner
+from metanlp.evaluation import mean_ci, run_episode
+from metanlp.learners import Learner, build_learner, save_learner
 from metanlp.progress import progress_bar
+from metanlp.runtime import seeded
 
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+HISTORY_FILE = "history.json"  # beside the saved model: the validation history (reporting plots it)
 
 
 class TrainingInterrupted(RuntimeError):
@@ -69,7 +64,14 @@ def meta_train(learner: Learner, train_data: LabelledTexts, val_data: LabelledTe
     """
     if not learner.meta_trainable:
         raise ValueError(f"learner {learner.name!r} has nothing to meta-train")
-    seed_everything(config.seed)
+    # Dropout draws from torch's global generator (it takes no other): seeded here, restored after.
+    with seeded(config.seed):
+        return _meta_train(learner, train_data, val_data, config, out_dir, show_progress, checkpoint_dir, stop_after,
+                           on_validation)
+
+
+def _meta_train(learner: Learner, train_data: LabelledTexts, val_data: LabelledTexts, config: TrainConfig,
+                out_dir, show_progress, checkpoint_dir, stop_after, on_validation) -> TrainResult:
     device = resolve_device(config.device)
     learner.to(device)
     encoder = learner.encoder
@@ -146,44 +148,18 @@ def meta_train(learner: Learner, train_data: LabelledTexts, val_data: LabelledTe
     result = TrainResult(state.best_accuracy, state.best_episode, state.step, stopped_early, state.history)
     if out_dir is not None:  # written once, at the end: an interrupted run leaves no half-trained model
         save_learner(learner, out_dir)
-        write_history(result, Path(out_dir))
+        (Path(out_dir) / HISTORY_FILE).write_text(json.dumps(result.__dict__, indent=2))
     if checkpoint is not None:
         shutil.rmtree(checkpoint, ignore_errors=True)
     return result
 
 
-def write_history(result: TrainResult, out_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    (out_dir / "history.json").write_text(json.dumps(result.__dict__, indent=2))
-    episodes = [h["episode"] for h in result.history]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.errorbar(episodes, [100 * h["val_accuracy"] for h in result.history],
-                yerr=[100 * h["val_ci95"] for h in result.history], marker="o", capsize=3, label="val accuracy")
-    ax.axvline(result.best_episode, color="grey", linestyle="--", label="best checkpoint")
-    ax.set(xlabel="meta-training episode", ylabel="validation accuracy %", title="meta-training")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "learning_curve.png", dpi=120)
-    plt.close(fig)
-
-
-def train_from_config(spec: LearnerSpec, config: TrainConfig, data: str, val_data: str | None,
-                      out_dir: str | Path, show_progress: bool = True,
-                      checkpoint_dir: str | Path | None = None) -> TrainResult:
-    """Load and split the corpus, build the learner named in `spec`, meta-train it and save it."""
-    from metanlp.learners import build_learner
-
-    corpus = load_labelled(data)
-    split = split_classes(corpus, spec.split)
-    validation = load_labelled(val_data) if val_data else corpus
-    train_set, val_set = corpus.with_classes(split.train), validation.with_classes(split.val)
-    if len(val_set) == 0:
-        raise DataError(f"{validation.source}: has none of the validation classes {split.val[:5]}")
-    learner = build_learner(spec.learner, spec.encoder, spec)
-    learner.provenance = {"split": spec.split, "classes": split.to_dict(), "train_data": spec.train_data}
-    return meta_train(learner, train_set, val_set, config, out_dir, show_progress, checkpoint_dir)
+def train_learner(spec: LearnerSpec, train_data: LabelledTexts, val_data: LabelledTexts, config: TrainConfig,
+                  out_dir: str | Path | None = None, show_progress: bool = True,
+                  checkpoint_dir: str | Path | None = None,
+                  on_validation: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Build the learner `spec` describes (its provenance included) and meta-train it: the one training path
+    of `metanlp train`, the pipeline's meta_train stage and every tuning trial."""
+    learner = build_learner(spec.learner, spec.encoder, spec.provenance)
+    return meta_train(learner, train_data, val_data, config, out_dir, show_progress, checkpoint_dir,
+                      on_validation=on_validation)

@@ -9,7 +9,6 @@ from typer.testing import CliRunner
 
 from metanlp.adaptation import AdaptBudget, domain_adapt, fuse, held_out_split
 from metanlp.cli import app
-from metanlp.config import LearnerSpec
 from metanlp.learners import build_learner, load_learner
 
 runner = CliRunner()
@@ -17,7 +16,7 @@ runner = CliRunner()
 
 @pytest.fixture
 def learner(tiny_encoder_config):
-    return build_learner("protonet", tiny_encoder_config, LearnerSpec(learner="protonet", encoder=tiny_encoder_config))
+    return build_learner("protonet", tiny_encoder_config)
 
 
 def support_of(corpus, classes=4, shots=3):
@@ -88,7 +87,7 @@ def test_adapt_cli_writes_a_model_predict_can_use(tmp_path, learner, corpus):
                                  "--strategy", "finetune,fused", "--steps", "3", "--out", str(tmp_path / "adapted")])
     assert result.exit_code == 0, result.output
     adapted = load_learner(tmp_path / "adapted")
-    assert adapted.provenance["adapted"]["strategies"] == ["finetune", "fused"]
+    assert adapted.provenance.adapted["strategies"] == ["finetune", "fused"]
     predicted = runner.invoke(app, ["predict", "--model", str(tmp_path / "adapted"), "--support", str(support),
                                     "--text", texts[0], "--json"])
     assert predicted.exit_code == 0 and labels[0] in predicted.output

@@ -25,8 +25,8 @@ def tiny_model(tmp_path_factory):
 
 def test_train_writes_a_model_with_its_split_and_history(tiny_model):
     spec = json.loads((tiny_model / "learner.json").read_text())
-    assert spec["learner"] == "protonet"
-    assert set(spec["classes"]) == {"train", "val", "test"}
+    assert spec["learner"]["kind"] == "protonet"
+    assert set(spec["provenance"]["classes"]) == {"train", "val", "test"}
     assert (tiny_model / "history.json").is_file() and (tiny_model / "learning_curve.png").is_file()
 
 
@@ -40,7 +40,7 @@ def test_evaluate_on_the_models_test_split(tiny_model, tmp_path):
     methods = results["settings"][0]["methods"]
     assert set(methods) == {"protonet", "frozen", "finetune"}
     spec = json.loads((tiny_model / "learner.json").read_text())
-    assert results["config"]["split"] == "test" and spec["classes"]["test"]
+    assert results["config"]["split"] == "test" and spec["provenance"]["classes"]["test"]
     assert out.with_suffix(".md").is_file() and out.with_suffix(".png").is_file()
 
 

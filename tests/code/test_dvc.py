@@ -15,8 +15,8 @@ import yaml
 
 from conftest import REPO, write_params
 from metanlp.data.load import default_corpus_path
-from metanlp.pipeline import stage_inputs, stage_outputs
-from metanlp.stages import STAGE_PARAMS, STAGES, Workspace, load_params
+from metanlp.pipeline import stage_inputs
+from metanlp.stages import dvc_yaml, load_params, stages
 
 
 def dvc(root: Path, *args: str) -> str:
@@ -28,21 +28,30 @@ def dvc(root: Path, *args: str) -> str:
     return done.stdout + done.stderr
 
 
-def test_dvc_yaml_declares_what_the_stages_read():
+def test_dvc_yaml_is_generated_from_the_stage_declarations():
+    """dvc.yaml, the Prefect tasks and their cache keys come from one declaration per stage."""
+    assert (REPO / "dvc.yaml").read_text() == dvc_yaml(), "run `metanlp dvc-yaml` after changing a stage"
     declared = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert list(declared) == list(STAGES)
-    workspace = Workspace(REPO)
-    source = workspace.source(load_params(REPO / "params.yaml"))
-    for stage in STAGES:
-        assert declared[stage]["params"] == STAGE_PARAMS[stage], stage
-        deps = {d for d in declared[stage]["deps"] if d != "src/metanlp"}
-        reads = {str(p.relative_to(REPO)) for p in stage_inputs(stage, workspace, source)}
-        reads = {"data" if r == "data/intents.jsonl" else r for r in reads}
-        assert deps == reads, stage
+    assert list(declared) == list(stages()) == ["validate", "build_corpus", "pretrain", "tune", "meta_train",
+                                                 "evaluate", "register"]
+    params = load_params(REPO / "params.yaml")
+    for name, stage in stages().items():
+        assert declared[name]["params"] == list(stage.params), name
+        reads = {str(p.relative_to(REPO)) for p in stage_inputs(stage, params, REPO)}
+        assert {d for d in declared[name]["deps"] if d != "src/metanlp"} <= reads, name
         outs = {next(iter(o)) if isinstance(o, dict) else o
-                for key in ("outs", "metrics") for o in declared[stage].get(key, [])}
-        for path in stage_outputs(stage, workspace):
-            assert any(str(path.relative_to(REPO)).startswith(out) for out in outs), (stage, path)
+                for key in ("outs", "metrics") for o in declared[name].get(key, [])}
+        for path in stage.done:
+            assert any(path.startswith(out) for out in outs), (name, path)
+
+
+def test_a_stage_reading_its_own_successor_is_a_loop():
+    from metanlp.stages import Stage, data_order
+
+    first = Stage(name="a", run=lambda p, r: {}, params=(), deps=("b.json",), outs=("a.json",), done=())
+    second = Stage(name="b", run=lambda p, r: {}, params=(), deps=("a.json",), outs=("b.json",), done=())
+    with pytest.raises(RuntimeError, match="in a loop"):
+        data_order([first, second])
 
 
 @pytest.mark.slow

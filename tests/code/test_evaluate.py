@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from metanlp.data.load import DataError
-from metanlp.evaluate import build_settings, evaluate_methods, markdown_table, mean_ci, write_report
+from metanlp.evaluation import build_settings, evaluate_methods, mean_ci
 from metanlp.learners import build_learner
+from metanlp.reporting import markdown_table, write_report
 
 
 def test_mean_ci_is_196_sd_over_sqrt_n():

@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metanlp.config import EncoderConfig, GradientConfig, LearnerSpec
+from metanlp.config import EncoderConfig, learner_config
 from metanlp.data.episodes import EpisodeSampler
 from metanlp.learners import build_learner
+from metanlp.learners.meta_batch import StackedTasks, TaskLoop, VmappedHeads
 
 TINY_EAGER = EncoderConfig(name_or_path="tiny-random-bert", attn_implementation="eager")
 
 
 def _setup(corpus, name, **overrides):
-    config = GradientConfig.for_algorithm(name).model_copy(update={"inner_steps": 2, **overrides})
-    learner = build_learner(name, TINY_EAGER, LearnerSpec(learner=name, encoder=TINY_EAGER, gradient=config))
+    learner = build_learner(learner_config(name, inner_steps=2, **overrides), TINY_EAGER)
     learner.double().eval()  # float64 for finite differences; eval: no dropout, so the loss is a function
     tokens = learner.encoder.tokenize(corpus.texts)
     episode = EpisodeSampler(corpus, 3, 2, 2, seed=0).sample()
@@ -79,7 +79,7 @@ def test_reptile_gradient_is_start_minus_adapted(corpus):
                                  track_meta=False)
     start = {n: p.detach().clone() for n, p in learner.encoder.named_parameters()}
     learner.zero_grad()
-    learner.episode_loss(tokens, episode)[0].backward()
+    learner.backward_batch(tokens, [episode])  # Reptile's own outer step
     epsilon = 0.1
     with torch.no_grad():
         for name, p in learner.encoder.named_parameters():
@@ -113,10 +113,10 @@ def test_adaptation_at_test_time_changes_only_fast_weights(corpus):
 @pytest.mark.parametrize("adapt", ["top", "head"])
 def test_split_encoder_equals_the_whole_encoder(corpus, adapt):
     learner, tokens, episode = _setup(corpus, "fomaml", adapt=adapt, top_layers=1)
-    assert learner.n_bottom == (1 if adapt == "top" else 2)
+    assert learner.split.n_bottom == (1 if adapt == "top" else 2)
     batch = tokens.batch(episode.support)
     fast = {n: p for n, p in learner.encoder.named_parameters() if n in learner.adapted}
-    torch.testing.assert_close(learner.feature_fn(batch)(fast), learner.features(fast, batch))
+    torch.testing.assert_close(learner.split.feature_fn(batch)(fast), learner.split.features(fast, batch))
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
@@ -124,15 +124,15 @@ def test_packed_top_layers_equal_transformers_layers(corpus, pooling):
     """The padding-free layers compute what transformers' BertLayer computes: features and their gradients."""
     learner, tokens, episode = _setup(corpus, "maml", top_layers=1)
     learner.encoder.config = learner.encoder.config.model_copy(update={"pooling": pooling})
-    assert learner.packed and learner.n_bottom == 1
+    assert learner.split.packed and learner.split.n_bottom == 1
     batch = tokens.batch(episode.support)
     assert not batch.attention_mask.all(), "the batch must hold padding for the test to mean anything"
     fast = {n: p for n, p in learner.encoder.named_parameters() if n in learner.adapted}
     params = list(fast.values()) + [p for n, p in learner.encoder.named_parameters() if ".layer.0." in n]
     results = {}
     for packed in (True, False):  # bottom layer and top layer, values and gradients of both
-        learner.packed = packed
-        features = learner.feature_fn(batch)(fast)
+        learner.split.packed = packed
+        features = learner.split.feature_fn(batch)(fast)
         weights = torch.randn(features.shape, generator=torch.Generator().manual_seed(0), dtype=features.dtype)
         grads = torch.autograd.grad((features * weights).sum(), params)
         results[packed] = features, grads
@@ -143,7 +143,7 @@ def test_packed_top_layers_equal_transformers_layers(corpus, pooling):
 
 def test_lora_layers_fall_back_to_transformers_layers(corpus):
     learner, _, _ = _setup(corpus, "maml", adapt="lora", top_layers=1, lora_rank=2)
-    assert not learner.packed
+    assert not learner.split.packed
 
 
 def test_gradient_checkpointing_gives_the_same_second_order_meta_gradient(corpus):
@@ -167,7 +167,7 @@ def test_meta_batch_shares_the_bottom_and_equals_the_mean_of_its_tasks(corpus):
     torch.testing.assert_close(together, separate)
 
 
-@pytest.mark.parametrize("name", ["maml", "fomaml", "anil", "reptile"])
+@pytest.mark.parametrize("name", ["maml", "fomaml", "anil"])
 def test_task_by_task_backward_equals_one_backward_of_the_mean(corpus, name):
     learner, tokens, _ = _setup(corpus, name, top_layers=1)
     episodes = EpisodeSampler(corpus, 3, 2, 2, seed=7).take(3)
@@ -204,7 +204,7 @@ def test_leopard_starts_as_proto_maml_and_its_generator_learns(corpus):
     proto_maml.load_state_dict({k: v for k, v in learner.state_dict().items()
                                 if not k.startswith(("generator.", "log_inner_lrs."))}, strict=True)
     # A zero-initialised generator: the generated head is exactly the Proto-MAML head.
-    h = learner.feature_fn(tokens.batch(episode.support))(
+    h = learner.split.feature_fn(tokens.batch(episode.support))(
         {n: p for n, p in learner.encoder.named_parameters() if n in learner.adapted})
     targets = torch.as_tensor(episode.support_labels)
     for mine, theirs in zip(learner.initial_head(h, targets, 3), proto_maml.initial_head(h, targets, 3), strict=True):
@@ -221,10 +221,10 @@ def test_vmapped_batch_of_tasks_gives_the_loop_gradients(corpus, name, first_ord
     task-by-task loop's (anil: second order by default; metasgd: learned head rates get gradients too)."""
     learner, tokens, _ = _setup(corpus, name, adapt="head", first_order=first_order)
     episodes = EpisodeSampler(corpus, 3, 2, 2, seed=1).take(4)
-    assert learner._can_vmap(episodes)
+    assert isinstance(learner.execution, VmappedHeads) and learner.execution.applies(learner, episodes)
     grads = {}
     for vmapped in (True, False):
-        learner.config = learner.config.model_copy(update={"vmap_tasks": vmapped})
+        learner.execution = VmappedHeads() if vmapped else TaskLoop()
         learner.zero_grad()
         loss, logits = learner.backward_batch(tokens, episodes)
         grads[vmapped] = ({n: p.grad.clone() for n, p in learner.named_parameters() if p.grad is not None},
@@ -250,8 +250,8 @@ def test_stacked_tasks_give_the_task_loop_gradients(corpus, name, checkpointing)
     episodes = EpisodeSampler(corpus, 3, 2, 2, seed=1).take(3)
     results = {}
     for mode in ("always", "never"):
-        learner.config = learner.config.model_copy(update={"batch_tasks": mode})
-        assert learner._can_batch(episodes) == (mode == "always")
+        learner.execution = StackedTasks(mode) if mode == "always" else TaskLoop()
+        assert isinstance(learner.execution, StackedTasks) == (mode == "always")
         learner.zero_grad()
         loss, logits = learner.backward_batch(tokens, episodes)
         results[mode] = ({n: p.grad.clone() for n, p in learner.named_parameters() if p.grad is not None},
@@ -267,7 +267,10 @@ def test_stacked_tasks_give_the_task_loop_gradients(corpus, name, checkpointing)
 
 def test_stacked_tasks_need_same_shaped_episodes(corpus):
     learner, _, _ = _setup(corpus, "maml", batch_tasks="always")
+    assert isinstance(learner.execution, StackedTasks)
     mixed = [EpisodeSampler(corpus, 3, 2, 2, seed=1).sample(), EpisodeSampler(corpus, 4, 2, 2, seed=1).sample()]
-    assert not learner._can_batch(mixed)
-    assert learner._can_batch(EpisodeSampler(corpus, 3, 2, 2, seed=1).take(2))
-    assert not _setup(corpus, "maml", batch_tasks="auto")[0]._can_batch(EpisodeSampler(corpus, 3, 2, 2).take(2))
+    assert not learner.execution.applies(learner, mixed)
+    assert learner.execution.applies(learner, EpisodeSampler(corpus, 3, 2, 2, seed=1).take(2))
+    on_cpu = _setup(corpus, "maml", batch_tasks="auto")[0]
+    assert not on_cpu.execution.applies(on_cpu, EpisodeSampler(corpus, 3, 2, 2).take(2))
+    assert isinstance(_setup(corpus, "maml", batch_tasks="never")[0].execution, TaskLoop)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from metanlp.config import Provenance
 from metanlp.data.load import DataError
 from metanlp.learners import build_learner, load_learner, save_learner
 
@@ -18,17 +19,17 @@ QUERIES = ["how often to water basil", "vet visit for my puppy", "something else
 
 @pytest.mark.parametrize("name", ["protonet", "frozen", "finetune"])
 def test_save_load_round_trip_gives_identical_predictions(tmp_path, tiny_encoder_config, name):
-    learner = build_learner(name, tiny_encoder_config).eval()
+    provenance = Provenance(classes={"train": ["a"], "val": ["b"], "test": ["c"]})
+    learner = build_learner(name, tiny_encoder_config, provenance).eval()
     with torch.no_grad():
         for p in learner.parameters():  # move away from the freshly built weights, so loading must restore them
             p.add_(0.01 * torch.randn_like(p))
-    learner.provenance = {"classes": {"train": ["a"], "val": ["b"], "test": ["c"]}}
     torch.manual_seed(0)
     before = learner.adapt(SUPPORT, LABELS).predict(QUERIES)
     save_learner(learner, tmp_path / "model")
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["encoder", "learner.json", "model.safetensors"]
     spec = json.loads((tmp_path / "model" / "learner.json").read_text())
-    assert spec["learner"] == name and spec["classes"]["test"] == ["c"]
+    assert spec["learner"]["kind"] == name and spec["provenance"]["classes"]["test"] == ["c"]
     loaded = load_learner(tmp_path / "model")
     torch.manual_seed(0)
     after = loaded.adapt(SUPPORT, LABELS).predict(QUERIES)
@@ -40,7 +41,7 @@ def test_save_replaces_an_existing_model_whole(tmp_path, tiny_encoder_config):
     target = tmp_path / "model"
     save_learner(build_learner("protonet", tiny_encoder_config), target)
     save_learner(build_learner("frozen", tiny_encoder_config), target)
-    assert json.loads((target / "learner.json").read_text())["learner"] == "frozen"
+    assert json.loads((target / "learner.json").read_text())["learner"]["kind"] == "frozen"
     assert [p.name for p in tmp_path.iterdir()] == ["model"], "staging or retired folders were left behind"
 
 
@@ -82,3 +83,41 @@ def test_tokenisation_trims_padding_per_batch(tiny_encoder_config):
     assert tokens.batch([0]).input_ids.shape[1] < tokens.batch([0, 1]).input_ids.shape[1]
     full = encoder.embed(tokens)
     torch.testing.assert_close(encoder.embed(tokens, rows=[1]), full[1:], atol=1e-5, rtol=1e-4)
+
+
+def _format_one(directory, learner: dict, section: str, options: dict):
+    """A model folder as metanlp wrote it before learner specs were a union: name + family section."""
+    spec = json.loads((directory / "learner.json").read_text())
+    old = {"learner": learner, "encoder": spec["encoder"], section: options,
+           "split": None, "classes": {"train": ["a"], "val": ["b"], "test": ["c"]}, "train_data": "x.jsonl"}
+    (directory / "learner.json").write_text(json.dumps(old))
+
+
+@pytest.mark.parametrize(("kind", "section", "options"), [
+    ("frozen", "protonet", {"distance": "cosine", "init_scale": 10.0, "learn_scale": False}),
+    ("fomaml", "gradient", {"inner_steps": 2, "first_order": True, "adapt": "top", "top_layers": 1}),
+])
+def test_models_saved_in_the_first_format_still_load(tmp_path, tiny_encoder_config, kind, section, options):
+    from metanlp.config import learner_config
+
+    config = learner_config(kind, **{k: v for k, v in options.items() if k != "learn_scale"})
+    learner = build_learner(config, tiny_encoder_config).eval()
+    save_learner(learner, tmp_path / "model")
+    _format_one(tmp_path / "model", kind, section, options)
+    loaded = load_learner(tmp_path / "model")
+    assert loaded.config == learner.config and loaded.provenance.classes["test"] == ["c"]
+    torch.manual_seed(0)
+    np.testing.assert_allclose(loaded.adapt(SUPPORT, LABELS).predict(QUERIES).scores,
+                               learner.adapt(SUPPORT, LABELS).predict(QUERIES).scores, atol=1e-6)
+
+
+def test_a_spec_whose_options_contradict_its_kind_is_refused(tmp_path, tiny_encoder_config):
+    """Before, `anil` with adapt 'top' silently ran MAML under ANIL's name; now the kind fixes what it means."""
+    from metanlp.config import learner_config
+
+    with pytest.raises(ValueError, match="adapt"):
+        learner_config("anil", adapt="top")
+    save_learner(build_learner(learner_config("maml", top_layers=1), tiny_encoder_config), tmp_path / "model")
+    _format_one(tmp_path / "model", "anil", "gradient", {"adapt": "top", "top_layers": 1})
+    with pytest.raises(DataError, match="written by an earlier metanlp.*'anil'"):
+        load_learner(tmp_path / "model")

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from conftest import write_params
 from metanlp.data.load import DataError
-from metanlp.stages import StageError
+from metanlp.data.validation import CorpusInvalid
 
 
 @pytest.fixture(scope="module")
@@ -79,17 +79,19 @@ def test_corrupt_corpus_stops_before_training_and_keeps_the_champion(train_flow,
     rows = [json.loads(line) for line in corpus.read_text().splitlines()]
     rows[3]["text"] = ""
     corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(StageError, match="expect_column_values_to_match_regex"):
+    with pytest.raises(CorpusInvalid, match="expect_column_values_to_match_regex"):
         run(train_flow, tiny_project)
     assert (tiny_project / "artifacts" / "model" / "training.json").stat().st_mtime_ns == model_stamp
     assert versions(tiny_project) == ["1"] and alias(tiny_project, "champion") == "1"
 
 
 def test_transient_error_in_a_stage_is_retried(train_flow, tiny_project, monkeypatch):
+    import dataclasses
+
     from metanlp.stages import evaluate
 
     calls = []
-    real_run = evaluate.run
+    real_run = evaluate.STAGE.run
 
     def flaky(*args, **kwargs):
         calls.append(1)
@@ -97,7 +99,7 @@ def test_transient_error_in_a_stage_is_retried(train_flow, tiny_project, monkeyp
             raise ConnectionError("injected: the artifact store did not answer")
         return real_run(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "run", flaky)
+    monkeypatch.setattr(evaluate, "STAGE", dataclasses.replace(evaluate.STAGE, run=flaky))
     result = run(train_flow, tiny_project)
     assert len(calls) == 2 and result["register"]["version"] == "1"
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from metanlp.cli import app
 from metanlp.serving import example_request
-from metanlp.stages import STAGES, load_params
+from metanlp.stages import load_params, stages
 from metanlp.stages.register import decide
 from metanlp.tracking import tracking
 
@@ -21,8 +21,6 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory) -> Path:
     """The six stages run one after another (no Prefect), leaving version 1 registered as champion."""
-    import importlib
-
     from conftest import write_params
     from metanlp.data.load import default_corpus_path
 
@@ -31,8 +29,8 @@ def registered(tmp_path_factory) -> Path:
     (root / "data" / "intents.jsonl").write_bytes(default_corpus_path().read_bytes())
     write_params(root, tune={"enabled": False})
     params = load_params(root / "params.yaml")
-    for stage in STAGES:
-        importlib.import_module(f"metanlp.stages.{stage}").run(params, root)
+    for stage in stages().values():
+        stage.run(params, root)
     return root
 
 

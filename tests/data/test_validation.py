@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from metanlp.data.validation import CorpusInvalid
 from metanlp.stages import StageError, load_params
 from metanlp.stages import build_corpus as build_corpus_stage
 from metanlp.stages import validate as validate_stage
@@ -22,7 +23,7 @@ def write_rows(root: Path, data: list[dict]) -> None:
 
 
 def failed_rules(root: Path) -> tuple[str, dict]:
-    with pytest.raises(StageError) as caught:
+    with pytest.raises(CorpusInvalid) as caught:
         validate_stage.run(load_params(root / "params.yaml"), root)
     report = json.loads((root / "artifacts" / "validation" / "report.json").read_text())
     assert report["success"] is False
@@ -93,7 +94,7 @@ def test_corpus_is_not_built_without_a_passing_report(tiny_project):
     data[0]["text"] = ""
     write_rows(tiny_project, data)
     params = load_params(tiny_project / "params.yaml")
-    with pytest.raises(StageError):
+    with pytest.raises(CorpusInvalid):
         validate_stage.run(params, tiny_project)
     with pytest.raises(StageError, match="no passing validation report"):
         build_corpus_stage.run(params, tiny_project)
@@ -101,7 +102,7 @@ def test_corpus_is_not_built_without_a_passing_report(tiny_project):
 
 
 def test_unlabeled_text_rules(tmp_path):
-    from metanlp.stages.validate import validate_unlabeled
+    from metanlp.data.validation import validate_unlabeled
 
     good = tmp_path / "good.txt"
     good.write_text("\n".join(f"This is sentence number {i} of the unlabeled text." for i in range(40)) + "\n\n")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from metanlp.config import EpisodeConfig, GradientConfig, LearnerSpec, SplitConfig, TrainConfig
+from metanlp.config import EpisodeConfig, SplitConfig, TrainConfig, learner_config
 from metanlp.data.episodes import EpisodeSampler
 from metanlp.data.splits import split_classes
 from metanlp.learners import LEARNERS, build_learner, load_learner, save_learner
@@ -47,9 +47,7 @@ def test_every_learner_meta_trains_and_adapts_on_cuda(name, corpus, split, tiny_
 def test_cuda_meta_gradient_matches_cpu_within_bf16(algorithm, corpus, tiny_encoder_config, tmp_path):
     """Same weights, same episodes: the CUDA (bf16 autocast) meta-gradient points where the fp32 CPU one does."""
     torch.manual_seed(0)
-    spec = LearnerSpec(learner=algorithm, encoder=tiny_encoder_config,
-                       gradient=GradientConfig.for_algorithm(algorithm).model_copy(update={"top_layers": 1}))
-    learner = build_learner(algorithm, tiny_encoder_config, spec)
+    learner = build_learner(learner_config(algorithm, top_layers=1), tiny_encoder_config)
     save_learner(learner, tmp_path / "start")
     episodes = EpisodeSampler(corpus, 5, 3, 3, seed=0).take(2)
 

@@ -39,7 +39,7 @@ def test_same_seed_same_metrics(corpus, tiny_encoder_config):
 def test_default_encoder_separates_the_embedded_test_intents(corpus):
     """The packaged all-MiniLM-L6-v2, untouched, already tells apart intents it was never shown."""
     from metanlp.data.episodes import EpisodeSampler
-    from metanlp.evaluate import run_episode
+    from metanlp.evaluation import run_episode
 
     test_classes = [c for c, d in corpus.domain_of_class().items() if d in {"real_estate", "events"}]
     test_set = corpus.with_classes(test_classes)
@@ -64,19 +64,17 @@ def test_default_encoder_prediction_is_invariant_to_support_order():
 
 @pytest.mark.parametrize("name", ["protonet", "metasgd"])
 def test_interrupted_run_resumes_to_the_same_result(corpus, tiny_encoder_config, tmp_path, name):
-    from metanlp.config import GradientConfig, LearnerSpec
+    from metanlp.config import learner_config
     from metanlp.train import TrainingInterrupted
 
     split = split_classes(corpus, SplitConfig(by="random", sizes=(30, 6, 6), seed=0))
     train_set, val_set = corpus.with_classes(split.train), corpus.with_classes(split.val)
     config = TrainConfig(episodes=6, val_every=2, val_episodes=5, lr=1e-3, patience=10, tasks_per_step=2,
                          episode=EpisodeConfig(ways=3, shots=2, queries=2))
-    spec = LearnerSpec(learner=name, encoder=tiny_encoder_config,
-                       gradient=GradientConfig.for_algorithm(name).model_copy(update={"inner_steps": 2})
-                       if name != "protonet" else None)
+    spec = learner_config(name, **({} if name == "protonet" else {"inner_steps": 2}))
 
     def fresh():
-        return build_learner(name, tiny_encoder_config, spec)
+        return build_learner(spec, tiny_encoder_config)
 
     whole = fresh()
     expected = meta_train(whole, train_set, val_set, config, show_progress=False)

@@ -3,31 +3,24 @@
     classifier = learner.adapt(support_texts, support_labels)
     predictions = classifier.predict(query_texts)
 
-Meta-trainable learners also give `episode_loss` for the training loop. Every learner saves as
-`learner.json` (what it is) + `model.safetensors` (its weights) + `encoder/` (architecture and
-tokenizer, no weights): nothing is ever unpickled.
+Meta-trainable learners also give `backward_batch` (the meta-gradient of a meta-batch) for the training
+loop. A learner is built from its spec (`metanlp.config.LearnerConfig`) by the registry, and saved and
+loaded by `persistence`; this module knows neither.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
 from torch import nn
 
-from metanlp.config import LearnerSpec
+from metanlp.config import LearnerSpec, Provenance
 from metanlp.data.episodes import Episode
 from metanlp.data.load import DataError
 from metanlp.encoder import TextEncoder, TokenBatch, TokenizedTexts
-
-SPEC_FILE, WEIGHTS_FILE, ENCODER_DIR = "learner.json", "model.safetensors", "encoder"
 
 
 @dataclass(frozen=True)
@@ -84,15 +77,22 @@ def support_targets(labels: list[str]) -> tuple[list[str], torch.Tensor]:
 
 
 class Learner(nn.Module):
-    """Base class. Subclasses set `name`, implement `adapt`, and if meta-trainable, `episode_loss`."""
+    """Base class. Subclasses implement `adapt`, and if meta-trainable, `episode_loss` (or `backward_batch`).
 
-    name: str = ""
+    `config` is the learner's spec (its `kind` names it); `provenance` says where its weights came from.
+    """
+
     meta_trainable: bool = False
 
-    def __init__(self, encoder: TextEncoder) -> None:
+    def __init__(self, encoder: TextEncoder, config, provenance: Provenance | None = None) -> None:
         super().__init__()
         self.encoder = encoder
-        self.provenance: dict = {}  # split, classes, train data: written beside the weights
+        self.config = config
+        self.provenance = provenance or Provenance()
+
+    @property
+    def name(self) -> str:
+        return self.config.kind
 
     def tokens(self, texts: list[str] | TokenizedTexts) -> TokenizedTexts:
         return texts if isinstance(texts, TokenizedTexts) else self.encoder.tokenize(list(texts))
@@ -115,82 +115,5 @@ class Learner(nn.Module):
         loss.backward()
         return loss.detach(), [lg.detach() for lg in logits]
 
-    def options(self) -> dict:
-        """Learner-specific config sections of the spec (e.g. {"protonet": ProtoNetConfig})."""
-        return {}
-
-    def meta_train(self, train_data, val_data, config, out_dir=None, **options):
-        """Meta-train on episodes of `train_data`'s classes, early-stopping on `val_data`'s; `options` as in
-        `metanlp.train.meta_train` (show_progress, checkpoint_dir, stop_after)."""
-        from metanlp.train import meta_train
-
-        return meta_train(self, train_data, val_data, config, out_dir, **options)
-
-    def save(self, directory: str | Path) -> Path:
-        return save_learner(self, directory)
-
     def spec(self) -> LearnerSpec:
-        return LearnerSpec(learner=self.name, encoder=self.encoder.config, **self.options(), **self.provenance)
-
-
-def replace_directory(directory: str | Path, write: Callable[[Path], None]) -> Path:
-    """Fill a staging folder with `write`, then swap it in for `directory`: a crash leaves the old
-    contents, never half of the new ones."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        write(staging)
-        if directory.exists():
-            retired = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(retired, ignore_errors=True)
-            directory.rename(retired)
-            staging.rename(directory)
-            shutil.rmtree(retired)
-        else:
-            staging.rename(directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return directory
-
-
-def save_learner(learner: Learner, directory: str | Path) -> Path:
-    """Write the learner to `directory` atomically: a crash leaves the old contents, never half a model."""
-
-    def write(staging: Path) -> None:
-        (staging / SPEC_FILE).write_text(learner.spec().model_dump_json(indent=2))
-        save_model(learner, str(staging / WEIGHTS_FILE))
-        learner.encoder.save_architecture(staging / ENCODER_DIR)
-
-    return replace_directory(directory, write)
-
-
-def read_spec(directory: str | Path) -> LearnerSpec:
-    directory = Path(directory)
-    path = directory / SPEC_FILE
-    if not path.is_file():
-        raise DataError(f"{directory}: not a metanlp model (no {SPEC_FILE})")
-    try:
-        return LearnerSpec.model_validate(json.loads(path.read_text()))
-    except (json.JSONDecodeError, ValueError) as err:
-        raise DataError(f"{path}: not a valid learner spec: {err}") from err
-
-
-def load_learner(directory: str | Path, attn_implementation: str | None = None) -> Learner:
-    from metanlp.learners import build_learner
-
-    directory = Path(directory)
-    spec = read_spec(directory)
-    encoder_config = spec.encoder
-    if attn_implementation:
-        encoder_config = encoder_config.model_copy(update={"attn_implementation": attn_implementation})
-    encoder = TextEncoder.from_architecture(directory / ENCODER_DIR, encoder_config)
-    learner = build_learner(spec.learner, encoder, spec)
-    missing, unexpected = load_model(learner, str(directory / WEIGHTS_FILE), strict=False)
-    if missing or unexpected:
-        raise DataError(f"{directory / WEIGHTS_FILE}: weights do not match the {spec.learner!r} learner "
-                        f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
-    learner.provenance = {k: getattr(spec, k) for k in ("split", "classes", "train_data", "adapted")}
-    return learner.eval()
-
+        return LearnerSpec(learner=self.config, encoder=self.encoder.config, provenance=self.provenance)

@@ -13,20 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from metanlp.config import FineTuneConfig
+from metanlp.config import FineTuneConfig, Provenance
 from metanlp.encoder import TextEncoder, TokenBatch, TokenizedTexts, autocast
 from metanlp.learners.base import Classifier, Learner, logits_in_chunks, support_targets
 
 
 class FineTune(Learner):
-    name = "finetune"
-
-    def __init__(self, encoder: TextEncoder, config: FineTuneConfig | None = None) -> None:
-        super().__init__(encoder)
-        self.config = config or FineTuneConfig()
-
-    def options(self) -> dict:
-        return {"finetune": self.config}
+    def __init__(self, encoder: TextEncoder, config: FineTuneConfig | None = None,
+                 provenance: Provenance | None = None) -> None:
+        super().__init__(encoder, config or FineTuneConfig(), provenance)
 
     def adapt(self, support, labels) -> Classifier:
         cfg = self.config

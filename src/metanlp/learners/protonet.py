@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metanlp.config import ProtoNetConfig
+from metanlp.config import FrozenConfig, ProtoNetConfig, Provenance
 from metanlp.data.episodes import Episode
 from metanlp.encoder import TextEncoder, TokenizedTexts, autocast
 from metanlp.learners.base import Classifier, Learner, support_targets
@@ -33,17 +33,13 @@ def prototype_logits(queries: torch.Tensor, protos: torch.Tensor, distance: str,
 
 
 class ProtoNet(Learner):
-    name = "protonet"
     meta_trainable = True
 
-    def __init__(self, encoder: TextEncoder, config: ProtoNetConfig | None = None) -> None:
-        super().__init__(encoder)
-        self.config = config or ProtoNetConfig()
+    def __init__(self, encoder: TextEncoder, config: ProtoNetConfig | None = None,
+                 provenance: Provenance | None = None) -> None:
+        super().__init__(encoder, config or ProtoNetConfig(), provenance)
         self.log_scale = nn.Parameter(torch.tensor(math.log(self.config.init_scale)),
                                       requires_grad=self.config.learn_scale)
-
-    def options(self) -> dict:
-        return {"protonet": self.config}
 
     def episode_loss(self, tokens: TokenizedTexts, episode: Episode):
         n_support = len(episode.support)
@@ -71,8 +67,8 @@ class ProtoNet(Learner):
 class FrozenEncoder(ProtoNet):
     """The untouched pretrained encoder with class prototypes: the baseline every table keeps."""
 
-    name = "frozen"
     meta_trainable = False
 
-    def __init__(self, encoder: TextEncoder, config: ProtoNetConfig | None = None) -> None:
-        super().__init__(encoder, (config or ProtoNetConfig()).model_copy(update={"learn_scale": False}))
+    def __init__(self, encoder: TextEncoder, config: FrozenConfig | None = None,
+                 provenance: Provenance | None = None) -> None:
+        super().__init__(encoder, config or FrozenConfig(), provenance)

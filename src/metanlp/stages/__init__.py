@@ -9,142 +9,87 @@
       -> evaluate      every method on the same episodes, artifacts/evaluation/
       -> register      MLflow run, registered version and guarded promotion, artifacts/registry.json
 
-Each stage is a plain function `run(params, root) -> dict` whose inputs and outputs are files under the
-project root, so it runs alone (`metanlp stage NAME`), under DVC (dvc.yaml) or as a Prefect task (flows/).
+Each stage is one module of this package declaring `STAGE` (`common.Stage`): its name, the params.yaml keys
+it reads, the files it reads and writes, and its run function `run(params, root) -> dict`. Everything else is
+made from the declarations: `metanlp stage NAME`, the Prefect tasks and their cache keys (`pipeline`), and
+dvc.yaml (`dvc_yaml`, checked against the committed file by a test). The order is the data order: a stage
+runs after the stages whose outputs it reads. A new stage is a new module here.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-from dataclasses import dataclass
+import importlib
+import pkgutil
 from pathlib import Path
 
-import yaml
-from pydantic import ValidationError
+from metanlp.stages.common import (
+    SOURCE_DIR,
+    Stage,
+    StageError,
+    Workspace,
+    file_digest,
+    load_params,
+    params_slice,
+    read_json,
+    write_json,
+)
 
-from metanlp.config import PipelineParams, describe_validation_error
-from metanlp.data.load import DataError
-
-STAGES = ("validate", "build_corpus", "pretrain", "tune", "meta_train", "evaluate", "register")
-
-# The params.yaml keys each stage reads. dvc.yaml lists the same keys (a test keeps them equal), and the
-# Prefect cache key hashes the same slice, so a changed key reruns the same stages under both.
-STAGE_PARAMS: dict[str, list[str]] = {
-    "validate": ["data", "validate", "meta_train.train.episode", "evaluate.shots", "evaluate.queries"],
-    "build_corpus": ["data"],
-    "pretrain": ["pretrain", "meta_train.encoder", "meta_train.train.device"],
-    "tune": ["meta_train", "tune"],
-    "meta_train": ["meta_train"],
-    "evaluate": ["evaluate"],
-    "register": ["evaluate", "register"],
-}
+_HELPERS = {"common"}
 
 
-class StageError(RuntimeError):
-    """A stage that cannot go on (bad input, failed validation); retrying it would fail the same way."""
+def _declared() -> list[Stage]:
+    stages = []
+    for module in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        if module.name not in _HELPERS:
+            declared = getattr(importlib.import_module(f"{__name__}.{module.name}"), "STAGE", None)
+            if isinstance(declared, Stage):
+                stages.append(declared)
+    return stages
 
 
-@dataclass(frozen=True)
-class Workspace:
-    """Where every stage reads and writes, relative to the project root."""
-
-    root: Path
-
-    @property
-    def artifacts(self) -> Path:
-        return self.root / "artifacts"
-
-    @property
-    def validation(self) -> Path:
-        return self.artifacts / "validation"
-
-    @property
-    def corpus(self) -> Path:
-        return self.artifacts / "corpus"
-
-    @property
-    def pretrained(self) -> Path:
-        return self.artifacts / "pretrained"
-
-    @property
-    def tune(self) -> Path:
-        return self.artifacts / "tune"
-
-    @property
-    def model(self) -> Path:
-        return self.artifacts / "model"
-
-    @property
-    def evaluation(self) -> Path:
-        return self.artifacts / "evaluation"
-
-    @property
-    def registry_record(self) -> Path:
-        return self.artifacts / "registry.json"
-
-    @property
-    def mlflow_dir(self) -> Path:
-        return self.root / "mlflow"
-
-    def source(self, params: PipelineParams) -> Path:
-        return (self.root / params.data.corpus).resolve()
+def _produces(stage: Stage, path: str) -> bool:
+    return any(path == out or path.startswith(out.rstrip("/") + "/") or out.startswith(path.rstrip("/") + "/")
+               for out in (*stage.outs, *stage.uncached, *stage.metrics))
 
 
-def load_params(path: str | Path) -> PipelineParams:
-    """params.yaml -> validated params; a wrong key or value is named with the file it came from."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such params file")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise DataError(f"{path}: not valid YAML: {err}") from err
-    if not isinstance(raw, dict):
-        raise DataError(f"{path}: expected a mapping of stage keys, got {type(raw).__name__}")
-    try:
-        return PipelineParams.model_validate(raw)
-    except ValidationError as err:
-        raise DataError(f"{path}: {describe_validation_error(err)}") from err
+def data_order(stages: list[Stage]) -> list[Stage]:
+    """Stages sorted so that each comes after those whose outputs it reads (ties by name)."""
+    after = {s.name: {o.name for o in stages if o is not s and any(_produces(o, d) for d in s.deps)}
+             for s in stages}
+    ordered, placed = [], set()
+    while len(ordered) < len(stages):
+        ready = sorted(s.name for s in stages if s.name not in placed and after[s.name] <= placed)
+        if not ready:
+            raise RuntimeError(f"stages read each other's outputs in a loop: {sorted(set(after) - placed)}")
+        ordered.append(next(s for s in stages if s.name == ready[0]))
+        placed.add(ready[0])
+    return ordered
 
 
-def params_slice(params: PipelineParams, stage: str) -> dict:
-    """The part of params.yaml that `stage` reads, as plain data."""
-    full = params.model_dump(mode="json", by_alias=True)
-    picked: dict = {}
-    for key in STAGE_PARAMS[stage]:
-        value = full
-        for part in key.split("."):
-            value = value[part]
-        picked[key] = value
-    return picked
+def stages() -> dict[str, Stage]:
+    """Every declared stage by name, in data order."""
+    return {stage.name: stage for stage in data_order(_declared())}
 
 
-def file_digest(path: Path) -> str:
-    """md5 of a file, or of a folder's relative names and contents; 'missing' when absent."""
-    if not path.exists():
-        return "missing"
-    digest = hashlib.md5()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for file in files:
-        digest.update(str(file.relative_to(path) if file != path else file.name).encode())
-        with file.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+def dvc_yaml() -> str:
+    """dvc.yaml as the declarations say it (`metanlp dvc-yaml` writes it; a test checks the committed one)."""
+    import yaml
+
+    entries, plots = {}, []
+    for stage in stages().values():
+        entry = {"cmd": f"metanlp stage {stage.name}", "deps": [*stage.deps, SOURCE_DIR],
+                 "params": list(stage.params)}
+        outs = [*stage.outs, *({path: {"cache": False}} for path in stage.uncached)]
+        if outs:
+            entry["outs"] = outs
+        if stage.metrics:
+            entry["metrics"] = [{path: {"cache": False}} for path in stage.metrics]
+        entries[stage.name] = entry
+        plots += stage.plots
+    header = ("# Generated from the stage declarations in src/metanlp/stages/ by `metanlp dvc-yaml`; do not edit.\n"
+              "# `dvc repro` runs the same stages as `metanlp run` (Prefect), with the same params keys and files.\n")
+    return header + yaml.safe_dump({"stages": entries, "plots": plots}, sort_keys=False, width=120)
 
 
-def write_json(path: Path, payload: dict) -> Path:
-    """Written to a temporary name and renamed: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
-    return path
-
-
-def read_json(path: Path, stage: str) -> dict:
-    if not path.exists():
-        raise StageError(f"{path}: missing; run the {stage} stage first")
-    return json.loads(path.read_text())
+__all__ = ["SOURCE_DIR", "Stage", "StageError", "Workspace", "data_order", "dvc_yaml", "file_digest", "load_params",
+           "params_slice", "read_json", "stages", "write_json"]

@@ -12,7 +12,11 @@ from pathlib import Path
 from metanlp.config import PipelineParams
 from metanlp.data.load import LabelledTexts, load_labelled
 from metanlp.data.splits import SPLIT_NAMES, split_classes
-from metanlp.stages import StageError, Workspace, file_digest, read_json, write_json
+from metanlp.stages.common import Stage, StageError, Workspace, corpus_file, file_digest, read_json, write_json
+from metanlp.stages.validate import REPORT
+
+CORPUS = "artifacts/corpus"
+MANIFEST = f"{CORPUS}/manifest.json"
 
 
 def write_labelled(data: LabelledTexts, path: Path) -> Path:
@@ -27,9 +31,8 @@ def write_labelled(data: LabelledTexts, path: Path) -> Path:
 
 
 def run(params: PipelineParams, root: Path) -> dict:
-    workspace = Workspace(root)
-    source = workspace.source(params)
-    report = read_json(workspace.validation / "report.json", "validate")
+    source = Workspace(root).source(params)
+    report = read_json(root / REPORT, "validate")
     if not report["success"] or Path(report["source"]) != source:
         raise StageError(f"{source}: has no passing validation report; run the validate stage first")
     corpus = load_labelled(source)
@@ -37,14 +40,18 @@ def run(params: PipelineParams, root: Path) -> dict:
     manifest = {"source": params.data.corpus, "source_md5": file_digest(source), "rows": {}, "classes": {}}
     for name in SPLIT_NAMES:
         part = corpus.with_classes(split.classes(name))
-        write_labelled(part, workspace.corpus / f"{name}.jsonl")
+        write_labelled(part, root / CORPUS / f"{name}.jsonl")
         manifest["rows"][name], manifest["classes"][name] = len(part), split.classes(name)
-    write_json(workspace.corpus / "manifest.json", manifest)
-    return {"manifest": str(workspace.corpus / "manifest.json"), "rows": manifest["rows"]}
+    write_json(root / MANIFEST, manifest)
+    return {"manifest": str(root / MANIFEST), "rows": manifest["rows"]}
 
 
 def load_split(root: Path, name: str) -> LabelledTexts:
-    path = Workspace(root).corpus / f"{name}.jsonl"
+    path = root / CORPUS / f"{name}.jsonl"
     if not path.exists():
         raise StageError(f"{path}: missing; run the build_corpus stage first")
     return load_labelled(path)
+
+
+STAGE = Stage(name="build_corpus", run=run, params=("data",), deps=("data", REPORT), outs=(CORPUS,),
+              done=(MANIFEST,), inputs=corpus_file)

@@ -12,9 +12,15 @@ import json
 from pathlib import Path
 
 from metanlp.config import EvaluateParams, PipelineParams
-from metanlp.evaluate import BASELINE, build_methods, build_settings, evaluate_methods, write_report
-from metanlp.stages import Workspace, file_digest, write_json
-from metanlp.stages.build_corpus import load_split
+from metanlp.evaluation import BASELINE, build_settings, evaluate_model
+from metanlp.reporting import write_report
+from metanlp.stages.build_corpus import CORPUS, load_split
+from metanlp.stages.common import Stage, file_digest, write_json
+from metanlp.stages.meta_train import MODEL
+
+EVALUATION = "artifacts/evaluation"
+RESULTS, METRICS = f"{EVALUATION}/results.json", f"{EVALUATION}/metrics.json"
+TEST = f"{CORPUS}/test.jsonl"
 
 
 def episodes_id(test_file: Path, params: EvaluateParams) -> str:
@@ -22,23 +28,20 @@ def episodes_id(test_file: Path, params: EvaluateParams) -> str:
     return hashlib.md5(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def evaluate_model(model_dir: Path, root: Path, params: EvaluateParams, methods: list[str] | None = None,
-                   show_progress: bool = True) -> dict:
+def evaluate_on_test(model_dir: Path, root: Path, params: EvaluateParams, methods: list[str] | None = None,
+                     show_progress: bool = True) -> dict:
     """Score the model (and the baselines in `methods`) on the evaluation episodes of the test classes."""
     from metanlp.learners import read_spec
 
-    learner_name = read_spec(model_dir).learner
-    names = [learner_name, *(methods if methods is not None else [BASELINE])]
+    names = [read_spec(model_dir).learner.kind, *(methods if methods is not None else [BASELINE])]
     test = load_split(root, "test")
-    learners = build_methods(model_dir, "default", names)
     settings = build_settings(test, params.ways, params.shots, params.queries, params.episodes, 1, None,
                               params.seed)
     if params.full_label_space_shots:
         settings += build_settings(test, "all", params.full_label_space_shots, params.queries, params.episodes,
                                    params.repeats, None, params.seed)
-    results = evaluate_methods(learners, test, settings, None, params.seed, show_progress)
-    results["learner"] = learner_name
-    results["episodes_id"] = episodes_id(Workspace(root).corpus / "test.jsonl", params)
+    results = evaluate_model(model_dir, test, settings, names, seed=params.seed, show_progress=show_progress)
+    results["episodes_id"] = episodes_id(root / TEST, params)
     return results
 
 
@@ -59,11 +62,15 @@ def primary_metrics(results: dict, primary: str) -> dict[str, float]:
 
 
 def run(params: PipelineParams, root: Path, show_progress: bool = True) -> dict:
-    workspace = Workspace(root)
-    results = evaluate_model(workspace.model, root, params.evaluate, show_progress=show_progress)
+    results = evaluate_on_test(root / MODEL, root, params.evaluate, show_progress=show_progress)
     results["primary"] = params.evaluate.primary
-    write_report(results, workspace.evaluation / "results.json", title="test classes")
+    write_report(results, root / RESULTS, title="test classes")
     metrics = primary_metrics(results, params.evaluate.primary)
-    write_json(workspace.evaluation / "metrics.json", metrics)
-    return {"results": str(workspace.evaluation / "results.json"), "primary_accuracy": metrics["primary_accuracy"],
+    write_json(root / METRICS, metrics)
+    return {"results": str(root / RESULTS), "primary_accuracy": metrics["primary_accuracy"],
             "episodes_id": results["episodes_id"]}
+
+
+STAGE = Stage(name="evaluate", run=run, params=("evaluate",), deps=(TEST, MODEL),
+              outs=(RESULTS, f"{EVALUATION}/results.md", f"{EVALUATION}/results.png"), done=(RESULTS, METRICS),
+              metrics=(METRICS,), plots=(f"{EVALUATION}/results.png",))

@@ -16,9 +16,15 @@ import numpy as np
 import yaml
 
 from metanlp.config import PipelineParams
-from metanlp.evaluate import mean_ci
-from metanlp.stages import StageError, Workspace, read_json, write_json
+from metanlp.evaluation import mean_ci
+from metanlp.stages.build_corpus import MANIFEST
+from metanlp.stages.common import Stage, StageError, read_json, write_json
+from metanlp.stages.evaluate import METRICS, RESULTS
+from metanlp.stages.meta_train import BEST, MODEL, TRAINING
+from metanlp.stages.validate import REPORT
 from metanlp.tracking import tracking
+
+RECORD = "artifacts/registry.json"
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -72,11 +78,11 @@ def champion_scores(client, name: str, champion, challenger: dict, params: Pipel
             previous = None
         if previous and previous.get("episodes_id") == challenger["episodes_id"]:
             return _primary_per_episode(previous, params.evaluate.primary), "recorded on the same episodes"
-        from metanlp.stages.evaluate import evaluate_model
+        from metanlp.stages.evaluate import evaluate_on_test
 
         model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@{CHAMPION}", dst_path=tmp))
         flavor = yaml.safe_load((model_dir / "MLmodel").read_text())["flavors"]["python_function"]
-        results = evaluate_model(model_dir / flavor["artifacts"]["model"]["path"], root, params.evaluate,
+        results = evaluate_on_test(model_dir / flavor["artifacts"]["model"]["path"], root, params.evaluate,
                                  methods=[], show_progress=False)
         return _primary_per_episode(results, params.evaluate.primary), "re-evaluated on these episodes"
 
@@ -101,8 +107,7 @@ def log_model(model_dir: Path, name: str):
                                    registered_model_name=name, pip_requirements=["metanlp"])
 
 
-def log_run_contents(workspace: Workspace, params: PipelineParams, training: dict, tuned: dict,
-                     metrics: dict) -> None:
+def log_run_contents(root: Path, params: PipelineParams, training: dict, tuned: dict, metrics: dict) -> None:
     """Params, metrics, reports and plots of the active run."""
     import mlflow
 
@@ -111,14 +116,11 @@ def log_run_contents(workspace: Workspace, params: PipelineParams, training: dic
     mlflow.log_params({k: str(v)[:6000] for k, v in flat.items()})
     mlflow.log_metrics({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
     mlflow.log_metric("best_val_accuracy", training["best_val_accuracy"])
-    for path, folder in ((workspace.evaluation / "results.json", "evaluation"),
-                         (workspace.evaluation / "results.md", "evaluation"),
-                         (workspace.evaluation / "results.png", "evaluation"),
-                         (workspace.model / "learning_curve.png", "training"),
-                         (workspace.model / "history.json", "training"),
-                         (workspace.validation / "report.json", "validation"),
-                         (workspace.validation / "report.md", "validation"),
-                         (workspace.tune / "best.json", "tune")):
+    for name, folder in ((RESULTS, "evaluation"), (RESULTS.replace(".json", ".md"), "evaluation"),
+                         (RESULTS.replace(".json", ".png"), "evaluation"), (f"{MODEL}/learning_curve.png", "training"),
+                         (f"{MODEL}/history.json", "training"), (REPORT, "validation"),
+                         (REPORT.replace(".json", ".md"), "validation"), (BEST, "tune")):
+        path = root / name
         if path.exists():
             mlflow.log_artifact(str(path), folder)
 
@@ -150,12 +152,11 @@ def run(params: PipelineParams, root: Path) -> dict:
     import mlflow
     from mlflow import MlflowClient
 
-    workspace = Workspace(root)
-    results = read_json(workspace.evaluation / "results.json", "evaluate")
-    metrics = read_json(workspace.evaluation / "metrics.json", "evaluate")
-    training = read_json(workspace.model / "training.json", "meta_train")
-    tuned = read_json(workspace.tune / "best.json", "tune")
-    manifest = read_json(workspace.corpus / "manifest.json", "build_corpus")
+    results = read_json(root / RESULTS, "evaluate")
+    metrics = read_json(root / METRICS, "evaluate")
+    training = read_json(root / TRAINING, "meta_train")
+    tuned = read_json(root / BEST, "tune")
+    manifest = read_json(root / MANIFEST, "build_corpus")
     reg = params.register_
     lineage = {"git_commit": git_commit(root), "data_dvc_md5": data_version(root),
                "corpus_md5": manifest["source_md5"], "optuna_study": str(tuned.get("study")),
@@ -164,15 +165,15 @@ def run(params: PipelineParams, root: Path) -> dict:
             run_name=f"{results['learner']} {lineage['git_commit'][:8]}", experiment_id=experiment_id,
             tags=lineage) as active:
         client = MlflowClient()
-        log_run_contents(workspace, params, training, tuned, metrics)
-        version = str(log_model(workspace.model, reg.model_name).registered_model_version)
+        log_run_contents(root, params, training, tuned, metrics)
+        version = str(log_model(root / MODEL, reg.model_name).registered_model_version)
         client.set_registered_model_alias(reg.model_name, CHALLENGER, version)
         promoted, reason = guard_promotion(client, version, results, params, root)
         champion = str(client.get_model_version_by_alias(reg.model_name, CHAMPION).version)
         record = {"model_name": reg.model_name, "version": version, "run_id": active.info.run_id,
                   "tracking_uri": mlflow.get_tracking_uri(), "promoted": promoted, "reason": reason,
                   "champion_version": champion, **lineage}
-    write_json(workspace.registry_record, record)
+    write_json(root / RECORD, record)
     return record
 
 
@@ -190,3 +191,8 @@ def promote(name: str, version: str, tracking_uri: str | None, root: Path) -> st
         client.set_registered_model_alias(name, CHAMPION, version)
         client.set_model_version_tag(name, version, "promotion", "promoted by hand (metanlp promote)")
     return f"{name} v{version} is now {CHAMPION}"
+
+
+STAGE = Stage(name="register", run=run, params=("evaluate", "register"),
+              deps=(RESULTS, METRICS, MODEL, "artifacts/validation", BEST), outs=(), done=(RECORD,),
+              uncached=(RECORD,), tracks=True)

@@ -16,33 +16,20 @@ import warnings
 from pathlib import Path
 
 from metanlp.config import PipelineParams
-from metanlp.stages import Workspace, file_digest, params_slice, write_json
-from metanlp.stages.meta_train import train_learner, with_overrides
-from metanlp.stages.pretrain import starting_encoder
+from metanlp.stages.build_corpus import CORPUS
+from metanlp.stages.common import Stage, Workspace, file_digest, params_slice, write_json
+from metanlp.stages.meta_train import BEST, train_model, with_overrides
+from metanlp.stages.pretrain import PRETRAINED, starting_encoder
 from metanlp.tracking import tracking
 
-
-def search_space(trial, learner: str, adapt: str | None) -> dict:
-    """The values a trial tries, as dotted params keys; which ones depends on the learner family."""
-    values = {"train.lr": trial.suggest_float("train.lr", 5e-6, 1e-4, log=True)}
-    if learner == "protonet":
-        values["protonet.init_scale"] = trial.suggest_float("protonet.init_scale", 5.0, 30.0)  # the temperature
-        values["train.scale_lr"] = trial.suggest_float("train.scale_lr", 1e-3, 5e-2, log=True)
-    else:
-        values["gradient.inner_lr"] = trial.suggest_float("gradient.inner_lr", 1e-4, 1e-2, log=True)
-        values["gradient.head_inner_lr"] = trial.suggest_float("gradient.head_inner_lr", 0.05, 2.0, log=True)
-        values["gradient.inner_steps"] = trial.suggest_int("gradient.inner_steps", 1, 5)
-        if adapt in (None, "top", "lora"):
-            values["gradient.top_layers"] = trial.suggest_int("gradient.top_layers", 1, 3)
-    return values
+PARAMS = ("meta_train", "tune")
 
 
 def study_name(params: PipelineParams, root: Path) -> str:
     if params.tune.study_name:
         return params.tune.study_name
-    workspace = Workspace(root)
-    tuned = {"params": params_slice(params, "tune"), "train": file_digest(workspace.corpus),
-             "start": file_digest(workspace.pretrained)}
+    tuned = {"params": params_slice(params, PARAMS), "train": file_digest(root / CORPUS),
+             "start": file_digest(root / PRETRAINED)}
     return "metanlp-" + hashlib.md5(json.dumps(tuned, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -57,10 +44,9 @@ def storage_url(params: PipelineParams, root: Path) -> str:
 
 
 def run(params: PipelineParams, root: Path, show_progress: bool = True) -> dict:
-    workspace = Workspace(root)
     name = study_name(params, root)
     if not params.tune.enabled:
-        return _write(workspace, {"study": None, "overrides": {}, "best_value": None, "trials": 0})
+        return _write(root, {"study": None, "overrides": {}, "best_value": None, "trials": 0})
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -69,12 +55,10 @@ def run(params: PipelineParams, root: Path, show_progress: bool = True) -> dict:
         study_name=name, storage=storage_url(params, root), direction="maximize", load_if_exists=True,
         sampler=optuna.samplers.TPESampler(seed=tune.seed),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=tune.val_every))
-    gradient = params.meta_train.gradient
     start = starting_encoder(params, root)  # meta_train's params, with the pretrained encoder if any
 
     def objective(trial) -> float:
-        values = search_space(trial, params.meta_train.learner, gradient.adapt if gradient else None)
-        config = with_overrides(start, values)
+        config = with_overrides(start, start.learner.search_space(trial))
         config = config.model_copy(update={"train": config.train.model_copy(update={
             "episodes": tune.episodes, "val_every": tune.val_every, "val_episodes": tune.val_episodes,
             "warmup_episodes": min(config.train.warmup_episodes, tune.episodes // 2)})})
@@ -84,12 +68,12 @@ def run(params: PipelineParams, root: Path, show_progress: bool = True) -> dict:
             if trial.should_prune():
                 raise optuna.TrialPruned(f"validation accuracy {accuracy:.3f} at step {step} is below the median")
 
-        return train_learner(config, root, params.data.split, None, show_progress, on_validation=report
-                             ).best_val_accuracy
+        return train_model(config, root, params.data.split, None, show_progress, on_validation=report
+                           ).best_val_accuracy
 
     with tracking(params.register_.tracking_uri, root, params.register_.experiment) as experiment_id:
         run_id, best = _optimize(study, objective, tune, name, experiment_id)
-    return _write(workspace, {"study": name, "storage": _redacted(storage_url(params, root)),
+    return _write(root, {"study": name, "storage": _redacted(storage_url(params, root)),
                               "overrides": best.params, "best_value": best.value, "best_trial": best.number,
                               "trials": len(study.trials), "pruned": sum(t.state.name == "PRUNED"
                                                                          for t in study.trials),
@@ -131,8 +115,12 @@ def _redacted(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def _write(workspace: Workspace, record: dict) -> dict:
-    write_json(workspace.tune / "best.json", record)
+def _write(root: Path, record: dict) -> dict:
+    write_json(root / BEST, record)
     return record
+
+
+STAGE = Stage(name="tune", run=run, params=PARAMS, deps=(CORPUS, PRETRAINED), outs=("artifacts/tune",), done=(BEST,),
+              tracks=True)
 
 

@@ -1,4 +1,5 @@
-"""Meta-trained model -> evaluation: every method on exactly the same episodes, with 95% CIs.
+"""Episode evaluation: every method on exactly the same episodes, with 95% CIs (tables and plots of the
+results are `reporting`'s).
 
 Two protocols:
 - episodic: N-way K-shot episodes with Q queries per class, drawn from one labelled set;
@@ -12,7 +13,6 @@ narrower than the two methods' CIs would suggest.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -24,7 +24,7 @@ import torch
 from metanlp.data.episodes import Episode, EpisodeSampler, full_label_space_episode
 from metanlp.data.load import DataError, LabelledTexts
 from metanlp.encoder import TokenizedTexts
-from metanlp.learners import Learner
+from metanlp.learners import LEARNERS, Learner, build_learner, load_learner, read_spec
 from metanlp.progress import progress_bar
 
 BASELINE = "frozen"
@@ -136,25 +136,23 @@ def evaluate_methods(methods: dict[str, Learner], data: LabelledTexts, settings:
 
 def build_methods(model: Path | None, encoder: str, names: list[str], device: str = "auto") -> dict[str, Learner]:
     """The methods to compare: the model's own learner (loaded), and baselines on the same base encoder."""
-    from metanlp.config import EncoderConfig, FineTuneConfig, LearnerSpec
+    from metanlp.config import EncoderConfig
     from metanlp.encoder import TextEncoder, resolve_device
-    from metanlp.learners import LEARNERS, build_learner, load_learner, read_spec
 
     spec = read_spec(model) if model else None
     base = spec.encoder.model_copy(update={"attn_implementation": "sdpa"}) if spec else EncoderConfig(
         name_or_path=encoder)
     methods, base_encoder = {}, None
     for name in names:
-        if spec is not None and name == spec.learner:
+        if spec is not None and name == spec.learner.kind:
             methods[name] = load_learner(model)
         elif name in LEARNERS and not LEARNERS[name].meta_trainable:
             if base_encoder is None:
                 base_encoder = TextEncoder.from_config(base)
             # The baselines share the pretrained encoder: fine-tuning works on a copy of its weights.
-            methods[name] = build_learner(name, base_encoder,
-                                          LearnerSpec(learner=name, encoder=base, finetune=FineTuneConfig()))
+            methods[name] = build_learner(name, base_encoder)
         elif name in LEARNERS:
-            where = f"{model} holds a {spec.learner!r} learner" if spec else "no --model was given"
+            where = f"{model} holds a {spec.learner.kind!r} learner" if spec else "no --model was given"
             raise DataError(f"method {name!r} needs a model meta-trained with it; {where}")
         else:
             raise DataError(f"unknown method {name!r}; choose from {sorted(LEARNERS)}")
@@ -162,56 +160,16 @@ def build_methods(model: Path | None, encoder: str, names: list[str], device: st
     return {name: learner.to(target) for name, learner in methods.items()}
 
 
-def _pct(value: float) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}"
-
-
-def markdown_table(results: dict) -> str:
-    lines = ["| setting | method | accuracy % (95% CI) | Δ vs frozen, pp (95% CI) | adapt ms/episode | episodes |",
-             "|---|---|---|---|---|---|"]
-    for entry in results["settings"]:
-        for name, m in entry["methods"].items():
-            diff = "—" if name == BASELINE or "diff_vs_frozen" not in m else (
-                f"{100 * m['diff_vs_frozen']:+.1f} ± {_pct(m['diff_ci95'])}")
-            lines.append(f"| {entry['setting']} | {name} | {_pct(m['accuracy'])} ± {_pct(m['ci95'])} | {diff} | "
-                         f"{m['adapt_ms']:.0f} | {m['episodes']} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot_accuracy_vs_shots(results: dict, path: Path, title: str = "") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups: dict[str, dict[str, list]] = {}
-    for entry in results["settings"]:
-        ways = "all-way" if entry["ways"] == "all" else f"{entry['ways']}-way"
-        for name, m in entry["methods"].items():
-            groups.setdefault(ways, {}).setdefault(name, []).append((entry["shots"], m["accuracy"], m["ci95"]))
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
-    for ax, (ways, methods) in zip(axes[0], groups.items(), strict=True):
-        for name, points in methods.items():
-            points.sort()
-            shots, acc, ci = zip(*points, strict=True)
-            ax.errorbar(shots, [100 * a for a in acc], yerr=[0 if math.isnan(c) else 100 * c for c in ci],
-                        marker="o", capsize=3, label=name)
-        ax.set(title=f"{title} {ways}".strip(), xlabel="shots per class", ylabel="accuracy %")
-        ax.set_xticks(sorted({p[0] for pts in methods.values() for p in pts}))
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def write_report(results: dict, out: Path, title: str = "") -> dict[str, Path]:
-    """results.json, results.md and results.png side by side."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    json_path, md_path, png_path = out.with_suffix(".json"), out.with_suffix(".md"), out.with_suffix(".png")
-    json_path.write_text(json.dumps(results, indent=2))
-    md_path.write_text(markdown_table(results))
-    plot_accuracy_vs_shots(results, png_path, title)
-    return {"json": json_path, "markdown": md_path, "plot": png_path}
+def evaluate_model(model: Path | None, data: LabelledTexts, settings: list[Setting], methods: list[str],
+                   support_data: LabelledTexts | None = None, encoder: str = "default", device: str = "auto",
+                   extra: dict[str, Learner] | None = None, seed: int = 0, show_progress: bool = True,
+                   episode_limits: dict[str, int] | None = None) -> dict:
+    """The one evaluation path (`metanlp evaluate` and the pipeline's evaluate stage): the model's learner and
+    the baselines in `methods` (plus `extra` learners, e.g. domain-adapted variants) on `settings`' episodes."""
+    learners = build_methods(model, encoder, methods, device)
+    for name, learner in (extra or {}).items():
+        learners[name] = learner.to(next(iter(learners.values())).encoder.device) if learners else learner
+    results = evaluate_methods(learners, data, settings, support_data, seed, show_progress, episode_limits)
+    if model is not None:
+        results["learner"] = read_spec(model).learner.kind
+    return results

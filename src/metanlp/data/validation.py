@@ -1,0 +1,211 @@
+"""Validation rules for the data metanlp reads, as Great Expectations 1.x suites, and their error type.
+
+Labelled corpus: the text and label columns exist; every row is valid UTF-8 (and valid JSON for JSONL);
+texts are non-empty after stripping and within the length bounds; every row has a label; every class has
+at least K + Q examples for the configured episodes; every split has enough classes; and no text (after
+normalising case and spaces) appears in two of the meta-train/val/test splits, which would leak test
+examples into training. Unlabeled text: valid UTF-8, mostly non-empty lines, enough sentences.
+
+Each check returns a report (JSON-ready: every expectation with its outcome, counts and a few offending
+rows); `CorpusInvalid` carries a failed one. The pipeline's validate stage writes the report; pretraining
+checks its text files with the same rules.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from metanlp.config import SplitConfig, ValidateParams
+from metanlp.data.load import DataError, LabelledTexts, is_utf8, read_raw_rows
+from metanlp.data.splits import split_classes
+
+
+class CorpusInvalid(DataError):
+    """A corpus or text file that fails its validation rules; `report` says which and where."""
+
+    def __init__(self, report: dict) -> None:
+        super().__init__(failure_summary(report))
+        self.report = report
+
+
+EXAMPLES_SHOWN = 5
+
+
+def _context():
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    return gx, context
+
+
+def _rows_frame(raw: pd.DataFrame) -> pd.DataFrame:
+    frame = pd.DataFrame({"line": raw["_line"].astype(int), "utf8_valid": raw["_utf8_valid"].astype(bool),
+                          "json_valid": raw["_json_valid"].astype(bool)})
+    for column in ("text", "label", "domain"):
+        if column in raw.columns:
+            # None stays None (a missing value); everything else is compared as stripped text
+            frame[column] = [None if v is None or (isinstance(v, float) and pd.isna(v)) else str(v).strip()
+                             for v in raw[column].tolist()]
+    return frame
+
+
+def _suites(gx, v: ValidateParams, min_examples: int, rows: pd.DataFrame) -> list[tuple[str, pd.DataFrame, list, str]]:
+    """(name, frame, expectations, id column) for each table the rules look at."""
+    E = gx.expectations
+    row_rules = [E.ExpectColumnToExist(column="text"), E.ExpectColumnToExist(column="label"),
+                 E.ExpectColumnValuesToBeInSet(column="utf8_valid", value_set=[True]),
+                 E.ExpectColumnValuesToBeInSet(column="json_valid", value_set=[True])]
+    suites = [("rows", rows, row_rules, "line")]
+    if "text" in rows.columns:
+        row_rules += [E.ExpectColumnValuesToNotBeNull(column="text"),
+                      E.ExpectColumnValuesToMatchRegex(column="text", regex=r"\S"),  # non-empty once stripped
+                      E.ExpectColumnValueLengthsToBeBetween(column="text", min_value=v.min_chars,
+                                                            max_value=v.max_chars)]
+    if "label" in rows.columns:
+        row_rules += [E.ExpectColumnValuesToNotBeNull(column="label"),
+                      E.ExpectColumnValueLengthsToBeBetween(column="label", min_value=1)]
+    if "text" not in rows.columns or "label" not in rows.columns:
+        return suites
+    labelled = rows.dropna(subset=["label"])
+    labelled = labelled[labelled["label"] != ""]
+    counts = labelled.groupby("label").size().rename("examples").reset_index()
+    suites.append(("classes", counts, [E.ExpectColumnValuesToBeBetween(
+        column="examples", min_value=min_examples)], "label"))
+    return suites
+
+
+def _split_frames(gx, v: ValidateParams, split_config: SplitConfig, rows: pd.DataFrame, source: str,
+                  problems: list[dict]):
+    """Per-split class counts and cross-split duplicate texts; a split that cannot be made is a problem."""
+    E = gx.expectations
+    good = rows.dropna(subset=["text", "label"])
+    good = good[(good["text"] != "") & (good["label"] != "")]
+    try:
+        data = LabelledTexts(good["text"].tolist(), good["label"].tolist(),
+                             good["domain"].fillna("").tolist() if "domain" in good.columns else None,
+                             source=source)
+        split = split_classes(data, split_config)
+    except DataError as err:
+        problems.append({"suite": "splits", "expectation": "class_split_possible", "column": None,
+                         "success": False, "unexpected_count": 1, "examples": [str(err)]})
+        return []
+    split_of = {c: name for name, classes in split.to_dict().items() for c in classes}
+    per_split = pd.DataFrame({"split": list(split.to_dict()),
+                              "classes": [len(c) for c in split.to_dict().values()]})
+    tagged = good.assign(split=good["label"].map(split_of)).dropna(subset=["split"])
+    tagged = tagged.assign(normalised=tagged["text"].str.lower().str.split().str.join(" "))
+    spread = tagged.groupby("normalised").agg(splits=("split", "nunique"), lines=("line", list)).reset_index()
+    spread["lines"] = spread["lines"].map(lambda ls: ",".join(map(str, ls)))
+    return [("splits", per_split, [E.ExpectColumnValuesToBeBetween(
+                column="classes", min_value=v.min_classes_per_split)], "split"),
+            ("texts_across_splits", spread, [E.ExpectColumnValuesToBeBetween(column="splits", max_value=1)],
+             "lines")]
+
+
+def _plain(value):
+    """numpy scalars and NaN -> JSON-ready Python values."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if hasattr(value, "item"):
+        value = value.item()
+    return None if isinstance(value, float) and pd.isna(value) else value
+
+
+def _outcome(suite: str, result, id_column: str) -> dict:
+    config = result.expectation_config
+    detail = result.result or {}
+    ids = detail.get("unexpected_index_list") or []
+    values = detail.get("partial_unexpected_list") or []
+    examples = [_plain(entry) for entry in (ids or values)[:EXAMPLES_SHOWN]]
+    kwargs = {k: v for k, v in config.kwargs.items() if k not in {"column", "batch_id"}}
+    return {"suite": suite, "expectation": config.type, "column": config.kwargs.get("column"), "rule": kwargs,
+            "success": bool(result.success), "unexpected_count": detail.get("unexpected_count"),
+            "examples": examples,
+            "error": (result.exception_info or {}).get("exception_message") if not result.success else None}
+
+
+def validate_corpus(source: Path, rules: ValidateParams, split: SplitConfig, min_examples: int,
+                    name: str | None = None) -> dict:
+    """Run every rule on the corpus at `source` (split as `split` says, `min_examples` per class); the report
+    lists each expectation and its outcome. `name`: how messages call the corpus (default: its path)."""
+    gx, context = _context()
+    rows = _rows_frame(read_raw_rows(source))
+    problems: list[dict] = []
+    suites = _suites(gx, rules, min_examples, rows)
+    if {"text", "label"} <= set(rows.columns):
+        suites += _split_frames(gx, rules, split, rows, name or str(source), problems)
+    datasource = context.data_sources.add_pandas("corpus")
+    outcomes = []
+    for name, frame, expectations, id_column in suites:
+        batch = datasource.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all").get_batch(
+            batch_parameters={"dataframe": frame.reset_index(drop=True)})
+        suite = gx.ExpectationSuite(name=name, expectations=expectations)
+        result = batch.validate(suite, result_format={"result_format": "COMPLETE",
+                                                      "unexpected_index_column_names": [id_column],
+                                                      "partial_unexpected_count": EXAMPLES_SHOWN})
+        outcomes += [_outcome(name, r, id_column) for r in result.results]
+    outcomes += problems
+    failed = [o for o in outcomes if not o["success"]]
+    return {"source": str(source), "rows": len(rows), "classes": int(rows["label"].nunique())
+            if "label" in rows.columns else 0, "min_examples_per_class": min_examples,
+            "success": not failed, "expectations": len(outcomes), "failed": len(failed), "results": outcomes}
+
+
+def failure_summary(report: dict) -> str:
+    lines = [f"{report['source']}: {report['failed']} of {report['expectations']} expectations failed"]
+    for o in report["results"]:
+        if not o["success"]:
+            column = f" on {o['column']!r}" if o["column"] else ""
+            rule = f" {o['rule']}" if o.get("rule") else ""
+            count = f", {o['unexpected_count']} offending" if o["unexpected_count"] is not None else ""
+            lines.append(f"  - {o['suite']}: {o['expectation']}{column}{rule}{count}; e.g. {o['examples'][:3]}"
+                         + (f" ({o['error']})" if o.get("error") else ""))
+    return "\n".join(lines)
+
+
+def markdown_report(report: dict) -> str:
+    status = "passed" if report["success"] else "FAILED"
+    lines = [f"# Corpus validation: {status}", "", f"`{report['source']}`: {report['rows']} rows, "
+             f"{report['classes']} classes, at least {report['min_examples_per_class']} examples per class needed.",
+             "", "| suite | expectation | column | ok | offending | examples |", "|---|---|---|---|---|---|"]
+    for o in report["results"]:
+        examples = str(o["examples"][:3]).replace("|", "\\|") if not o["success"] else ""
+        lines.append(f"| {o['suite']} | {o['expectation']} | {o['column'] or ''} | {'yes' if o['success'] else 'NO'} "
+                     f"| {o['unexpected_count'] if o['unexpected_count'] is not None else ''} | {examples} |")
+    return "\n".join(lines) + "\n"
+
+
+def validate_unlabeled(source: Path, min_sentences: int = 32, min_nonempty: float = 0.5) -> dict:
+    """GE rules for unlabeled text (one text per line): valid UTF-8, mostly non-empty lines, and enough
+    sentences to pretrain on. Same report shape as `validate_corpus`."""
+    from metanlp.data.smlmt import split_sentences
+
+    gx, context = _context()
+    raw = source.read_bytes().splitlines()
+    lines = pd.DataFrame({"line": range(1, len(raw) + 1),
+                          "text": [r.decode("utf-8", errors="replace").strip() for r in raw],
+                          "utf8_valid": [is_utf8(r) for r in raw]})
+    sentences = pd.DataFrame({"sentence": split_sentences(lines["text"].tolist(), min_words=3)})
+    E = gx.expectations
+    suites = [("lines", lines, [E.ExpectColumnValuesToBeInSet(column="utf8_valid", value_set=[True]),
+                                E.ExpectColumnValuesToMatchRegex(column="text", regex=r"\S", mostly=min_nonempty)],
+               "line"),
+              ("sentences", sentences, [E.ExpectTableRowCountToBeBetween(min_value=min_sentences)], "sentence")]
+    datasource = context.data_sources.add_pandas("unlabeled")
+    outcomes = []
+    for name, frame, expectations, id_column in suites:
+        batch = datasource.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all").get_batch(
+            batch_parameters={"dataframe": frame})
+        result = batch.validate(gx.ExpectationSuite(name=name, expectations=expectations),
+                                result_format={"result_format": "COMPLETE",
+                                               "unexpected_index_column_names": [id_column],
+                                               "partial_unexpected_count": EXAMPLES_SHOWN})
+        outcomes += [_outcome(name, r, id_column) for r in result.results]
+    failed = [o for o in outcomes if not o["success"]]
+    return {"source": str(source), "rows": len(lines), "sentences": len(sentences), "success": not failed,
+            "expectations": len(outcomes), "failed": len(failed), "results": outcomes}
+

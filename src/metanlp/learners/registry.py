@@ -1,0 +1,31 @@
+"""One registry: learner kind -> class. A new learner is a spec in `metanlp.config` and a line here."""
+
+from __future__ import annotations
+
+from metanlp.config import EncoderConfig, LearnerConfig, Provenance, learner_config
+from metanlp.encoder import TextEncoder
+from metanlp.learners.base import Learner
+from metanlp.learners.finetune import FineTune
+from metanlp.learners.gradient import MAML, Leopard, Reptile
+from metanlp.learners.protonet import FrozenEncoder, ProtoNet
+
+LEARNERS: dict[str, type[Learner]] = {
+    "protonet": ProtoNet, "frozen": FrozenEncoder, "finetune": FineTune,
+    # FOMAML, ANIL and Meta-SGD are MAML with the options their specs fix (first order, head only, learned rates).
+    "maml": MAML, "fomaml": MAML, "anil": MAML, "metasgd": MAML,
+    "reptile": Reptile, "leopard": Leopard,
+}
+
+
+def build_learner(config: LearnerConfig | str, encoder: TextEncoder | EncoderConfig,
+                  provenance: Provenance | None = None) -> Learner:
+    """The learner `config` specifies (or a kind's defaults) around `encoder`: a built encoder, or a config to
+    load the pretrained one."""
+    if isinstance(config, str):
+        config = learner_config(config)
+    if isinstance(encoder, EncoderConfig):
+        if getattr(config, "second_order", False):
+            # Second-order gradients need attention with a double backward: eager, not flash SDPA.
+            encoder = encoder.model_copy(update={"attn_implementation": "eager"})
+        encoder = TextEncoder.from_config(encoder)
+    return LEARNERS[config.kind](encoder, config, provenance)

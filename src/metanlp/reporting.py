@@ -1,0 +1,96 @@
+"""Results -> what people read: markdown tables and plots of evaluations, the learning curve of a training run.
+
+Everything here reads plain results (the JSON-ready dicts of `evaluation` and the training history); it
+computes nothing a decision depends on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from metanlp.evaluation import BASELINE
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _pct(value: float) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}"
+
+
+def markdown_table(results: dict) -> str:
+    lines = ["| setting | method | accuracy % (95% CI) | Δ vs frozen, pp (95% CI) | adapt ms/episode | episodes |",
+             "|---|---|---|---|---|---|"]
+    for entry in results["settings"]:
+        for name, m in entry["methods"].items():
+            diff = "—" if name == BASELINE or "diff_vs_frozen" not in m else (
+                f"{100 * m['diff_vs_frozen']:+.1f} ± {_pct(m['diff_ci95'])}")
+            lines.append(f"| {entry['setting']} | {name} | {_pct(m['accuracy'])} ± {_pct(m['ci95'])} | {diff} | "
+                         f"{m['adapt_ms']:.0f} | {m['episodes']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy_vs_shots(results: dict, path: Path, title: str = "") -> Path:
+    plt = _pyplot()
+    groups: dict[str, dict[str, list]] = {}
+    for entry in results["settings"]:
+        ways = "all-way" if entry["ways"] == "all" else f"{entry['ways']}-way"
+        for name, m in entry["methods"].items():
+            groups.setdefault(ways, {}).setdefault(name, []).append((entry["shots"], m["accuracy"], m["ci95"]))
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for ax, (ways, methods) in zip(axes[0], groups.items(), strict=True):
+        for name, points in methods.items():
+            points.sort()
+            shots, acc, ci = zip(*points, strict=True)
+            ax.errorbar(shots, [100 * a for a in acc], yerr=[0 if math.isnan(c) else 100 * c for c in ci],
+                        marker="o", capsize=3, label=name)
+        ax.set(title=f"{title} {ways}".strip(), xlabel="shots per class", ylabel="accuracy %")
+        ax.set_xticks(sorted({p[0] for pts in methods.values() for p in pts}))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: dict, out: Path, title: str = "") -> dict[str, Path]:
+    """results.json, results.md and results.png side by side."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    json_path, md_path, png_path = out.with_suffix(".json"), out.with_suffix(".md"), out.with_suffix(".png")
+    json_path.write_text(json.dumps(results, indent=2))
+    md_path.write_text(markdown_table(results))
+    plot_accuracy_vs_shots(results, png_path, title)
+    return {"json": json_path, "markdown": md_path, "plot": png_path}
+
+
+def plot_learning_curve(history: list[dict], best_episode: int, path: Path) -> Path:
+    """Validation accuracy (with its CI) over meta-training, the kept checkpoint marked."""
+    plt = _pyplot()
+    episodes = [h["episode"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.errorbar(episodes, [100 * h["val_accuracy"] for h in history],
+                yerr=[100 * h["val_ci95"] for h in history], marker="o", capsize=3, label="val accuracy")
+    ax.axvline(best_episode, color="grey", linestyle="--", label="best checkpoint")
+    ax.set(xlabel="meta-training episode", ylabel="validation accuracy %", title="meta-training")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_training_report(model_dir: Path) -> Path:
+    """learning_curve.png beside a saved model, from the history.json training wrote there."""
+    record = json.loads((Path(model_dir) / "history.json").read_text())
+    return plot_learning_curve(record["history"], record["best_episode"], Path(model_dir) / "learning_curve.png")

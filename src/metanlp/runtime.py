@@ -1,0 +1,49 @@
+"""Process state, in one place: the environment defaults every entry point sets, and seeded scopes.
+
+Library code never edits `os.environ` or reseeds a global random generator for good: the CLI, the Prefect
+flow entry and the tests call `apply_environment_defaults` once; code that must draw from torch's global
+generator (dropout and weight initialisation take no generator argument) does so inside `seeded`, which
+restores the global state when it ends.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+# Offline by default: weights come from the installed package or a local path (export HF_HUB_OFFLINE=0
+# to use hub names); no library sends usage data.
+ENVIRONMENT_DEFAULTS = {
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "DVC_NO_ANALYTICS": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+}
+
+
+def apply_environment_defaults(project_root: Path | None = None) -> None:
+    """Set the defaults a user has not set. With a project root, Prefect keeps its home, database and
+    results in the project's .prefect/ (this must happen before `import prefect`)."""
+    for key, value in ENVIRONMENT_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    if project_root is not None:
+        home = (Path(project_root) / ".prefect").resolve()
+        os.environ.setdefault("PREFECT_HOME", str(home))
+        os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(home / "storage"))
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """torch's global generators seeded with `seed` inside the block and restored after it."""
+    import torch
+
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield

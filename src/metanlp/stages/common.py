@@ -1,0 +1,123 @@
+"""What every stage shares: the stage declaration, the project's folders, params.yaml loading, and JSON
+records written atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from metanlp.atomic import write_text_atomic
+from metanlp.config import PipelineParams, describe_validation_error
+from metanlp.data.load import DataError
+
+SOURCE_DIR = "src/metanlp"  # every stage depends on the code; Prefect hashes it, DVC lists it
+
+
+class StageError(RuntimeError):
+    """A stage that cannot go on (bad input, a missing upstream result); retrying it would fail the same way."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage, declared once in its module: the CLI command, the Prefect task, its cache key and
+    its dvc.yaml entry are all made from this.
+
+    Paths are relative to the project root. `done`: files whose absence means the stage must run again even if
+    its cache key is known. `inputs`: files that params name (e.g. pretraining text outside data/): hashed into
+    the Prefect cache key; DVC sees them through the param. `tracks`: the stage writes to the MLflow tracking
+    server, so another server is another result."""
+
+    name: str
+    run: Callable[[PipelineParams, Path], dict]
+    params: tuple[str, ...]
+    deps: tuple[str, ...]
+    outs: tuple[str, ...]
+    done: tuple[str, ...]
+    uncached: tuple[str, ...] = ()  # outputs kept in git rather than the DVC cache
+    metrics: tuple[str, ...] = ()
+    plots: tuple[str, ...] = ()
+    inputs: Callable[[PipelineParams, Path], list[Path]] | None = None
+    tracks: bool = False
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """The project's folders; each stage's own files are named in its declaration."""
+
+    root: Path
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "artifacts"
+
+    @property
+    def mlflow_dir(self) -> Path:
+        return self.root / "mlflow"
+
+    def source(self, params: PipelineParams) -> Path:
+        return (self.root / params.data.corpus).resolve()
+
+
+def corpus_file(params: PipelineParams, root: Path) -> list[Path]:
+    """The raw corpus params.yaml names (an input of the stages that read it, wherever it lies)."""
+    return [Workspace(root).source(params)]
+
+
+def load_params(path: str | Path) -> PipelineParams:
+    """params.yaml -> validated params; a wrong key or value is named with the file it came from."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such params file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise DataError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: expected a mapping of stage keys, got {type(raw).__name__}")
+    try:
+        return PipelineParams.model_validate(raw)
+    except ValidationError as err:
+        raise DataError(f"{path}: {describe_validation_error(err)}") from err
+
+
+def params_slice(params: PipelineParams, keys: tuple[str, ...]) -> dict:
+    """The part of params.yaml under `keys` (dotted), as plain data."""
+    full = params.model_dump(mode="json", by_alias=True)
+    picked: dict = {}
+    for key in keys:
+        value = full
+        for part in key.split("."):
+            value = value[part]
+        picked[key] = value
+    return picked
+
+
+def file_digest(path: Path) -> str:
+    """md5 of a file, or of a folder's relative names and contents; 'missing' when absent."""
+    if not path.exists():
+        return "missing"
+    digest = hashlib.md5()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        digest.update(str(file.relative_to(path) if file != path else file.name).encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    """Written atomically: a reader never sees half a file."""
+    return write_text_atomic(path, json.dumps(payload, indent=2, default=str))
+
+
+def read_json(path: Path, stage: str) -> dict:
+    if not path.exists():
+        raise StageError(f"{path}: missing; run the {stage} stage first")
+    return json.loads(path.read_text())
