@@ -29,6 +29,7 @@ from metanlp.data.load import DataError
 from metanlp.encoder import autocast
 from metanlp.learners.base import Learner, support_targets
 from metanlp.learners.protonet import prototypes
+from metanlp.runtime import seeded
 
 STRATEGIES = ("prototypes", "selfsup", "finetune", "fused")
 FUSION_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -130,7 +131,11 @@ def domain_adapt(learner: Learner, support: list[str], labels: list[str], unlabe
         raise DataError(f"unknown adaptation strategy {unknown or strategies}; choose from {list(STRATEGIES)}")
     if "fused" in strategies and "finetune" not in strategies:
         strategies = [*strategies, "finetune"]  # fusion mixes fine-tuned weights with the start
-    torch.manual_seed(budget.seed)
+    with seeded(budget.seed):  # dropout while tuning draws from torch's generator
+        return _domain_adapt(learner, support, labels, unlabeled, strategies, budget)
+
+
+def _domain_adapt(learner, support, labels, unlabeled, strategies, budget) -> tuple[Learner, AdaptReport]:
     adapted = copy.deepcopy(learner).eval()
     report = AdaptReport(strategies=[s for s in STRATEGIES if s in strategies])
     if "selfsup" in strategies:

@@ -11,6 +11,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel
 
 from metanlp.config import DEFAULT_ENCODER, TINY_ENCODER, EncoderConfig
+from metanlp.runtime import seeded
 
 
 def default_encoder_path() -> str:
@@ -83,8 +84,8 @@ class TextEncoder(nn.Module):
         """Pretrained weights from a name or path ("default" is the packaged all-MiniLM-L6-v2)."""
         if config.name_or_path == TINY_ENCODER:
             tokenizer = AutoTokenizer.from_pretrained(default_encoder_path())
-            torch.manual_seed(0)  # the random weights are part of the test fixture: fix them
-            model = BertModel(tiny_bert_config(tokenizer.vocab_size)).eval()
+            with seeded(0):  # the random weights are part of the test fixture: fix them
+                model = BertModel(tiny_bert_config(tokenizer.vocab_size)).eval()
             model.config._attn_implementation = config.attn_implementation
             return cls(model, tokenizer, config)
         source = default_encoder_path() if config.name_or_path == DEFAULT_ENCODER else config.name_or_path

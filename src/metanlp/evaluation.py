@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from metanlp.data.episodes import Episode, EpisodeSampler, full_label_space_episode
 from metanlp.data.load import DataError, LabelledTexts
 from metanlp.encoder import TokenizedTexts
 from metanlp.learners import LEARNERS, Learner, build_learner, load_learner, read_spec
 from metanlp.progress import progress_bar
+from metanlp.runtime import seeded
 
 BASELINE = "frozen"
 
@@ -39,14 +39,17 @@ class EpisodeOutcome:
 
 def run_episode(learner: Learner, episode: Episode, support: TokenizedTexts, query: TokenizedTexts,
                 seed: int) -> EpisodeOutcome:
-    """Adapt on the episode's support rows, predict its query rows. Query labels are only used to score."""
-    torch.manual_seed(seed)  # learners that draw random numbers (a new head, minibatches) do so reproducibly
+    """Adapt on the episode's support rows, predict its query rows. Query labels are only used to score.
+
+    Learners that draw random numbers (a new head, minibatches) draw them from torch's generator seeded with
+    `seed` for this episode alone: the caller's stream (e.g. meta-training's dropout) is left as it was."""
     labels = [episode.classes[i] for i in episode.support_labels]
-    start = time.perf_counter()
-    classifier = learner.adapt(support.subset(episode.support), labels)
-    adapted = time.perf_counter()
-    predicted = classifier.predict(query.subset(episode.query)).labels
-    done = time.perf_counter()
+    with seeded(seed):
+        start = time.perf_counter()
+        classifier = learner.adapt(support.subset(episode.support), labels)
+        adapted = time.perf_counter()
+        predicted = classifier.predict(query.subset(episode.query)).labels
+        done = time.perf_counter()
     truth = [episode.classes[i] for i in episode.query_labels]
     accuracy = float(np.mean([p == t for p, t in zip(predicted, truth, strict=True)]))
     return EpisodeOutcome(accuracy, adapted - start, done - adapted)

@@ -14,6 +14,7 @@ from transformers import AutoModelForMaskedLM, DataCollatorForLanguageModeling
 from metanlp.config import EncoderConfig, PretrainParams
 from metanlp.encoder import TextEncoder, resolve_device
 from metanlp.progress import progress_bar
+from metanlp.runtime import seeded
 
 
 def with_mlm_head(encoder: TextEncoder):
@@ -45,26 +46,27 @@ def mlm_pretrain(encoder: TextEncoder, texts: list[str], steps: int, lr: float =
     """
     if len(texts) < batch_size:
         batch_size = max(1, len(texts))
-    torch.manual_seed(seed)  # the head's initialisation and the collator's masks come from torch's generator
-    target = resolve_device(device)
-    model = (model or with_mlm_head(encoder)).to(target).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    batches = mlm_batches(encoder, texts, batch_size, mlm_probability, seed)
-    base = dict(model.base_model.named_parameters())
-    start = {k: v.detach().clone() for k, v in base.items()} if anchor else {}
-    losses = []
-    with progress_bar("masked-LM pretraining", steps, show_progress) as advance:
-        for _ in range(steps):
-            batch = {k: v.to(target) for k, v in next(batches).items()}
-            loss = model(**batch).loss
-            if anchor:
-                loss = loss + anchor * sum(((base[k] - v) ** 2).sum() for k, v in start.items())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            losses.append(loss.item())
-            advance(loss=float(np.mean(losses[-20:])))
+    # The head's initialisation, the collator's masks and dropout draw from torch's generator: seeded here.
+    with seeded(seed):
+        target = resolve_device(device)
+        model = (model or with_mlm_head(encoder)).to(target).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+        batches = mlm_batches(encoder, texts, batch_size, mlm_probability, seed)
+        base = dict(model.base_model.named_parameters())
+        start = {k: v.detach().clone() for k, v in base.items()} if anchor else {}
+        losses = []
+        with progress_bar("masked-LM pretraining", steps, show_progress) as advance:
+            for _ in range(steps):
+                batch = {k: v.to(target) for k, v in next(batches).items()}
+                loss = model(**batch).loss
+                if anchor:
+                    loss = loss + anchor * sum(((base[k] - v) ** 2).sum() for k, v in start.items())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                losses.append(loss.item())
+                advance(loss=float(np.mean(losses[-20:])))
     encoder.model.load_state_dict(model.base_model.state_dict(), strict=False)
     encoder.to(target).eval()
     return losses

@@ -121,3 +121,30 @@ def test_a_spec_whose_options_contradict_its_kind_is_refused(tmp_path, tiny_enco
     _format_one(tmp_path / "model", "anil", "gradient", {"adapt": "top", "top_layers": 1})
     with pytest.raises(DataError, match="written by an earlier metanlp.*'anil'"):
         load_learner(tmp_path / "model")
+
+
+def test_the_same_spec_builds_the_same_learner(tiny_encoder_config):
+    """Weights a learner creates itself (LEOPARD's generator) come from a seeded generator, not from whatever
+    state torch's global one is in."""
+    first = build_learner("leopard", tiny_encoder_config)
+    torch.rand(5)  # the global stream moves on; the next build must not notice
+    second = build_learner("leopard", tiny_encoder_config)
+    for (name, a), (_, b) in zip(first.named_parameters(), second.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_an_episode_leaves_the_callers_random_stream_alone(corpus, tiny_encoder_config):
+    """Fine-tuning draws a head and minibatches from a generator seeded per episode; meta-training's dropout
+    stream around a validation is not moved by it."""
+    from metanlp.data.episodes import EpisodeSampler
+    from metanlp.evaluation import run_episode
+
+    learner = build_learner("finetune", tiny_encoder_config)
+    learner.config = learner.config.model_copy(update={"steps": 2, "min_epochs": 0})
+    tokens = learner.encoder.tokenize(corpus.texts)
+    episode = EpisodeSampler(corpus, 3, 2, 2, seed=0).sample()
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = run_episode(learner, episode, tokens, tokens, seed=7).accuracy
+    assert torch.equal(torch.get_rng_state(), before)
+    assert run_episode(learner, episode, tokens, tokens, seed=7).accuracy == first

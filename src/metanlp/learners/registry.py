@@ -8,6 +8,7 @@ from metanlp.learners.base import Learner
 from metanlp.learners.finetune import FineTune
 from metanlp.learners.gradient import MAML, Leopard, Reptile
 from metanlp.learners.protonet import FrozenEncoder, ProtoNet
+from metanlp.runtime import seeded
 
 LEARNERS: dict[str, type[Learner]] = {
     "protonet": ProtoNet, "frozen": FrozenEncoder, "finetune": FineTune,
@@ -18,14 +19,17 @@ LEARNERS: dict[str, type[Learner]] = {
 
 
 def build_learner(config: LearnerConfig | str, encoder: TextEncoder | EncoderConfig,
-                  provenance: Provenance | None = None) -> Learner:
+                  provenance: Provenance | None = None, seed: int = 0) -> Learner:
     """The learner `config` specifies (or a kind's defaults) around `encoder`: a built encoder, or a config to
-    load the pretrained one."""
+    load the pretrained one. Weights a learner creates (LEOPARD's generator, LoRA adapters, anything a
+    checkpoint lacks) are drawn from torch's generator seeded with `seed`, so the same spec builds the same
+    learner."""
     if isinstance(config, str):
         config = learner_config(config)
-    if isinstance(encoder, EncoderConfig):
-        if getattr(config, "second_order", False):
-            # Second-order gradients need attention with a double backward: eager, not flash SDPA.
-            encoder = encoder.model_copy(update={"attn_implementation": "eager"})
-        encoder = TextEncoder.from_config(encoder)
-    return LEARNERS[config.kind](encoder, config, provenance)
+    with seeded(seed):
+        if isinstance(encoder, EncoderConfig):
+            if getattr(config, "second_order", False):
+                # Second-order gradients need attention with a double backward: eager, not flash SDPA.
+                encoder = encoder.model_copy(update={"attn_implementation": "eager"})
+            encoder = TextEncoder.from_config(encoder)
+        return LEARNERS[config.kind](encoder, config, provenance)
