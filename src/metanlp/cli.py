@@ -108,6 +108,9 @@ DataOpt = Annotated[str, typer.Option(help="labelled JSONL/CSV/Parquet file, 'de
 def train(
     out: Annotated[Path, typer.Option(help="directory for the meta-trained model")] = Path("models/default"),
     data: DataOpt = DEFAULT_CORPUS,
+    pool: Annotated[Path | None, typer.Option(
+        help="a task pool (YAML `tasks:` list of datasets with roles meta_train, meta_val, eval): episodes come "
+             "from its meta_train datasets, validation from its meta_val ones; replaces --data and the split")] = None,
     val_data: Annotated[str | None, typer.Option(help="file for the validation classes (default: --data)")] = None,
     learner: Annotated[str, typer.Option(help=f"meta-learner: {', '.join(LEARNER_KINDS)}")] = "protonet",
     encoder: Annotated[str, typer.Option(help="HF name, local path or 'default' (all-MiniLM-L6-v2)")] = DEFAULT_ENCODER,
@@ -146,23 +149,32 @@ def train(
     config = TrainConfig(episodes=episodes, tasks_per_step=tasks_per_step, lr=lr, val_every=val_every,
                          val_episodes=val_episodes, patience=patience, seed=seed, device=device,
                          episode=EpisodeConfig(ways=ways, shots=shots, queries=queries))
-    split = _split_config(data, split_by, train_domains, val_domains, test_domains, split_sizes, exclude_labels,
-                          seed)
     spec_learner = _learner_config(learner, inner_steps, inner_lr, adapt, top_layers)
-    corpus = load_labelled(data)
-    classes = split_classes(corpus, split)
-    validation = load_labelled(val_data) if val_data else corpus
-    train_set, val_set = corpus.with_classes(classes.train), validation.with_classes(classes.val)
-    if len(val_set) == 0:
-        raise DataError(f"{validation.source}: has none of the validation classes {classes.val[:5]}")
-    spec = LearnerSpec(learner=spec_learner, encoder=EncoderConfig(name_or_path=encoder, pooling=pooling,
-                                                                   max_length=max_length),
-                       provenance=Provenance(split=split, classes=classes.to_dict(), train_data=data))
+    encoder_config = EncoderConfig(name_or_path=encoder, pooling=pooling, max_length=max_length)
+    spaces = {}
+    if pool is not None:
+        from metanlp.data.pool import read_pool, role_set
+
+        task_pool, pool_root = read_pool(pool)
+        train_set, spaces["train_spaces"] = role_set(task_pool, pool_root, "meta_train")
+        val_set, spaces["val_spaces"] = role_set(task_pool, pool_root, "meta_val")
+        provenance = Provenance(pool=task_pool, train_data=str(pool))
+    else:
+        split = _split_config(data, split_by, train_domains, val_domains, test_domains, split_sizes, exclude_labels,
+                              seed)
+        corpus = load_labelled(data)
+        classes = split_classes(corpus, split)
+        validation = load_labelled(val_data) if val_data else corpus
+        train_set, val_set = corpus.with_classes(classes.train), validation.with_classes(classes.val)
+        if len(val_set) == 0:
+            raise DataError(f"{validation.source}: has none of the validation classes {classes.val[:5]}")
+        provenance = Provenance(split=split, classes=classes.to_dict(), train_data=data)
+    spec = LearnerSpec(learner=spec_learner, encoder=encoder_config, provenance=provenance)
     checkpoint_dir = out.with_name(out.name + ".checkpoint") if checkpoint else None
     if checkpoint_dir is not None and checkpoint_dir.exists():
         err_console.print(f"resuming from {checkpoint_dir}")
     result = train_learner(spec, train_set, val_set, config, out, show_progress=not quiet,
-                           checkpoint_dir=checkpoint_dir)
+                           checkpoint_dir=checkpoint_dir, **spaces)
     write_training_report(out)
     typer.echo(f"best validation accuracy {100 * result.best_val_accuracy:.1f}% at episode {result.best_episode} "
                f"({result.episodes_run} episodes run); model written to {out}")

@@ -96,6 +96,42 @@ class TrainConfig(_Strict):
     smlmt_fraction: float | None = Field(None, ge=0, le=1)
 
 
+# --- A task pool: several datasets, each a label space of its own (or one per task), with a role ---
+
+
+class PoolDataset(_Strict):
+    """One dataset of a task pool. `path` is relative to the project (or absolute) and may hold `{split}`
+    (e.g. `../shared/data/snips/{split}.jsonl`), for the train and test files of an `eval` dataset."""
+
+    name: str = Field(min_length=1, pattern=r"^[^:/\s]+$")
+    path: str = Field(min_length=1)
+    role: Literal["meta_train", "meta_val", "eval"]
+    classes: list[str] | None = None  # keep only these labels
+    where: dict[str, str] | None = None  # keep only rows whose column has this value (ARSC: meta_split: source)
+    task_column: str | None = None  # one label space per value of this column (ARSC: task)
+    weight: float | None = Field(None, gt=0)  # sampling weight; default rows ** pool.size_exponent
+    text_column: str = "text"
+    label_column: str = "label"
+
+
+class TaskPool(_Strict):
+    """Datasets to meta-train on (`meta_train`), to early-stop on (`meta_val`) and to report on (`eval`).
+    An episode always comes from one label space; its ways are min(N, that space's classes)."""
+
+    tasks: list[PoolDataset] = Field(min_length=1)
+    size_exponent: float = Field(0.5, ge=0, le=1)  # default weight of a dataset: rows ** this
+
+    @model_validator(mode="after")
+    def _check(self) -> TaskPool:
+        names = [t.name for t in self.tasks]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"dataset names must be unique; repeated: {twice}")
+        if not any(t.role == "meta_train" for t in self.tasks):
+            raise ValueError("the pool needs at least one dataset with role 'meta_train'")
+        return self
+
+
 # --- Learners: one spec per kind (a discriminated union on `kind`), each with its own options and search space ---
 
 
@@ -254,6 +290,7 @@ class Provenance(_Strict):
     classes: dict[str, list[str]] | None = None  # the class lists the split produced
     train_data: str | None = None
     adapted: dict | None = None  # domain adaptation applied after meta-training (metanlp adapt)
+    pool: TaskPool | None = None  # the task pool meta-training drew from (its eval datasets were held out)
 
 
 # learner.json of metanlp before the union: the learner's name, and its options in a section of its family.

@@ -54,8 +54,13 @@ def validate(learner: Learner, tokens, episodes, seed: int) -> tuple[float, floa
 def meta_train(learner: Learner, train_data: LabelledTexts, val_data: LabelledTexts, config: TrainConfig,
                out_dir: str | Path | None = None, show_progress: bool = True,
                checkpoint_dir: str | Path | None = None, stop_after: int | None = None,
-               on_validation: Callable[[int, float], None] | None = None) -> TrainResult:
+               on_validation: Callable[[int, float], None] | None = None, *,
+               train_spaces: dict[str, float] | None = None,
+               val_spaces: dict[str, float] | None = None) -> TrainResult:
     """Meta-train `learner` in place and return its history.
+
+    `train_spaces` / `val_spaces`: the data is a task pool's joined set (`data.pool`); episodes are drawn
+    space by space with these weights, each from one label space, ways = min(N, its classes).
 
     With `checkpoint_dir`, the whole run state is saved at every validation and a later call with the same
     settings resumes from it and ends where an uninterrupted run would. `stop_after` ends the run (with
@@ -67,21 +72,22 @@ def meta_train(learner: Learner, train_data: LabelledTexts, val_data: LabelledTe
     # Dropout draws from torch's global generator (it takes no other): seeded here, restored after.
     with seeded(config.seed):
         return _meta_train(learner, train_data, val_data, config, out_dir, show_progress, checkpoint_dir, stop_after,
-                           on_validation)
+                           on_validation, train_spaces, val_spaces)
 
 
 def _meta_train(learner: Learner, train_data: LabelledTexts, val_data: LabelledTexts, config: TrainConfig,
-                out_dir, show_progress, checkpoint_dir, stop_after, on_validation) -> TrainResult:
+                out_dir, show_progress, checkpoint_dir, stop_after, on_validation, train_spaces,
+                val_spaces) -> TrainResult:
     device = resolve_device(config.device)
     learner.to(device)
     encoder = learner.encoder
     train_tokens, val_tokens = encoder.tokenize(train_data.texts), encoder.tokenize(val_data.texts)
     e = config.episode
     mix = None if config.smlmt_fraction is None else (CLASS_PREFIX, config.smlmt_fraction)
-    sampler = EpisodeSampler(train_data, e.ways, e.shots, e.queries, seed=config.seed, mix=mix)
+    sampler = EpisodeSampler(train_data, e.ways, e.shots, e.queries, seed=config.seed, mix=mix, spaces=train_spaces)
     v = config.val_episode
-    val_episodes = EpisodeSampler(val_data, v.ways, v.shots, v.queries, seed=config.seed + 1).take(
-        config.val_episodes)
+    val_episodes = EpisodeSampler(val_data, v.ways, v.shots, v.queries, seed=config.seed + 1,
+                                  spaces=val_spaces).take(config.val_episodes)
 
     encoder_params = [p for p in encoder.parameters() if p.requires_grad]
     other_params = [p for n, p in learner.named_parameters() if not n.startswith("encoder.") and p.requires_grad]
@@ -94,6 +100,8 @@ def _meta_train(learner: Learner, train_data: LabelledTexts, val_data: LabelledT
 
     fingerprint = {"learner": learner.spec().model_dump(mode="json"), "train": config.model_dump(mode="json"),
                    "train_rows": len(train_data), "val_rows": len(val_data)}
+    if train_spaces or val_spaces:  # a pool run resumes only with the same spaces and weights
+        fingerprint["spaces"] = {"train": train_spaces, "val": val_spaces}
     checkpoint = Path(checkpoint_dir) if checkpoint_dir else None
     best_state = None
     if checkpoint is not None and (checkpoint / "state.json").exists():
@@ -157,9 +165,11 @@ def _meta_train(learner: Learner, train_data: LabelledTexts, val_data: LabelledT
 def train_learner(spec: LearnerSpec, train_data: LabelledTexts, val_data: LabelledTexts, config: TrainConfig,
                   out_dir: str | Path | None = None, show_progress: bool = True,
                   checkpoint_dir: str | Path | None = None,
-                  on_validation: Callable[[int, float], None] | None = None) -> TrainResult:
+                  on_validation: Callable[[int, float], None] | None = None, *,
+                  train_spaces: dict[str, float] | None = None,
+                  val_spaces: dict[str, float] | None = None) -> TrainResult:
     """Build the learner `spec` describes (its provenance included) and meta-train it: the one training path
     of `metanlp train`, the pipeline's meta_train stage and every tuning trial."""
     learner = build_learner(spec.learner, spec.encoder, spec.provenance)
     return meta_train(learner, train_data, val_data, config, out_dir, show_progress, checkpoint_dir,
-                      on_validation=on_validation)
+                      on_validation=on_validation, train_spaces=train_spaces, val_spaces=val_spaces)

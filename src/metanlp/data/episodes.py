@@ -31,14 +31,26 @@ class EpisodeSampler:
     """
 
     def __init__(self, data: LabelledTexts, ways: int, shots: int, queries: int, seed: int = 0,
-                 mix: tuple[str, float] | None = None) -> None:
+                 mix: tuple[str, float] | None = None, spaces: dict[str, float] | None = None) -> None:
         """`mix=(prefix, p)`: classes named with `prefix` (e.g. SMLMT's "mask:") and the others form two
         pools; each episode comes from the prefixed pool with probability p, never from both (hybrid
-        self-supervised + supervised meta-training)."""
+        self-supervised + supervised meta-training).
+
+        `spaces`: the data's domains are label spaces (a task pool, `pool.joined`) with these sampling weights;
+        each episode draws a space by weight and all its classes from that space, with ways = min(N, the
+        space's classes). Classes with fewer than K + Q examples are left out of such episodes (`short`
+        counts them) instead of refusing the whole set."""
         self.data, self.ways, self.shots, self.queries = data, ways, shots, queries
         self.by_class = data.indices_by_class()
         self.classes = list(self.by_class)
-        self.pools = None
+        self.pools = self.spaces = None
+        need = shots + queries
+        short = {c: len(rows) for c, rows in self.by_class.items() if len(rows) < need}
+        self.short = len(short)
+        self.rng = np.random.default_rng(seed)
+        if spaces is not None:
+            self._set_spaces(spaces, short)
+            return
         if mix is not None:
             prefix, self.mix_p = mix
             prefixed = [i for i, c in enumerate(self.classes) if c.startswith(prefix)]
@@ -50,16 +62,34 @@ class EpisodeSampler:
         if ways > len(self.classes):
             raise DataError(f"{data.source}: {ways}-way episodes need {ways} classes, the data has "
                             f"{len(self.classes)}")
-        need = shots + queries
-        short = {c: len(rows) for c, rows in self.by_class.items() if len(rows) < need}
         if short:
             listed = ", ".join(f"{c!r} has {n}" for c, n in sorted(short.items())[:10])
             raise DataError(f"{data.source}: {shots}-shot {queries}-query episodes need {need} examples per "
                             f"class; {len(short)} classes have fewer ({listed})")
-        self.rng = np.random.default_rng(seed)
+
+    def _set_spaces(self, weights: dict[str, float], short: dict[str, int]) -> None:
+        domain_of = self.data.domain_of_class()
+        members: dict[str, list[int]] = {}
+        for i, c in enumerate(self.classes):
+            if c not in short:
+                members.setdefault(domain_of[c], []).append(i)
+        unknown = sorted(set(weights) - set(domain_of.values()))
+        if unknown:
+            raise DataError(f"{self.data.source}: label spaces {unknown[:5]} have no rows")
+        usable = [s for s in sorted(weights) if len(members.get(s, [])) >= 2]
+        if not usable:
+            raise DataError(f"{self.data.source}: no label space has 2 classes with {self.shots + self.queries} "
+                            "examples each")
+        total = sum(weights[s] for s in usable)
+        self.spaces = (usable, np.array([weights[s] / total for s in usable]),
+                       [np.asarray(members[s]) for s in usable])
 
     def sample(self) -> Episode:
-        if self.pools is None:
+        if self.spaces is not None:
+            names, probabilities, members = self.spaces
+            pool = members[self.rng.choice(len(names), p=probabilities)]
+            chosen = sorted(self.rng.choice(pool, size=min(self.ways, len(pool)), replace=False).tolist())
+        elif self.pools is None:
             chosen = sorted(self.rng.choice(len(self.classes), size=self.ways, replace=False))
         else:
             pool = self.pools[0] if self.rng.random() < self.mix_p else self.pools[1]
@@ -73,9 +103,9 @@ class EpisodeSampler:
         return Episode(
             classes=classes,
             support=np.concatenate(support),
-            support_labels=np.repeat(np.arange(self.ways), self.shots),
+            support_labels=np.repeat(np.arange(len(classes)), self.shots),
             query=np.concatenate(query),
-            query_labels=np.repeat(np.arange(self.ways), self.queries),
+            query_labels=np.repeat(np.arange(len(classes)), self.queries),
         )
 
     def take(self, n: int) -> list[Episode]:

@@ -138,8 +138,10 @@ def load_labelled(
     label_column: str = "label",
     domain_column: str = "domain",
     hf_split: str = "train",
+    rows_where: dict[str, str] | None = None,
 ) -> LabelledTexts:
-    """Load labelled texts from a file, the embedded default corpus ("default") or a HF dataset name."""
+    """Load labelled texts from a file, the embedded default corpus ("default") or a HF dataset name.
+    `rows_where`: keep only the rows whose column holds the given value (e.g. ARSC's meta_split: source)."""
     if str(source) == DEFAULT_CORPUS:
         source = default_corpus_path()
     path = Path(source)
@@ -152,6 +154,12 @@ def load_labelled(
     if frame.empty:
         raise DataError(f"{where}: no rows")
     columns = [c for c in frame.columns if c != "_line"]
+    for column, value in (rows_where or {}).items():
+        if column not in frame.columns:
+            raise DataError(f"{where}: no column {column!r} to filter on; the columns are {columns}")
+        frame = frame[frame[column].astype(str) == str(value)]
+        if frame.empty:
+            raise DataError(f"{where}: no row has {column} = {value!r}")
     for role, column in (("text", text_column), ("label", label_column)):
         if column not in frame.columns:
             raise DataError(f"{where}: no {role} column {column!r}; the columns are {columns}")
