@@ -386,6 +386,123 @@ def adapt(
     typer.echo(f"adapted model written to {out} ({len(support_set)} support examples)")
 
 
+def _model_option(value: str) -> tuple[str, Path]:
+    name, _, path = value.rpartition("=")
+    if not path:
+        raise DataError(f"--model {value!r}: give NAME=DIR or DIR")
+    return (name or Path(path).name), Path(path)
+
+
+def _trained_on(model: Path) -> set[Path]:
+    """The data files a model was meta-trained or validated on (from its provenance)."""
+    from metanlp.learners import read_spec
+
+    provenance = read_spec(model).provenance
+    if provenance.pool is not None:
+        from metanlp.data.pool import dataset_path
+
+        root = Path(provenance.train_data or ".").resolve().parent
+        return {Path(dataset_path(e, root, "train")).resolve() for e in provenance.pool.tasks if e.role != "eval"}
+    return {Path(provenance.train_data).resolve()} if provenance.train_data else set()
+
+
+@app.command()
+@cli_errors
+def benchmark(
+    pool: Annotated[Path, typer.Option(help="task pool whose `eval` datasets are scored (train file: supports, "
+                                            "test file: queries)")],
+    model: Annotated[list[str] | None, typer.Option(
+        help="NAME=DIR of a metanlp model (repeatable): rows NAME (its own adaptation) and NAME+logreg")] = None,
+    methods: Annotated[str, typer.Option(help="baselines on the base encoder: frozen, logreg, finetune, setfit "
+                                              "(setfit needs the peers extra)")] = "frozen,logreg,finetune",
+    shots: Annotated[str, typer.Option(help="K values (2- and 3-class sets also get 16)")] = "5,10",
+    draws: Annotated[int, typer.Option(min=1, help="support draws per K")] = 3,
+    max_queries: Annotated[int, typer.Option(min=1, help="a seeded sample of at most this many test rows")] = 2000,
+    datasets: Annotated[str | None, typer.Option(help="only these eval datasets (comma-separated)")] = None,
+    encoder: Annotated[str, typer.Option(help="base encoder of the baselines")] = DEFAULT_ENCODER,
+    setfit_iterations: Annotated[int, typer.Option(min=1, help="SetFit's num_iterations (documented default 20)")] = 20,
+    reuse: Annotated[Path | None, typer.Option(help="an earlier suite JSON of the same supports: its rows of the "
+                                                    "methods in --reuse-methods are taken, not rerun")] = None,
+    reuse_methods: Annotated[str, typer.Option(help="methods whose rows --reuse supplies")] = "setfit",
+    seed: int = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    out: Annotated[Path, typer.Option(help="results path; .json, .md and .png are written")] = Path(
+        "results/suite.json"),
+    quiet: bool = False,
+) -> None:
+    """The benchmark suite: every method on the same supports and queries of the pool's eval datasets; accuracy
+    with 95% CIs, paired differences to frozen and to SetFit, adaptation seconds per support set."""
+    from metanlp.config import learner_config
+    from metanlp.data.pool import dataset_path, read_pool
+    from metanlp.encoder import TextEncoder, resolve_device
+    from metanlp.learners import build_learner, load_learner
+    from metanlp.reporting import write_suite_report
+    from metanlp.suite import run_suite, suite_support_sets
+
+    task_pool, root = read_pool(pool)
+    models = dict(_model_option(m) for m in model or [])
+    baselines = _csv(methods)
+    unknown = sorted(set(baselines) - {"frozen", "logreg", "finetune", "setfit"})
+    if unknown:
+        raise DataError(f"--methods: unknown {unknown}; choose from frozen, logreg, finetune, setfit")
+    names = _csv(datasets) if datasets else None
+    sets = suite_support_sets(task_pool, root, _ints(shots, "--shots"), draws, max_queries, seed, names)
+    if not sets:
+        raise DataError(f"{pool}: no eval dataset{' among ' + str(names) if names else ''} to score")
+    notes = [f"supports from each eval dataset's train file, K per class (a class with fewer gives all it has: "
+             f"'short'), {draws} draws (a fixed support such as ARSC's is drawn once); queries: at most "
+             f"{max_queries} test rows, the same for every method"]
+    eval_files = {Path(dataset_path(e, root, "train")).resolve(): e.name for e in task_pool.tasks if e.role == "eval"}
+    for name, directory in models.items():
+        seen = sorted(eval_files[f] for f in _trained_on(directory) & set(eval_files))
+        if seen:
+            report("warning", f"model {name} was meta-trained on eval datasets {seen}: not held out")
+            notes.append(f"{name} was meta-trained on {seen}: those rows are not transfer")
+    target = resolve_device(device)
+    base = EncoderConfig(name_or_path=encoder)
+    shared: dict[str, TextEncoder] = {}
+
+    def base_encoder() -> TextEncoder:
+        if "encoder" not in shared:
+            shared["encoder"] = TextEncoder.from_config(base).to(target)
+        return shared["encoder"]
+
+    factories = {}
+    for kind in baselines:
+        options = {"num_iterations": setfit_iterations} if kind == "setfit" else {}
+        factories[kind] = (lambda kind=kind, options=options: build_learner(learner_config(kind, **options),
+                                                                            base_encoder()))
+    if "setfit" in baselines and setfit_iterations != 20:
+        notes.append(f"SetFit ran with num_iterations={setfit_iterations} (documented default 20) to fit the CPU")
+    for name, directory in models.items():
+        loaded: dict = {}
+
+        def own(directory=directory, loaded=loaded):
+            loaded.setdefault("model", load_learner(directory).to(target))
+            return loaded["model"]
+
+        factories[name] = own
+        factories[f"{name}+logreg"] = lambda own=own: build_learner("logreg", own().encoder)
+    previous = None
+    if reuse is not None:
+        import json as _json
+
+        kept = set(_csv(reuse_methods))
+        previous = {}
+        for row in _json.loads(reuse.read_text())["rows"]:
+            if row["method"] in kept:
+                previous.setdefault(row["method"], {})[row["key"]] = row
+        notes.append(f"rows of {sorted(kept)} reused from {reuse} (same supports and queries)")
+    results = run_suite(factories, sets, seed, show_progress=not quiet, reuse=previous)
+    results["notes"] = notes
+    results["config"] = {"pool": str(pool), "models": {k: str(v) for k, v in models.items()}, "methods": baselines,
+                         "shots": shots, "draws": draws, "max_queries": max_queries, "seed": seed,
+                         "setfit_iterations": setfit_iterations, "datasets": names}
+    paths = write_suite_report(results, out)
+    typer.echo(paths["markdown"].read_text())
+    typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
 ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml of the pipeline; its folder is the root")]
 
 

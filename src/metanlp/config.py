@@ -6,7 +6,7 @@ value is rejected with the field's name before any work starts.
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
@@ -107,11 +107,14 @@ class PoolDataset(_Strict):
     path: str = Field(min_length=1)
     role: Literal["meta_train", "meta_val", "eval"]
     classes: list[str] | None = None  # keep only these labels
-    where: dict[str, str] | None = None  # keep only rows whose column has this value (ARSC: meta_split: source)
+    # keep only rows whose column has this value, or one of these values (ARSC: meta_split: source)
+    where: dict[str, str | list[str]] | None = None
     task_column: str | None = None  # one label space per value of this column (ARSC: task)
     weight: float | None = Field(None, gt=0)  # sampling weight; default rows ** pool.size_exponent
     text_column: str = "text"
     label_column: str = "label"
+    # eval datasets: the suite's shots for this set (e.g. ARSC's fixed 5-shot supports); default the suite's own
+    shots: list[int] | None = None
 
 
 class TaskPool(_Strict):
@@ -172,6 +175,30 @@ class FineTuneConfig(_Strict):
     head_lr: float = Field(1e-2, gt=0)
     batch_size: int = Field(32, ge=1)
     weight_decay: float = Field(0.0, ge=0)
+
+    meta_trainable: ClassVar[bool] = False
+
+
+class LogRegConfig(_Strict):
+    """A logistic-regression head on the encoder's (unit-norm) embeddings, fitted on the support set; the
+    encoder is not changed. Same objective as scikit-learn's LogisticRegression (C, L2), solved by L-BFGS."""
+
+    kind: Literal["logreg"] = "logreg"
+    C: float = Field(1.0, gt=0)
+    max_iter: int = Field(100, ge=1)
+
+    meta_trainable: ClassVar[bool] = False
+
+
+class SetFitConfig(_Strict):
+    """SetFit (Tunstall et al., 2022), the peer the suite compares with: contrastive fine-tuning of the sentence
+    encoder on pairs of support examples, then a logistic-regression head. Needs `pip install -e ".[peers]"`.
+    Defaults are SetFit's documented ones."""
+
+    kind: Literal["setfit"] = "setfit"
+    num_iterations: int = Field(20, ge=1)
+    batch_size: int = Field(16, ge=1)
+    num_epochs: int = Field(1, ge=1)
 
     meta_trainable: ClassVar[bool] = False
 
@@ -266,11 +293,11 @@ class LeopardConfig(GradientConfig):
 
 
 LearnerConfig = Annotated[
-    ProtoNetConfig | FrozenConfig | FineTuneConfig | MAMLConfig | FOMAMLConfig | ANILConfig | MetaSGDConfig
-    | ReptileConfig | LeopardConfig,
+    ProtoNetConfig | FrozenConfig | FineTuneConfig | LogRegConfig | SetFitConfig | MAMLConfig | FOMAMLConfig
+    | ANILConfig | MetaSGDConfig | ReptileConfig | LeopardConfig,
     Field(discriminator="kind"),
 ]
-LEARNER_KINDS = ("protonet", "frozen", "finetune", "maml", "fomaml", "anil", "metasgd", "reptile", "leopard")
+LEARNER_KINDS = tuple(spec.model_fields["kind"].default for spec in get_args(get_args(LearnerConfig)[0]))
 _LEARNER_CONFIG = TypeAdapter(LearnerConfig)
 
 

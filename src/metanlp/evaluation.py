@@ -55,12 +55,18 @@ def run_episode(learner: Learner, episode: Episode, support: TokenizedTexts, que
     return EpisodeOutcome(accuracy, adapted - start, done - adapted)
 
 
-def mean_ci(values: np.ndarray) -> tuple[float, float]:
-    """Mean and half-width of the 95% CI, 1.96 sd / sqrt(n)."""
+def mean_ci(values: np.ndarray, student: bool = False) -> tuple[float, float]:
+    """Mean and half-width of the 95% CI: 1.96 sd / sqrt(n), or with Student's t quantile for few values
+    (`student`: 3 support draws give 4.30 sd / sqrt(3), not 1.96)."""
     values = np.asarray(values, dtype=float)
     if len(values) < 2:
         return float(values.mean()), float("nan")
-    return float(values.mean()), float(1.96 * values.std(ddof=1) / math.sqrt(len(values)))
+    quantile = 1.96
+    if student:
+        from scipy.stats import t
+
+        quantile = float(t.ppf(0.975, len(values) - 1))
+    return float(values.mean()), float(quantile * values.std(ddof=1) / math.sqrt(len(values)))
 
 
 @dataclass

@@ -94,3 +94,72 @@ def write_training_report(model_dir: Path) -> Path:
     """learning_curve.png beside a saved model, from the history.json training wrote there."""
     record = json.loads((Path(model_dir) / "history.json").read_text())
     return plot_learning_curve(record["history"], record["best_episode"], Path(model_dir) / "learning_curve.png")
+
+
+def _cell(value: dict | None) -> str:
+    if not value:
+        return "—"
+    return f"{100 * value['diff']:+.1f} ± {_pct(value['ci95'])}"
+
+
+def suite_markdown(results: dict) -> str:
+    """The suite's tables: per dataset and K, then the mean over datasets per K."""
+    summary, notes = results["summary"], results.get("notes", [])
+    lines = ["| dataset | K | method | accuracy % (95% CI) | Δ vs frozen, pp | Δ vs SetFit, pp | adapt s "
+             "| classes (short) |", "|---|---|---|---|---|---|---|---|"]
+    for entry in summary["datasets"]:
+        for name, m in entry["methods"].items():
+            reused = " (reused)" if m.get("reused") else ""
+            lines.append(f"| {entry['dataset']} | {entry['shots']} | {name}{reused} | {_pct(m['accuracy'])} ± "
+                         f"{_pct(m['ci95'])} | {_cell(m.get('vs_frozen'))} | {_cell(m.get('vs_setfit'))} | "
+                         f"{m['adapt_s']:.2f} | {m['classes']} ({m['short_classes']}) |")
+    lines += ["", "| K | method | mean accuracy % over datasets (95% CI over draws) | Δ vs frozen, pp | "
+              "Δ vs SetFit, pp | adapt s |", "|---|---|---|---|---|---|"]
+    for entry in summary["mean"]:
+        for name, m in entry["methods"].items():
+            lines.append(f"| {entry['shots']} | {name} | {_pct(m['accuracy'])} ± {_pct(m['ci95'])} | "
+                         f"{_cell(m.get('vs_frozen'))} | {_cell(m.get('vs_setfit'))} | {m['adapt_s']:.2f} |")
+    return "\n".join(lines + [""] + [f"- {note}" for note in notes]) + "\n"
+
+
+def plot_suite(results: dict, path: Path) -> Path:
+    """Accuracy per dataset and method (one panel per K), and mean accuracy against adaptation seconds."""
+    plt = _pyplot()
+    summary = results["summary"]
+    shots = sorted({e["shots"] for e in summary["datasets"]})
+    fig, axes = plt.subplots(1, len(shots) + 1, figsize=(6 * (len(shots) + 1), 4.5), squeeze=False)
+    for ax, k in zip(axes[0], shots, strict=False):
+        entries = [e for e in summary["datasets"] if e["shots"] == k]
+        methods = list(dict.fromkeys(m for e in entries for m in e["methods"]))
+        width = 0.8 / max(len(methods), 1)
+        for i, method in enumerate(methods):
+            xs = [j + i * width for j, e in enumerate(entries) if method in e["methods"]]
+            ys = [100 * e["methods"][method]["accuracy"] for e in entries if method in e["methods"]]
+            ax.bar(xs, ys, width, label=method)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(entries))], [e["dataset"] for e in entries],
+                      rotation=30, ha="right")
+        ax.set(title=f"K = {k}", ylabel="accuracy %")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    ax = axes[0][-1]
+    for entry in summary["mean"]:
+        for method, m in entry["methods"].items():
+            ax.scatter(max(m["adapt_s"], 1e-3), 100 * m["accuracy"], label=f"{method} K={entry['shots']}")
+            ax.annotate(f"{method} K={entry['shots']}", (max(m["adapt_s"], 1e-3), 100 * m["accuracy"]), fontsize=7)
+    ax.set(xscale="log", xlabel="adaptation seconds per support set (log)", ylabel="mean accuracy %",
+           title="accuracy against adaptation time")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_suite_report(results: dict, out: Path) -> dict[str, Path]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out.with_suffix(".json"), "markdown": out.with_suffix(".md"), "plot": out.with_suffix(".png")}
+    paths["json"].write_text(json.dumps(results, indent=1))
+    paths["markdown"].write_text(suite_markdown(results))
+    plot_suite(results, paths["plot"])
+    return paths

@@ -138,10 +138,10 @@ def load_labelled(
     label_column: str = "label",
     domain_column: str = "domain",
     hf_split: str = "train",
-    rows_where: dict[str, str] | None = None,
+    rows_where: dict[str, str | list[str]] | None = None,
 ) -> LabelledTexts:
     """Load labelled texts from a file, the embedded default corpus ("default") or a HF dataset name.
-    `rows_where`: keep only the rows whose column holds the given value (e.g. ARSC's meta_split: source)."""
+    `rows_where`: keep only the rows whose column holds the given value, or one of the given values."""
     if str(source) == DEFAULT_CORPUS:
         source = default_corpus_path()
     path = Path(source)
@@ -157,7 +157,8 @@ def load_labelled(
     for column, value in (rows_where or {}).items():
         if column not in frame.columns:
             raise DataError(f"{where}: no column {column!r} to filter on; the columns are {columns}")
-        frame = frame[frame[column].astype(str) == str(value)]
+        allowed = [str(v) for v in value] if isinstance(value, list) else [str(value)]
+        frame = frame[frame[column].astype(str).isin(allowed)]
         if frame.empty:
             raise DataError(f"{where}: no row has {column} = {value!r}")
     for role, column in (("text", text_column), ("label", label_column)):

@@ -7,11 +7,14 @@ from metanlp.encoder import TextEncoder
 from metanlp.learners.base import Learner
 from metanlp.learners.finetune import FineTune
 from metanlp.learners.gradient import MAML, Leopard, Reptile
+from metanlp.learners.logreg import LogisticRegressionHead
 from metanlp.learners.protonet import FrozenEncoder, ProtoNet
+from metanlp.learners.setfit_peer import SetFitPeer
 from metanlp.runtime import seeded
 
 LEARNERS: dict[str, type[Learner]] = {
-    "protonet": ProtoNet, "frozen": FrozenEncoder, "finetune": FineTune,
+    "protonet": ProtoNet, "frozen": FrozenEncoder, "finetune": FineTune, "logreg": LogisticRegressionHead,
+    "setfit": SetFitPeer,
     # FOMAML, ANIL and Meta-SGD are MAML with the options their specs fix (first order, head only, learned rates).
     "maml": MAML, "fomaml": MAML, "anil": MAML, "metasgd": MAML,
     "reptile": Reptile, "leopard": Leopard,

@@ -1,0 +1,100 @@
+"""Code tests: the benchmark suite scores every method on the same supports and queries, counts short
+classes, draws a fixed support once, reuses rows of an earlier run when told, and writes its reports; the
+logistic-regression head solves scikit-learn's objective."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from conftest import write_jsonl
+from metanlp.cli import app
+
+WORDS = {"a": "apple", "b": "banana", "c": "cherry", "x": "yes", "y": "no"}
+
+
+def split_files(root: Path, name: str, counts: dict[str, int], extra: dict | None = None) -> None:
+    for split in ("train", "test"):
+        rows = [{"text": f"{WORDS[label]} {split} {i}", "label": label, **(extra or {})}
+                for label, n in counts.items() for i in range(n if split == "train" else 4)]
+        write_jsonl(root / f"{name}_{split}.jsonl", rows)
+
+
+@pytest.fixture
+def suite_pool(tmp_path: Path) -> Path:
+    split_files(tmp_path, "fruit", {"a": 12, "b": 12, "c": 3})  # c is short at K = 5
+    split_files(tmp_path, "fixed", {"x": 2, "y": 2})  # every class has <= K: one fixed support
+    write_jsonl(tmp_path / "train.jsonl", [{"text": f"{WORDS[k]} {i}", "label": k} for k in "abc" for i in range(6)])
+    pool = {"tasks": [{"name": "seen", "path": "train.jsonl", "role": "meta_train"},
+                      {"name": "fruit", "path": "fruit_{split}.jsonl", "role": "eval"},
+                      {"name": "fixed", "path": "fixed_{split}.jsonl", "role": "eval", "shots": [5]}]}
+    (tmp_path / "pool.yaml").write_text(yaml.safe_dump(pool))
+    return tmp_path / "pool.yaml"
+
+
+def test_every_method_sees_the_same_supports_and_the_report_says_so(suite_pool, tmp_path):
+    out = tmp_path / "suite.json"
+    args = ["benchmark", "--pool", str(suite_pool), "--methods", "frozen,logreg", "--encoder", "tiny-random-bert",
+            "--shots", "5", "--draws", "2", "--out", str(out), "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    keys = {m: sorted(r["key"] for r in rows if r["method"] == m) for m in ("frozen", "logreg")}
+    assert keys["frozen"] == keys["logreg"]
+    # fruit: 3 classes -> K 5 (2 draws) and 16 (every class has <= 16: one fixed support); fixed: shots [5], once
+    assert sorted(keys["frozen"]) == sorted(["fixed|5|0", "fruit|5|0", "fruit|5|1", "fruit|16|0"])
+    fruit = [r for r in rows if r["dataset"] == "fruit" and r["shots"] == 5]
+    assert all(r["short_classes"] == 1 and r["support"] == 5 + 5 + 3 and r["queries"] == 12 for r in fruit)
+    summary = json.loads(out.read_text())["summary"]
+    assert {e["dataset"] for e in summary["datasets"]} == {"fruit", "fixed"}
+    assert "vs_frozen" in summary["mean"][0]["methods"]["logreg"]
+    assert out.with_suffix(".md").read_text().count("| fruit |") == 4 and out.with_suffix(".png").is_file()
+
+    reused = tmp_path / "again.json"
+    result = CliRunner().invoke(app, [*args[:-3], "--reuse", str(out), "--reuse-methods", "logreg", "--out",
+                                      str(reused), "--quiet"])
+    assert result.exit_code == 0, result.output
+    again = json.loads(reused.read_text())["rows"]
+    assert all(r.get("reused") for r in again if r["method"] == "logreg")
+    assert [r["accuracy"] for r in again if r["method"] == "frozen"] == [r["accuracy"] for r in rows
+                                                                        if r["method"] == "frozen"]
+
+
+def test_a_model_trained_on_an_eval_dataset_is_flagged(suite_pool, tmp_path):
+    model = tmp_path / "model"
+    pool = yaml.safe_load(suite_pool.read_text())
+    pool["tasks"].append({"name": "val", "path": "train.jsonl", "role": "meta_val"})
+    pool["tasks"].append({"name": "leak", "path": "fruit_train.jsonl", "role": "meta_train"})
+    leaky = tmp_path / "leaky.yaml"
+    leaky.write_text(yaml.safe_dump(pool))
+    trained = CliRunner().invoke(app, ["train", "--pool", str(leaky), "--encoder", "tiny-random-bert", "--episodes",
+                                       "1", "--ways", "2", "--shots", "1", "--queries", "1", "--val-episodes", "2",
+                                       "--out", str(model), "--no-checkpoint", "--quiet"])
+    assert trained.exit_code == 0, trained.output
+    result = CliRunner().invoke(app, ["benchmark", "--pool", str(suite_pool), "--model", f"mine={model}",
+                                      "--methods", "frozen", "--encoder", "tiny-random-bert", "--shots", "5",
+                                      "--draws", "1", "--datasets", "fruit", "--out", str(tmp_path / "s.json"),
+                                      "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "meta-trained on eval datasets ['fruit']" in " ".join(result.output.split())
+    methods = {r["method"] for r in json.loads((tmp_path / "s.json").read_text())["rows"]}
+    assert methods == {"frozen", "mine", "mine+logreg"}
+
+
+def test_logistic_regression_head_solves_scikit_learns_objective():
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    from metanlp.learners.logreg import fit_logistic_regression
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(40, 8, generator=generator), dim=-1)
+    y = torch.randint(0, 3, (40,), generator=generator)
+    weight, bias = fit_logistic_regression(x, y, 3, C=2.0, max_iter=200)
+    reference = sklearn.LogisticRegression(C=2.0, max_iter=1000, tol=1e-8).fit(x.numpy(), y.numpy())
+    np.testing.assert_allclose(weight.numpy(), reference.coef_, atol=2e-3)
+    np.testing.assert_allclose(bias.numpy(), reference.intercept_, atol=2e-3)
