@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("encoder", ("metanlp.encoder",)),
     ("learners", ("metanlp.learners",)),
     ("training and evaluation", ("metanlp.train", "metanlp.checkpoint", "metanlp.evaluation", "metanlp.pretrain",
-                                 "metanlp.adaptation")),
+                                 "metanlp.adaptation", "metanlp.suite")),
     ("reporting and serving", ("metanlp.reporting", "metanlp.tracking", "metanlp.serving", "metanlp.mlflow_model")),
     ("stages", ("metanlp.stages",)),
     ("pipeline and CLI", ("metanlp.pipeline", "metanlp.cli")),
