@@ -503,6 +503,40 @@ def benchmark(
     typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
 
 
+@app.command()
+@cli_errors
+def serve(
+    model: Annotated[str, typer.Option(help="a metanlp model folder, or a registry URI such as "
+                                            "models:/metanlp-intents@champion")],
+    host: Annotated[str, typer.Option(help="interface to bind (loopback by default)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI for models:/ (default: "
+                                                          "MLFLOW_TRACKING_URI, then mlflow/ here)")] = None,
+    tasks_dir: Annotated[Path | None, typer.Option(help="keep task records here so a restart keeps them")] = None,
+    cache_size: Annotated[int, typer.Option(min=1, help="adapted tasks kept in memory (LRU)")] = 64,
+    max_rows: Annotated[int, typer.Option(min=1, help="most support rows or texts in one request")] = 1000,
+    max_chars: Annotated[int, typer.Option(min=1, help="most characters in one text or label")] = 2000,
+    max_body_bytes: Annotated[int, typer.Option(min=1, help="largest request body")] = 2_000_000,
+    poll_seconds: Annotated[float, typer.Option(min=0, help="how often to look at the registry alias "
+                                                            "(0: never)")] = 30.0,
+) -> None:
+    """Serve few-shot classification with cached tasks: POST /tasks, POST /tasks/{id}/predict, /docs."""
+    import uvicorn
+
+    from metanlp.service import Limits, ModelSource, create_app
+    from metanlp.tasks import TaskStore
+    from metanlp.tracking import tracking_uri as resolve_tracking_uri
+
+    if not model.startswith("models:/") and not Path(model).is_dir():
+        raise DataError(f"--model {model!r}: neither a model folder nor a models:/NAME@ALIAS URI")
+    uri = resolve_tracking_uri(tracking_uri, Path.cwd()) if model.startswith("models:/") else None
+    source = ModelSource(model, uri)
+    store = TaskStore(cache_size, tasks_dir)
+    application = create_app(source, store, Limits(max_rows, max_chars, max_body_bytes), poll_seconds)
+    err_console.print(f"serving {model} (version {source.current}) on http://{host}:{port} (docs at /docs)")
+    uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
 ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml of the pipeline; its folder is the root")]
 
 

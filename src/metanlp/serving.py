@@ -14,7 +14,7 @@ from mlflow.pyfunc import PythonModel
 INPUT_COLUMNS = ("text", "label")
 
 
-def split_request(frame: pd.DataFrame) -> tuple[list[str], list[str], list[str]]:
+def split_request(frame: pd.DataFrame, need_support: bool = True) -> tuple[list[str], list[str], list[str]]:
     """(support texts, support labels, query texts); a malformed request is named precisely."""
     missing = [c for c in INPUT_COLUMNS if c not in frame.columns]
     if missing:
@@ -27,28 +27,55 @@ def split_request(frame: pd.DataFrame) -> tuple[list[str], list[str], list[str]]
             raise ValueError(f"request row {row}: empty or non-text 'text'")
     support = [(t.strip(), lab) for t, lab in zip(texts, labels, strict=True) if lab]
     queries = [t.strip() for t, lab in zip(texts, labels, strict=True) if not lab]
-    if len({lab for _, lab in support}) < 2:
+    if (need_support or support) and len({lab for _, lab in support}) < 2:
         raise ValueError("request: the support set (rows with a label) needs at least 2 classes")
     if not queries:
         raise ValueError("request: no queries (rows with an empty label) to classify")
     return [t for t, _ in support], [lab for _, lab in support], queries
 
 
-def classify(learner, frame: pd.DataFrame) -> pd.DataFrame:
-    support_texts, support_labels, queries = split_request(frame)
-    predictions = learner.adapt(support_texts, support_labels).predict(queries)
+MODEL_VERSION = "pyfunc"  # one loaded pyfunc is one model: its tasks need no other version
+
+
+def classify(learner, frame: pd.DataFrame, store=None, task: str | None = None) -> pd.DataFrame:
+    """Label the query rows. The support rows make (or find, in `store`) a task; or `task` names one made by an
+    earlier request, and the request may then hold queries only."""
+    from metanlp.tasks import TaskStore
+
+    store = TaskStore(capacity=1) if store is None else store
+    support_texts, support_labels, queries = split_request(frame, need_support=not task)
+    if support_texts:
+        made, _ = store.create(learner, MODEL_VERSION, support_texts, support_labels)
+        task = made.id
+    _, classifier = store.classifier(task, {MODEL_VERSION: learner}, MODEL_VERSION)
+    predictions = classifier.predict(queries)
     scores = [ranked[0][1] for ranked in predictions.top(1)]
-    return pd.DataFrame({"text": queries, "label": predictions.labels, "score": scores})
+    return pd.DataFrame({"text": queries, "label": predictions.labels, "score": scores,
+                         "task_id": [task] * len(queries)})
 
 
 class FewShotClassifierModel(PythonModel):
+    """Support sets adapted once and kept (bounded LRU of 32 tasks): the same support again, or its task id
+    in the request's params (`{"task_id": ...}`) with query rows only, costs only the queries."""
+
     def load_context(self, context) -> None:
         from metanlp.learners import load_learner
+        from metanlp.tasks import TaskStore
 
         self.learner = load_learner(context.artifacts["model"])
+        self.store = TaskStore(capacity=32)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        return classify(self.learner, model_input)
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        from metanlp.data.load import DataError
+        from metanlp.tasks import TaskError
+
+        try:  # the caller's mistake: a 400 with our message, not a 500 with a stack trace
+            return classify(self.learner, model_input, self.store, (params or {}).get("task_id") or None)
+        except (TaskError, DataError, ValueError) as err:
+            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from err
 
 
 def example_request() -> pd.DataFrame:
@@ -61,8 +88,9 @@ def example_request() -> pd.DataFrame:
 
 def signature():
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     return ModelSignature(inputs=Schema([ColSpec("string", "text"), ColSpec("string", "label")]),
                           outputs=Schema([ColSpec("string", "text"), ColSpec("string", "label"),
-                                          ColSpec("double", "score")]))
+                                          ColSpec("double", "score"), ColSpec("string", "task_id")]),
+                          params=ParamSchema([ParamSpec("task_id", "string", "")]))

@@ -22,7 +22,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("learners", ("metanlp.learners",)),
     ("training and evaluation", ("metanlp.train", "metanlp.checkpoint", "metanlp.evaluation", "metanlp.pretrain",
                                  "metanlp.adaptation", "metanlp.suite")),
-    ("reporting and serving", ("metanlp.reporting", "metanlp.tracking", "metanlp.serving", "metanlp.mlflow_model")),
+    ("reporting and serving", ("metanlp.reporting", "metanlp.tracking", "metanlp.tasks", "metanlp.serving",
+                               "metanlp.service", "metanlp.mlflow_model")),
     ("stages", ("metanlp.stages",)),
     ("pipeline and CLI", ("metanlp.pipeline", "metanlp.cli")),
 ]

@@ -1,0 +1,148 @@
+"""Tasks as first-class objects: the classifier a support set adapts to, kept for many queries.
+
+An application uses a few-shot classifier as one task and many queries, so the adapted classifier is kept in a
+bounded LRU cache keyed by the task id: a hash of the model version, the adaptation strategy and the support
+texts and labels in order (the same support sent again is the same task, adapted once). With a folder, every
+task is also written there as JSON (its support set and what adapted it), so a restart keeps the task ids: a
+restored or evicted task is adapted again on its first use. The MLflow pyfunc and `metanlp serve` share this.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from metanlp.atomic import write_text_atomic
+from metanlp.learners import Classifier, Learner
+
+DEFAULT_STRATEGY = "default"  # the learner's own adaptation (prototypes, or its inner loop)
+
+
+class TaskError(ValueError):
+    """A request the task store cannot serve; the message says why (the service answers 4xx with it)."""
+
+    status = 400
+
+
+class UnknownTask(TaskError):
+    status = 404
+
+
+def task_id(model_version: str, strategy: str, texts: list[str], labels: list[str]) -> str:
+    payload = json.dumps([model_version, strategy, texts, labels], ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+@dataclass
+class Task:
+    id: str
+    model_version: str
+    strategy: str
+    classes: list[str]
+    texts: list[str]
+    labels: list[str]
+    created: float = field(default_factory=time.time)
+    adapt_ms: float | None = None
+
+    def describe(self) -> dict:
+        return {"task_id": self.id, "model_version": self.model_version, "strategy": self.strategy,
+                "classes": self.classes, "support_size": len(self.texts), "created": self.created,
+                "adapt_ms": self.adapt_ms}
+
+
+class TaskStore:
+    """Tasks by id: adapted classifiers in a bounded LRU (`capacity`), task records in `folder` if given."""
+
+    def __init__(self, capacity: int = 64, folder: Path | None = None) -> None:
+        if capacity < 1:
+            raise ValueError(f"task cache capacity must be at least 1, got {capacity}")
+        self.capacity, self.folder = capacity, Path(folder) if folder else None
+        self._adapted: OrderedDict[str, tuple[Task, Classifier]] = OrderedDict()
+        self._records: dict[str, Task] = {}
+        self._lock = threading.Lock()
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for path in sorted(self.folder.glob("*.json")):
+                try:
+                    record = Task(**json.loads(path.read_text()))
+                except (ValueError, TypeError, json.JSONDecodeError):
+                    continue  # a file that is not a task record is not ours to load or delete
+                self._records[record.id] = record
+
+    def __len__(self) -> int:
+        return len(self._records) if self.folder else len(self._adapted)
+
+    @property
+    def cached(self) -> int:
+        return len(self._adapted)
+
+    def create(self, learner: Learner, model_version: str, texts: list[str], labels: list[str],
+               strategy: str = DEFAULT_STRATEGY) -> tuple[Task, bool]:
+        """The task of this support set (adapted now unless it is cached); returns it and whether it was."""
+        identifier = task_id(model_version, strategy, texts, labels)
+        with self._lock:
+            if identifier in self._adapted:
+                self._adapted.move_to_end(identifier)
+                return self._adapted[identifier][0], True
+        task = Task(identifier, model_version, strategy, sorted(set(labels)), list(texts), list(labels))
+        classifier = self._adapt(learner, task)
+        with self._lock:
+            self._remember(task, classifier)
+        return task, False
+
+    def classifier(self, identifier: str, learners: dict[str, Learner], current: str) -> tuple[Task, Classifier]:
+        """A task's classifier; a task known only from its record is adapted again, with the model version it
+        recorded when that one is loaded, else with the current one (and its record says so)."""
+        with self._lock:
+            if identifier in self._adapted:
+                self._adapted.move_to_end(identifier)
+                return self._adapted[identifier]
+            task = self._records.get(identifier)
+        if task is None:
+            raise UnknownTask(f"unknown task {identifier[:64]!r}; create it with POST /tasks")
+        if task.model_version not in learners:
+            task.model_version = current
+        classifier = self._adapt(learners[task.model_version], task)
+        with self._lock:
+            self._remember(task, classifier)
+        return task, classifier
+
+    def describe(self, identifier: str) -> dict:
+        with self._lock:
+            task = self._adapted[identifier][0] if identifier in self._adapted else self._records.get(identifier)
+        if task is None:
+            raise UnknownTask(f"unknown task {identifier[:64]!r}")
+        return task.describe()
+
+    def delete(self, identifier: str) -> None:
+        with self._lock:
+            found = self._adapted.pop(identifier, None) is not None
+            found = self._records.pop(identifier, None) is not None or found
+        if not found:
+            raise UnknownTask(f"unknown task {identifier[:64]!r}")
+        if self.folder is not None:
+            (self.folder / f"{identifier}.json").unlink(missing_ok=True)
+
+    def versions_in_use(self) -> set[str]:
+        with self._lock:
+            return {task.model_version for task, _ in self._adapted.values()}
+
+    def _adapt(self, learner: Learner, task: Task) -> Classifier:
+        started = time.perf_counter()
+        classifier = learner.adapt(task.texts, task.labels)
+        task.adapt_ms = 1000 * (time.perf_counter() - started)
+        return classifier
+
+    def _remember(self, task: Task, classifier: Classifier) -> None:
+        self._adapted[task.id] = (task, classifier)
+        self._adapted.move_to_end(task.id)
+        while len(self._adapted) > self.capacity:
+            self._adapted.popitem(last=False)  # least recently used; its record (if any) stays
+        if self.folder is not None:
+            self._records[task.id] = task
+            write_text_atomic(self.folder / f"{task.id}.json", json.dumps(asdict(task), ensure_ascii=False))

@@ -1,0 +1,165 @@
+"""Code tests: `metanlp serve`. Tasks are adapted once and cached (bounded), kept across a restart, and a
+malformed request gets a 4xx naming the problem while the service keeps serving; the pyfunc shares the cache."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from fastapi.testclient import TestClient
+
+from metanlp.learners import build_learner, save_learner
+from metanlp.service import Limits, ModelSource, create_app
+from metanlp.tasks import TaskStore
+
+SUPPORT = [{"text": "water the roses", "label": "garden"}, {"text": "prune the hedge", "label": "garden"},
+           {"text": "walk the dog", "label": "pets"}, {"text": "feed the cat", "label": "pets"},
+           {"text": "book a flight", "label": "travel"}, {"text": "pack the suitcase", "label": "travel"}]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_encoder_config):
+    folder = tmp_path_factory.mktemp("served") / "model"
+    save_learner(build_learner("protonet", tiny_encoder_config), folder)
+    return folder
+
+
+LIMITS = Limits(max_rows=50, max_chars=300, max_body_bytes=20_000)
+
+
+def client_for(model_dir, tasks_dir=None, capacity=8):
+    app = create_app(ModelSource(str(model_dir)), TaskStore(capacity, tasks_dir), LIMITS, poll_seconds=0)
+    return TestClient(app)
+
+
+def test_a_task_is_adapted_once_and_answers_many_queries(model_dir):
+    client = client_for(model_dir)
+    created = client.post("/tasks", json={"support": SUPPORT})
+    assert created.status_code == 201, created.text
+    task = created.json()
+    assert task["classes"] == ["garden", "pets", "travel"] and task["cached"] is False
+    again = client.post("/tasks", json={"support": SUPPORT}).json()
+    assert again["task_id"] == task["task_id"] and again["cached"] is True
+    answer = client.post(f"/tasks/{task['task_id']}/predict", json={"texts": ["water the lawn", "x"], "top_k": 5})
+    assert answer.status_code == 200, answer.text
+    predictions = answer.json()["predictions"]
+    assert len(predictions) == 2 and len(predictions[0]["top"]) == 3  # top_k capped at the classes
+    assert predictions[0]["label"] in task["classes"] and 0 <= predictions[0]["score"] <= 1
+    assert client.get(f"/tasks/{task['task_id']}").json()["support_size"] == 6
+    assert client.get("/health").json()["tasks"] == 1
+    assert client.delete(f"/tasks/{task['task_id']}").status_code == 204
+    assert client.get(f"/tasks/{task['task_id']}").status_code == 404
+    assert "/tasks/{identifier}/predict" in client.get("/openapi.json").json()["paths"]
+
+
+BAD_TASKS = [
+    ({}, 400, "support: Field required"),
+    ({"support": []}, 400, "support: empty"),
+    ({"support": SUPPORT[:2]}, 400, "one class"),
+    ({"support": "garden"}, 400, "support: Input should be a valid list"),
+    ({"support": [{"text": "a"}]}, 400, "label: Field required"),
+    ({"support": [{"label": "a"}]}, 400, "text: Field required"),
+    ({"support": [{"text": 5, "label": "a"}, {"text": "b", "label": "c"}]}, 400, "text: Input should be a valid str"),
+    ({"support": [{"text": None, "label": "a"}]}, 400, "text: Input should be a valid string"),
+    ({"support": [{"text": ["x"], "label": "a"}]}, 400, "valid string"),
+    ({"support": [{"text": "a", "label": 3}]}, 400, "label: Input should be a valid string"),
+    ({"support": [{"text": "  ", "label": "a"}, {"text": "b", "label": "c"}]}, 400, "support.text[0]: empty text"),
+    ({"support": [{"text": "a", "label": ""}, {"text": "b", "label": "c"}]}, 400, "support.label[0]: empty text"),
+    ({"support": [{"text": "x" * 301, "label": "a"}, {"text": "b", "label": "c"}]}, 413, "301 characters"),
+    ({"support": [{"text": f"t{i}", "label": str(i % 2)} for i in range(51)]}, 413, "51 rows"),
+    ({"support": SUPPORT, "strategy": "magic"}, 400, "strategy: unknown"),
+    ({"support": SUPPORT, "extra": 1}, 400, "extra: Extra inputs are not permitted"),
+    ({"support": [{"text": "a", "label": "b", "domain": "c"}]}, 400, "Extra inputs are not permitted"),
+    ([1, 2, 3], 400, "Input should be a valid dictionary"),
+    ("just a string", 400, "valid dictionary"),
+]
+
+BAD_PREDICTIONS = [
+    ({}, 400, "texts: Field required"),
+    ({"texts": []}, 400, "texts: empty"),
+    ({"texts": "one text"}, 400, "texts: Input should be a valid list"),
+    ({"texts": [1]}, 400, "Input should be a valid string"),
+    ({"texts": [None]}, 400, "Input should be a valid string"),
+    ({"texts": [""]}, 400, "texts[0]: empty text"),
+    ({"texts": ["ok", "   "]}, 400, "texts[1]: empty text"),
+    ({"texts": ["x" * 301]}, 413, "301 characters"),
+    ({"texts": ["t"] * 51}, 413, "51 rows"),
+    ({"texts": ["ok"], "top_k": 0}, 400, "top_k: Input should be greater than or equal to 1"),
+    ({"texts": ["ok"], "top_k": "many"}, 400, "top_k: Input should be a valid integer"),
+    ({"texts": ["ok"], "task": "x"}, 400, "Extra inputs are not permitted"),
+]
+
+
+def test_malformed_requests_get_a_4xx_naming_the_problem_and_the_service_keeps_serving(model_dir):
+    client = client_for(model_dir)
+    task = client.post("/tasks", json={"support": SUPPORT}).json()["task_id"]
+    predict = f"/tasks/{task}/predict"
+
+    def still_serving():
+        answer = client.post(predict, json={"texts": ["walk the puppy"]})
+        assert answer.status_code == 200, answer.text
+
+    cases = [("/tasks", body, status, message) for body, status, message in BAD_TASKS]
+    cases += [(predict, body, status, message) for body, status, message in BAD_PREDICTIONS]
+    for path, body, status, message in cases:
+        answer = client.post(path, json=body)
+        assert answer.status_code == status, (body, answer.text)
+        error = answer.json()["error"]
+        assert message in error, (body, error)
+        assert "Traceback" not in error and len(error) < 1200
+        still_serving()
+    raw = [("/tasks", b"{not json", 400, "body: not valid JSON"),
+           ("/tasks", b'{"support": ' * 1500, 400, "body: not valid JSON"),  # deeply nested, unterminated
+           ("/tasks", b"[" * 5000 + b"]" * 5000, 400, "body: not valid JSON"),  # 5,000 levels of valid nesting
+           ("/tasks", b"\xff\xfe", 400, "body: not valid JSON"),
+           ("/tasks", b"x" * 20_001, 413, "request body over 20000 bytes"),
+           ("/tasks/unknown-task/predict", b'{"texts": ["a"]}', 404, "unknown task 'unknown-task'"),
+           (f"/tasks/{'z' * 5000}/predict", b'{"texts": ["a"]}', 404, "unknown task")]
+    for path, body, status, message in raw:
+        answer = client.post(path, content=body, headers={"content-type": "application/json"})
+        assert answer.status_code == status, (path, body[:30], answer.text[:300])
+        assert message in answer.json()["error"] and len(answer.json()["error"]) < 1200
+        still_serving()
+    assert client.delete("/tasks/nope").status_code == 404
+    assert client.get("/nowhere").status_code == 404
+    assert len(cases) + len(raw) >= 30
+    still_serving()
+
+
+def test_the_cache_is_bounded_and_tasks_survive_a_restart(model_dir, tmp_path):
+    client = client_for(model_dir, tasks_dir=tmp_path / "tasks", capacity=2)
+    ids = []
+    for label in ("a", "b", "c"):
+        support = [{**row, "label": f"{row['label']}-{label}"} for row in SUPPORT]
+        ids.append(client.post("/tasks", json={"support": support}).json()["task_id"])
+    health = client.get("/health").json()
+    assert health["tasks"] == 3 and health["tasks_adapted"] == 2  # memory holds 2; the third lives on disk
+    first = client.post(f"/tasks/{ids[0]}/predict", json={"texts": ["feed the dog"]}).json()
+    restarted = client_for(model_dir, tasks_dir=tmp_path / "tasks", capacity=2)
+    again = restarted.post(f"/tasks/{ids[0]}/predict", json={"texts": ["feed the dog"]}).json()
+    assert again["predictions"] == first["predictions"]
+    assert sorted(p.stem for p in (tmp_path / "tasks").glob("*.json")) == sorted(ids)
+
+
+def test_the_pyfunc_keeps_tasks_and_answers_by_task_id(model_dir):
+    from metanlp.serving import FewShotClassifierModel
+
+    class Context:
+        artifacts = {"model": str(model_dir)}
+
+    pyfunc = FewShotClassifierModel()
+    pyfunc.load_context(Context())
+    frame = pd.DataFrame({"text": [r["text"] for r in SUPPORT] + ["walk the puppy"],
+                          "label": [r["label"] for r in SUPPORT] + [""]})
+    first = pyfunc.predict(None, frame)
+    task = first["task_id"][0]
+    by_id = pyfunc.predict(None, pd.DataFrame({"text": ["walk the puppy"], "label": [""]}), {"task_id": task})
+    assert by_id["label"].tolist() == first["label"].tolist() and pyfunc.store.cached == 1
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException, match="unknown task"):
+        pyfunc.predict(None, pd.DataFrame({"text": ["x"], "label": [""]}), {"task_id": "missing"})
+    with pytest.raises(MlflowException, match="at least 2 classes"):
+        pyfunc.predict(None, pd.DataFrame({"text": ["x", "y"], "label": ["a", ""]}))
+    assert json.dumps(by_id.to_dict())
