@@ -23,10 +23,31 @@ def write_text_atomic(path: Path, text: str) -> Path:
     return path
 
 
-def replace_directory(directory: str | Path, write: Callable[[Path], None]) -> Path:
-    """Fill a staging folder with `write`, then swap it in for `directory`: a crash leaves the old
-    contents, never half of the new ones."""
+class OverwriteRefused(ValueError):
+    """An output folder that holds something else than what would replace it."""
+
+
+def check_replaceable(directory: str | Path, marker: str | None, force: bool = False) -> None:
+    """Refuse to replace an existing, non-empty folder unless it holds `marker` (it is an output of the same
+    kind: a metanlp model has learner.json) or `force` says so: a wrong --out never deletes a user's folder."""
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise OverwriteRefused(f"{directory}: exists and is not a folder; choose another output path")
+    if force or not directory.is_dir() or not any(directory.iterdir()):
+        return
+    if marker is None or not (directory / marker).exists():
+        what = f"has no {marker}" if marker else "is not empty"
+        raise OverwriteRefused(f"{directory}: exists and {what}, so it is not an output of this kind; nothing was "
+                               "written; choose another output folder, or pass --force to replace it")
+
+
+def replace_directory(directory: str | Path, write: Callable[[Path], None], marker: str | None = None,
+                      force: bool = False) -> Path:
+    """Fill a staging folder with `write`, then swap it in for `directory`: a crash leaves the old
+    contents, never half of the new ones. An existing folder is replaced only if it holds `marker` (or
+    `force`): see `check_replaceable`."""
+    directory = Path(directory)
+    check_replaceable(directory, marker, force)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:

@@ -43,7 +43,7 @@ def save_checkpoint(directory: Path, fingerprint: dict, learner, optimizer, samp
             "fingerprint": fingerprint, "loop": asdict(state), "param_groups": opt["param_groups"],
             "sampler": sampler.state(), "has_best": best_state is not None}, indent=1))
 
-    replace_directory(directory, write)
+    replace_directory(directory, write, marker="state.json")
 
 
 def load_checkpoint(directory: Path, fingerprint: dict, learner, optimizer, sampler) -> tuple[LoopState, dict | None]:

@@ -139,6 +139,7 @@ def train(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     checkpoint: Annotated[bool, typer.Option(
         help="save the run state at every validation to OUT.checkpoint/ and resume from it if present")] = True,
+    force: Annotated[bool, typer.Option(help="replace --out even if it is not an output of this command")] = False,
     quiet: bool = False,
 ) -> None:
     """Meta-train a learner on episodes from the training classes; keep the best on validation classes."""
@@ -174,7 +175,7 @@ def train(
     if checkpoint_dir is not None and checkpoint_dir.exists():
         err_console.print(f"resuming from {checkpoint_dir}")
     result = train_learner(spec, train_set, val_set, config, out, show_progress=not quiet,
-                           checkpoint_dir=checkpoint_dir, **spaces)
+                           checkpoint_dir=checkpoint_dir, force=force, **spaces)
     write_training_report(out)
     typer.echo(f"best validation accuracy {100 * result.best_val_accuracy:.1f}% at episode {result.best_episode} "
                f"({result.episodes_run} episodes run); model written to {out}")
@@ -326,13 +327,17 @@ def pretrain(
     smlmt_fraction: Annotated[float, typer.Option(help="hybrid: share of episodes that are cloze tasks")] = 0.5,
     seed: int = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    force: Annotated[bool, typer.Option(help="replace --out even if it is not an output of this command")] = False,
     quiet: bool = False,
 ) -> None:
     """Pretrain an encoder on unlabeled text: masked-LM, then (or only) ProtoNet on SMLMT cloze tasks, alone
     or mixed with supervised episodes (--labelled: hybrid).
     The result is an encoder directory for --encoder or params.yaml's meta_train.encoder.name_or_path."""
+    from metanlp.atomic import check_replaceable
     from metanlp.config import PretrainParams
-    from metanlp.pretrain import pretrain_encoder, save_encoder
+    from metanlp.pretrain import ENCODER_MARKER, pretrain_encoder, save_encoder
+
+    check_replaceable(out, ENCODER_MARKER, force)
 
     modes = _csv(mode)
     unknown = sorted(set(modes) - {"mlm", "smlmt"})
@@ -349,7 +354,7 @@ def pretrain(
     if "smlmt_classes" in summary:
         typer.echo(f"SMLMT: {summary['smlmt_classes']} cloze classes, validation accuracy "
                    f"{100 * summary['smlmt_val_accuracy']:.1f}% at step {summary['smlmt_best_step']}")
-    save_encoder(text_encoder, out)
+    save_encoder(text_encoder, out, force=force)
     typer.echo(f"pretrained encoder written to {out}")
 
 
@@ -368,12 +373,17 @@ def adapt(
     seconds: Annotated[float, typer.Option(help="wall-clock cap per strategy")] = 90.0,
     seed: int = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    force: Annotated[bool, typer.Option(help="replace --out even if it is not an output of this command")] = False,
 ) -> None:
     """Adapt a model to a new domain from its support set (and unlabeled text); `predict`, `evaluate` and
     the registry take the result like any model."""
     from metanlp.adaptation import AdaptBudget, domain_adapt
+    from metanlp.atomic import check_replaceable
     from metanlp.encoder import resolve_device
     from metanlp.learners import load_learner, save_learner
+    from metanlp.learners.persistence import SPEC_FILE
+
+    check_replaceable(out, SPEC_FILE, force)
 
     support_set = load_labelled(support)
     texts = read_texts(unlabeled) if unlabeled else None
@@ -381,7 +391,7 @@ def adapt(
     budget = AdaptBudget(finetune_steps=steps, selfsup_steps=selfsup_steps, seconds=seconds, seed=seed)
     adapted, summary = domain_adapt(learner, support_set.texts, support_set.labels, texts, _csv(strategy), budget)
     record = {"support": support, "unlabeled": unlabeled, **summary.__dict__}
-    save_learner(adapted, out, provenance=learner.provenance.model_copy(update={"adapted": record}))
+    save_learner(adapted, out, provenance=learner.provenance.model_copy(update={"adapted": record}), force=force)
     typer.echo(json.dumps(summary.__dict__, default=str))
     typer.echo(f"adapted model written to {out} ({len(support_set)} support examples)")
 

@@ -83,7 +83,10 @@ def unlabeled_sentences(sources: list[str]) -> list[str]:
     return split_sentences(texts, min_words=3)
 
 
-def save_encoder(encoder: TextEncoder, directory) -> None:
+ENCODER_MARKER = "config.json"  # what makes a folder an encoder this may replace
+
+
+def save_encoder(encoder: TextEncoder, directory, force: bool = False) -> None:
     """A Hugging Face directory (safetensors + JSON config + tokenizer): any --encoder option takes it."""
     from metanlp.atomic import replace_directory
 
@@ -91,7 +94,7 @@ def save_encoder(encoder: TextEncoder, directory) -> None:
         encoder.model.save_pretrained(staging, safe_serialization=True)
         encoder.tokenizer.save_pretrained(staging)
 
-    replace_directory(directory, write)
+    replace_directory(directory, write, marker=ENCODER_MARKER, force=force)
 
 
 def pretrain_encoder(config: PretrainParams, encoder_config: EncoderConfig, labelled=None, device: str = "auto",

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from metanlp.atomic import check_replaceable
 from metanlp.checkpoint import LoopState, load_checkpoint, save_checkpoint
 from metanlp.config import LearnerSpec, TrainConfig
 from metanlp.data.episodes import EpisodeSampler
@@ -24,6 +25,7 @@ from metanlp.data.smlmt import CLASS_PREFIX
 from metanlp.encoder import resolve_device
 from metanlp.evaluation import mean_ci, run_episode
 from metanlp.learners import Learner, build_learner, save_learner
+from metanlp.learners.persistence import SPEC_FILE
 from metanlp.progress import progress_bar
 from metanlp.runtime import seeded
 
@@ -56,8 +58,8 @@ def meta_train(learner: Learner, train_data: LabelledTexts, val_data: LabelledTe
                checkpoint_dir: str | Path | None = None, stop_after: int | None = None,
                on_validation: Callable[[int, float], None] | None = None, *,
                train_spaces: dict[str, float] | None = None,
-               val_spaces: dict[str, float] | None = None) -> TrainResult:
-    """Meta-train `learner` in place and return its history.
+               val_spaces: dict[str, float] | None = None, force: bool = False) -> TrainResult:
+    """Meta-train `learner` in place and return its history. `force`: replace an `out_dir` that is not a model.
 
     `train_spaces` / `val_spaces`: the data is a task pool's joined set (`data.pool`); episodes are drawn
     space by space with these weights, each from one label space, ways = min(N, its classes).
@@ -69,15 +71,17 @@ def meta_train(learner: Learner, train_data: LabelledTexts, val_data: LabelledTe
     """
     if not learner.meta_trainable:
         raise ValueError(f"learner {learner.name!r} has nothing to meta-train")
+    if out_dir is not None:  # refused now, not after the training it would have thrown away
+        check_replaceable(out_dir, SPEC_FILE, force)
     # Dropout draws from torch's global generator (it takes no other): seeded here, restored after.
     with seeded(config.seed):
         return _meta_train(learner, train_data, val_data, config, out_dir, show_progress, checkpoint_dir, stop_after,
-                           on_validation, train_spaces, val_spaces)
+                           on_validation, train_spaces, val_spaces, force)
 
 
 def _meta_train(learner: Learner, train_data: LabelledTexts, val_data: LabelledTexts, config: TrainConfig,
                 out_dir, show_progress, checkpoint_dir, stop_after, on_validation, train_spaces,
-                val_spaces) -> TrainResult:
+                val_spaces, force) -> TrainResult:
     device = resolve_device(config.device)
     learner.to(device)
     encoder = learner.encoder
@@ -155,7 +159,7 @@ def _meta_train(learner: Learner, train_data: LabelledTexts, val_data: LabelledT
     learner.eval()
     result = TrainResult(state.best_accuracy, state.best_episode, state.step, stopped_early, state.history)
     if out_dir is not None:  # written once, at the end: an interrupted run leaves no half-trained model
-        save_learner(learner, out_dir)
+        save_learner(learner, out_dir, force=force)
         (Path(out_dir) / HISTORY_FILE).write_text(json.dumps(result.__dict__, indent=2))
     if checkpoint is not None:
         shutil.rmtree(checkpoint, ignore_errors=True)
@@ -167,9 +171,9 @@ def train_learner(spec: LearnerSpec, train_data: LabelledTexts, val_data: Labell
                   checkpoint_dir: str | Path | None = None,
                   on_validation: Callable[[int, float], None] | None = None, *,
                   train_spaces: dict[str, float] | None = None,
-                  val_spaces: dict[str, float] | None = None) -> TrainResult:
+                  val_spaces: dict[str, float] | None = None, force: bool = False) -> TrainResult:
     """Build the learner `spec` describes (its provenance included) and meta-train it: the one training path
     of `metanlp train`, the pipeline's meta_train stage and every tuning trial."""
     learner = build_learner(spec.learner, spec.encoder, spec.provenance)
     return meta_train(learner, train_data, val_data, config, out_dir, show_progress, checkpoint_dir,
-                      on_validation=on_validation, train_spaces=train_spaces, val_spaces=val_spaces)
+                      on_validation=on_validation, train_spaces=train_spaces, val_spaces=val_spaces, force=force)

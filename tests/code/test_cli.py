@@ -155,3 +155,24 @@ def test_pretrain_refuses_text_that_fails_validation(tmp_path):
                                  "--encoder", "tiny-random-bert", "--quiet"])
     assert result.exit_code == 2 and "expect_column_values_to_be_in_set on 'utf8_valid'" in result.output
     assert "expect_table_row_count_to_be_between" in result.output and not (tmp_path / "enc").exists()
+
+
+@pytest.mark.parametrize("command", [
+    ["train", "--encoder", "tiny-random-bert", "--episodes", "1"],
+    ["pretrain", "--text", "default", "--encoder", "tiny-random-bert", "--mlm-steps", "1"],
+])
+def test_out_never_replaces_a_folder_that_is_not_its_output(tmp_path, command):
+    """A wrong --out (a thesis folder, a home folder) is refused before any work, and left as it was."""
+    folder = tmp_path / "thesis"
+    folder.mkdir()
+    (folder / "chapter1.tex").write_text("years of work")
+    result = runner.invoke(app, [*command, "--out", str(folder), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert "not an output of this kind" in " ".join(result.output.split())
+    assert sorted(p.name for p in folder.iterdir()) == ["chapter1.tex"]
+    assert (folder / "chapter1.tex").read_text() == "years of work"
+    if command[0] == "train":  # --force says the user means it
+        forced = runner.invoke(app, [*command, "--out", str(folder), "--quiet", "--force", "--no-checkpoint",
+                                     "--val-episodes", "2"])
+        assert forced.exit_code == 0, forced.output
+        assert (folder / "learner.json").is_file() and not (folder / "chapter1.tex").exists()

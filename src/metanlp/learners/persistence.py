@@ -23,8 +23,10 @@ from metanlp.learners.registry import build_learner
 SPEC_FILE, WEIGHTS_FILE, ENCODER_DIR = "learner.json", "model.safetensors", "encoder"
 
 
-def save_learner(learner: Learner, directory: str | Path, provenance: Provenance | None = None) -> Path:
-    """Write the learner to `directory` atomically: a crash leaves the old contents, never half a model.
+def save_learner(learner: Learner, directory: str | Path, provenance: Provenance | None = None,
+                 force: bool = False) -> Path:
+    """Write the learner to `directory` atomically: a crash leaves the old contents, never half a model; a
+    folder that is not a metanlp model is not replaced unless `force`.
     `provenance` replaces the learner's own record (e.g. a domain-adapted copy says what it was adapted on)."""
     spec = learner.spec() if provenance is None else learner.spec().model_copy(update={"provenance": provenance})
 
@@ -33,7 +35,7 @@ def save_learner(learner: Learner, directory: str | Path, provenance: Provenance
         save_model(learner, str(staging / WEIGHTS_FILE))
         learner.encoder.save_architecture(staging / ENCODER_DIR)
 
-    return replace_directory(directory, write)
+    return replace_directory(directory, write, marker=SPEC_FILE, force=force)
 
 
 def read_spec(directory: str | Path) -> LearnerSpec:
