@@ -561,9 +561,7 @@ def run(params: ParamsOpt = Path("params.yaml")) -> None:
     load_params(params)
     apply_environment_defaults(root)
     results = build_flow()(params_file=str(params.resolve()), root=str(root))
-    registry = results["register"]
-    typer.echo(f"model {registry['model_name']} v{registry['version']} registered at {registry['tracking_uri']}: "
-               f"{registry['reason']}")
+    typer.echo(results["summary"]["text"])
 
 
 @app.command()

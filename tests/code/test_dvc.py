@@ -33,7 +33,7 @@ def test_dvc_yaml_is_generated_from_the_stage_declarations():
     assert (REPO / "dvc.yaml").read_text() == dvc_yaml(), "run `metanlp dvc-yaml` after changing a stage"
     declared = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert list(declared) == list(stages()) == ["validate", "build_corpus", "pretrain", "tune", "meta_train",
-                                                 "evaluate", "register"]
+                                                 "evaluate", "register", "summary"]
     params = load_params(REPO / "params.yaml")
     for name, stage in stages().items():
         assert declared[name]["params"] == list(stage.params), name

@@ -54,6 +54,9 @@ def test_flow_registers_caches_and_reruns_only_what_a_param_feeds(train_flow, ti
     assert "primary_accuracy" in run_data.metrics
     artifacts = {a.path for a in client.list_artifacts(first["register"]["run_id"], "evaluation")}
     assert "evaluation/results.png" in artifacts
+    summary = (tiny_project / "artifacts" / "summary.md").read_text()
+    assert summary == first["summary"]["text"] and "v1 is champion" in summary
+    assert "summary.md" in {a.path for a in client.list_artifacts(first["register"]["run_id"])}
 
     outputs = {stage: tiny_project / "artifacts" / path for stage, path in
                {"validate": "validation/report.json", "meta_train": "model/training.json",
@@ -122,3 +125,18 @@ def test_pretrained_encoder_is_where_meta_training_starts(train_flow, tiny_proje
     assert (pretrained / "model.safetensors").exists()
     spec = json.loads((tiny_project / "artifacts" / "model" / "learner.json").read_text())
     assert spec["encoder"]["name_or_path"] == str(pretrained)
+
+
+def test_the_summary_is_made_from_the_runs_own_results(tmp_path):
+    from metanlp.stages.summary import summary_text
+
+    results = {"learner": "protonet", "settings": [{"setting": "5-way 1-shot", "methods": {
+        "protonet": {"accuracy": 0.81, "ci95": 0.02, "diff_vs_frozen": 0.05, "diff_ci95": 0.01, "adapt_ms": 12.0},
+        "frozen": {"accuracy": 0.76, "ci95": 0.02, "adapt_ms": 11.0}}}]}
+    record = {"model_name": "m", "version": "2", "promoted": False, "champion_version": "1", "reason": "no gain",
+              "run_id": "abc", "tracking_uri": "sqlite:///x.db"}
+    text = summary_text(results, record, tmp_path)
+    assert "| 5-way 1-shot | 81.0 ± 2.0 | 76.0 ± 2.0 | +5.0 ± 1.0 | 12 |" in text
+    assert "v2 is challenger (champion stays v1): no gain" in text and "metanlp predict --model" in text
+    results["settings"][0]["methods"]["protonet"]["accuracy"] = 0.9
+    assert "| 5-way 1-shot | 90.0 ± 2.0 |" in summary_text(results, record, tmp_path)

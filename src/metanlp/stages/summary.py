@@ -1,0 +1,66 @@
+"""Evaluation + registry outcome -> the run's closing summary (artifacts/summary.md, also in the MLflow run):
+each evaluation setting with the model against the frozen encoder (95% CIs, paired gain, adaptation ms), what
+the registry did and why, where the model and the run are, and the commands to use the model next."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from metanlp.atomic import write_text_atomic
+from metanlp.config import PipelineParams
+from metanlp.evaluation import BASELINE
+from metanlp.stages.common import Stage, read_json
+from metanlp.stages.evaluate import RESULTS
+from metanlp.stages.meta_train import MODEL
+from metanlp.stages.register import RECORD
+from metanlp.tracking import tracking
+
+SUMMARY = "artifacts/summary.md"
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None or value != value else f"{100 * value:.1f}"
+
+
+def summary_text(results: dict, record: dict, root: Path) -> str:
+    """The summary, made from the run's own results (nothing here is measured again)."""
+    learner = results["learner"]
+    lines = ["# metanlp run summary", "",
+             f"Model `{learner}` evaluated on the test classes (never meta-trained on), same episodes for every "
+             "method:", "",
+             f"| setting | {learner} % (95% CI) | frozen % (95% CI) | paired gain, pp (95% CI) | adapt ms |",
+             "|---|---|---|---|---|"]
+    for entry in results["settings"]:
+        mine, base = entry["methods"][learner], entry["methods"].get(BASELINE, {})
+        gain = (f"{100 * mine['diff_vs_frozen']:+.1f} ± {_pct(mine['diff_ci95'])}" if "diff_vs_frozen" in mine
+                else "n/a")
+        lines.append(f"| {entry['setting']} | {_pct(mine['accuracy'])} ± {_pct(mine['ci95'])} | "
+                     f"{_pct(base.get('accuracy'))} ± {_pct(base.get('ci95'))} | {gain} | {mine['adapt_ms']:.0f} |")
+    name, version = record["model_name"], record["version"]
+    champion = "champion" if record["promoted"] else f"challenger (champion stays v{record['champion_version']})"
+    uri = record["tracking_uri"]
+    lines += ["", f"Registry: `{name}` v{version} is {champion}: {record['reason']}.",
+              f"Model folder: `{root / MODEL}`; MLflow run `{record['run_id']}` at `{uri}`.", "", "Next:", "",
+              "```bash",
+              f"metanlp predict --model {root / MODEL} --support my_examples.csv --text \"a new text to label\"",
+              f"mlflow ui --backend-store-uri {uri}",
+              f"metanlp serve --model models:/{name}@champion --tracking-uri {uri}",
+              f"MLFLOW_TRACKING_URI={uri} mlflow models serve -m models:/{name}@champion --env-manager local -p 5001",
+              "```", ""]
+    return "\n".join(lines)
+
+
+def run(params: PipelineParams, root: Path) -> dict:
+    import mlflow
+
+    results, record = read_json(root / RESULTS, "evaluate"), read_json(root / RECORD, "register")
+    text = summary_text(results, record, root)
+    write_text_atomic(root / SUMMARY, text)
+    reg = params.register_
+    with tracking(reg.tracking_uri, root, reg.experiment):
+        mlflow.MlflowClient().log_artifact(record["run_id"], str(root / SUMMARY))
+    return {"summary": str(root / SUMMARY), "text": text}
+
+
+STAGE = Stage(name="summary", run=run, params=("register",), deps=(RESULTS, RECORD), outs=(), done=(SUMMARY,),
+              uncached=(SUMMARY,), tracks=True)
