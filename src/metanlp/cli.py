@@ -215,16 +215,16 @@ def evaluate(
     split: Annotated[str | None, typer.Option(help="keep only the model's train/val/test classes")] = None,
     ways: Annotated[str, typer.Option(help="N, or 'all' for the full label space")] = "5",
     shots: Annotated[str, typer.Option(help="comma-separated, e.g. 1,5")] = "1,5",
-    queries: int = 5,
-    episodes: int = 500,
+    queries: Annotated[int, typer.Option(min=1, help="queries per class in an episode")] = 5,
+    episodes: Annotated[int, typer.Option(min=2, help="episodes per setting")] = 500,
     methods: Annotated[str, typer.Option(help="comma-separated: the model's learner, frozen, finetune")] = (
         "protonet,frozen"),
     support_data: Annotated[str | None, typer.Option(
         help="full label space: draw the K shots per class from this file, score every row of --data")] = None,
-    repeats: Annotated[int, typer.Option(help="support draws in the full label space")] = 3,
+    repeats: Annotated[int, typer.Option(min=1, help="support draws in the full label space")] = 3,
     exclude_labels: Annotated[str | None, typer.Option(help="labels to leave out, e.g. oos")] = None,
     finetune_episodes: Annotated[int | None, typer.Option(
-        help="run finetune on only the first N of the same episodes (it costs seconds an episode on CPU)")] = None,
+        min=1, help="run finetune on only the first N of the same episodes (seconds an episode on CPU)")] = None,
     adapt: Annotated[list[str] | None, typer.Option(
         help="also score the model after domain adaptation on each support set: prototypes, selfsup, finetune, "
              "fused, or a comma-separated combination (repeatable)")] = None,
@@ -283,7 +283,7 @@ def predict(
     support: Annotated[str, typer.Option(help="labelled examples (JSONL/CSV/Parquet with text, label)")],
     text: Annotated[list[str] | None, typer.Option(help="a text to classify (repeatable)")] = None,
     texts: Annotated[Path | None, typer.Option(help="file of texts: .txt one per line, or JSONL/CSV")] = None,
-    top: Annotated[int, typer.Option(help="scores shown per text")] = 3,
+    top: Annotated[int, typer.Option(min=1, help="scores shown per text")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON lines instead of a table")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
 ) -> None:
@@ -368,9 +368,9 @@ def adapt(
                                                        "JSONL/CSV with a text column")] = None,
     strategy: Annotated[str, typer.Option(help="comma-separated: prototypes, selfsup, finetune, fused")] = (
         "finetune"),
-    steps: Annotated[int, typer.Option(help="most fine-tuning steps (the held-out shot picks how many)")] = 30,
-    selfsup_steps: int = 20,
-    seconds: Annotated[float, typer.Option(help="wall-clock cap per strategy")] = 90.0,
+    steps: Annotated[int, typer.Option(min=1, help="most fine-tuning steps (the held-out shot picks how many)")] = 30,
+    selfsup_steps: Annotated[int, typer.Option(min=1, help="masked-LM steps of the selfsup strategy")] = 20,
+    seconds: Annotated[float, typer.Option(min=0.001, help="wall-clock cap per strategy")] = 90.0,
     seed: int = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     force: Annotated[bool, typer.Option(help="replace --out even if it is not an output of this command")] = False,
