@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--datasets", default=None)
     parser.add_argument("--setfit-iterations", type=int, default=20)
     parser.add_argument("--reuse", type=Path, default=None, help="an earlier suite JSON of the same supports")
-    parser.add_argument("--reuse-methods", default=None, help="default: every method of --reuse not rerun here")
+    parser.add_argument("--reuse-methods", default=None, help="methods whose rows --reuse supplies (default setfit)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "suite")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
