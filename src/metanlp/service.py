@@ -83,14 +83,18 @@ class ModelSource:
         from mlflow import MlflowClient
 
         name, _, alias = self.model.removeprefix("models:/").partition("@")
-        client = MlflowClient(tracking_uri=self.tracking_uri)
+        # the registry is the tracking store given here, not whatever the process-wide default is
+        client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         version = str(client.get_model_version_by_alias(name, alias).version) if alias else str(
             max(int(v.version) for v in client.search_model_versions(f"name='{name}'")))
         if version in self.learners:
             return version, None
-        local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}",
-                                                         tracking_uri=self.tracking_uri))
-        return version, local / "artifacts" / "model" if (local / "artifacts" / "model").is_dir() else local
+        import yaml
+
+        local = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=client.get_model_version_download_uri(name, version), tracking_uri=self.tracking_uri))
+        flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+        return version, local / flavor["artifacts"]["model"]["path"]  # the metanlp folder inside the pyfunc
 
     def refresh(self) -> bool:
         """Follow the alias; True when the current version changed."""

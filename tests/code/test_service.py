@@ -163,3 +163,36 @@ def test_the_pyfunc_keeps_tasks_and_answers_by_task_id(model_dir):
     with pytest.raises(MlflowException, match="at least 2 classes"):
         pyfunc.predict(None, pd.DataFrame({"text": ["x", "y"], "label": ["a", ""]}))
     assert json.dumps(by_id.to_dict())
+
+
+def test_a_promotion_while_serving_moves_new_tasks_to_the_new_version(tmp_path, tiny_encoder_config):
+    """A real MLflow registry (sqlite): the service follows the champion alias; tasks keep their version."""
+    import time
+
+    from mlflow import MlflowClient
+
+    from metanlp.stages.register import log_model
+    from metanlp.tracking import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with tracking(uri, tmp_path, "serving"):
+        for seed in (0, 1):
+            folder = tmp_path / f"model{seed}"
+            save_learner(build_learner("protonet", tiny_encoder_config, seed=seed), folder)
+            log_model(folder, "served")
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.set_registered_model_alias("served", "champion", "1")
+    source = ModelSource("models:/served@champion", uri)
+    app = create_app(source, TaskStore(8), LIMITS, poll_seconds=0.2)
+    with TestClient(app) as client_v:
+        first = client_v.post("/tasks", json={"support": SUPPORT}).json()
+        assert first["model_version"] == "1"
+        client.set_registered_model_alias("served", "champion", "2")
+        deadline = time.time() + 30
+        while client_v.get("/health").json()["model_version"] != "2" and time.time() < deadline:
+            time.sleep(0.2)
+        assert client_v.get("/health").json()["model_version"] == "2"
+        second = client_v.post("/tasks", json={"support": SUPPORT[::-1]}).json()
+        assert second["model_version"] == "2"
+        answer = client_v.post(f"/tasks/{first['task_id']}/predict", json={"texts": ["walk the dog"]}).json()
+        assert answer["model_version"] == "1"  # an existing task keeps the version it was adapted with
