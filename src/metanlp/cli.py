@@ -403,17 +403,30 @@ def _model_option(value: str) -> tuple[str, Path]:
     return (name or Path(path).name), Path(path)
 
 
-def _trained_on(model: Path) -> set[Path]:
-    """The data files a model was meta-trained or validated on (from its provenance)."""
+def _seen_datasets(model: Path, pool, root: Path) -> list[str]:
+    """The pool's eval datasets whose rows the model may have meta-trained or validated on: the same file, with
+    row and class filters that do not keep the two apart (ARSC's source and target tasks share a file)."""
+    from metanlp.data.pool import dataset_path
     from metanlp.learners import read_spec
 
     provenance = read_spec(model).provenance
-    if provenance.pool is not None:
-        from metanlp.data.pool import dataset_path
+    if provenance.pool is None:
+        trained = {Path(provenance.train_data).resolve()} if provenance.train_data else set()
+        return [e.name for e in pool.tasks if e.role == "eval"
+                and Path(dataset_path(e, root, "train")).resolve() in trained]
+    model_root = Path(provenance.train_data or ".").resolve().parent
 
-        root = Path(provenance.train_data or ".").resolve().parent
-        return {Path(dataset_path(e, root, "train")).resolve() for e in provenance.pool.tasks if e.role != "eval"}
-    return {Path(provenance.train_data).resolve()} if provenance.train_data else set()
+    def apart(a, b) -> bool:
+        for column in set(a.where or {}) & set(b.where or {}):
+            values = [set(v) if isinstance(v, list) else {v} for v in (a.where[column], b.where[column])]
+            if not values[0] & values[1]:
+                return True
+        return bool(a.classes and b.classes and not set(a.classes) & set(b.classes))
+
+    used = [e for e in provenance.pool.tasks if e.role != "eval"]
+    return [e.name for e in pool.tasks if e.role == "eval" and any(
+        Path(dataset_path(e, root, "train")).resolve() == Path(dataset_path(u, model_root, "train")).resolve()
+        and not apart(e, u) for u in used)]
 
 
 @app.command()
@@ -443,7 +456,7 @@ def benchmark(
     """The benchmark suite: every method on the same supports and queries of the pool's eval datasets; accuracy
     with 95% CIs, paired differences to frozen and to SetFit, adaptation seconds per support set."""
     from metanlp.config import learner_config
-    from metanlp.data.pool import dataset_path, read_pool
+    from metanlp.data.pool import read_pool
     from metanlp.encoder import TextEncoder, resolve_device
     from metanlp.learners import build_learner, load_learner
     from metanlp.reporting import write_suite_report
@@ -462,9 +475,8 @@ def benchmark(
     notes = [f"supports from each eval dataset's train file, K per class (a class with fewer gives all it has: "
              f"'short'), {draws} draws (a fixed support such as ARSC's is drawn once); queries: at most "
              f"{max_queries} test rows, the same for every method"]
-    eval_files = {Path(dataset_path(e, root, "train")).resolve(): e.name for e in task_pool.tasks if e.role == "eval"}
     for name, directory in models.items():
-        seen = sorted(eval_files[f] for f in _trained_on(directory) & set(eval_files))
+        seen = sorted(_seen_datasets(directory, task_pool, root))
         if seen:
             report("warning", f"model {name} was meta-trained on eval datasets {seen}: not held out")
             notes.append(f"{name} was meta-trained on {seen}: those rows are not transfer")
