@@ -67,7 +67,7 @@ def test_flow_against_real_mlflow_and_prefect_servers(tiny_project, tmp_path):
         done = subprocess.run([str(BIN / "metanlp"), "run", "--params", params], env=client_env,
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-        assert "registered at http://127.0.0.1" in done.stdout
+        assert "v1 is champion" in done.stdout and f"at `{mlflow_url}`" in done.stdout  # the closing summary
 
         registry = MlflowClient(tracking_uri=mlflow_url)
         champion = registry.get_model_version_by_alias("metanlp-intents", "champion")
