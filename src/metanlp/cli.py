@@ -565,8 +565,9 @@ ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml of the pi
 @app.command()
 @cli_errors
 def run(params: ParamsOpt = Path("params.yaml")) -> None:
-    """The main job: the whole pipeline as a Prefect flow (validate, build_corpus, tune, meta_train, evaluate,
-    register), each stage cached by content, on the corpus params.yaml names (the embedded default)."""
+    """The main job: the whole pipeline as a Prefect flow (validate, build_corpus, pretrain, tune, meta_train,
+    evaluate, register, summary), each stage cached by content, on the corpus params.yaml names (the embedded
+    default); ends with the run's summary."""
     from metanlp.pipeline import build_flow
 
     root = params.resolve().parent
@@ -580,7 +581,7 @@ def run(params: ParamsOpt = Path("params.yaml")) -> None:
 @cli_errors
 def stage(
     name: Annotated[str, typer.Argument(help="a stage of the pipeline: validate, build_corpus, pretrain, tune, "
-                                             "meta_train, evaluate or register")],
+                                             "meta_train, evaluate, register or summary")],
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Run one pipeline stage alone (this is what dvc.yaml calls)."""
