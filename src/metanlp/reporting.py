@@ -22,7 +22,8 @@ def _pyplot():
     return plt
 
 
-def _pct(value: float) -> str:
+def percent(value: float | None) -> str:
+    """A fraction as a percentage with one decimal; 'n/a' for a missing or NaN value."""
     return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}"
 
 
@@ -32,8 +33,8 @@ def markdown_table(results: dict) -> str:
     for entry in results["settings"]:
         for name, m in entry["methods"].items():
             diff = "—" if name == BASELINE or "diff_vs_frozen" not in m else (
-                f"{100 * m['diff_vs_frozen']:+.1f} ± {_pct(m['diff_ci95'])}")
-            lines.append(f"| {entry['setting']} | {name} | {_pct(m['accuracy'])} ± {_pct(m['ci95'])} | {diff} | "
+                f"{100 * m['diff_vs_frozen']:+.1f} ± {percent(m['diff_ci95'])}")
+            lines.append(f"| {entry['setting']} | {name} | {percent(m['accuracy'])} ± {percent(m['ci95'])} | {diff} | "
                          f"{m['adapt_ms']:.0f} | {m['episodes']} |")
     return "\n".join(lines) + "\n"
 
@@ -99,7 +100,7 @@ def write_training_report(model_dir: Path) -> Path:
 def _cell(value: dict | None) -> str:
     if not value:
         return "—"
-    return f"{100 * value['diff']:+.1f} ± {_pct(value['ci95'])}"
+    return f"{100 * value['diff']:+.1f} ± {percent(value['ci95'])}"
 
 
 def suite_markdown(results: dict) -> str:
@@ -110,14 +111,14 @@ def suite_markdown(results: dict) -> str:
     for entry in summary["datasets"]:
         for name, m in entry["methods"].items():
             reused = " (reused)" if m.get("reused") else ""
-            lines.append(f"| {entry['dataset']} | {entry['shots']} | {name}{reused} | {_pct(m['accuracy'])} ± "
-                         f"{_pct(m['ci95'])} | {_cell(m.get('vs_frozen'))} | {_cell(m.get('vs_setfit'))} | "
+            lines.append(f"| {entry['dataset']} | {entry['shots']} | {name}{reused} | {percent(m['accuracy'])} ± "
+                         f"{percent(m['ci95'])} | {_cell(m.get('vs_frozen'))} | {_cell(m.get('vs_setfit'))} | "
                          f"{m['adapt_s']:.2f} | {m['classes']} ({m['short_classes']}) |")
     lines += ["", "| K | method | mean accuracy % over datasets (95% CI over draws) | Δ vs frozen, pp | "
               "Δ vs SetFit, pp | adapt s |", "|---|---|---|---|---|---|"]
     for entry in summary["mean"]:
         for name, m in entry["methods"].items():
-            lines.append(f"| {entry['shots']} | {name} | {_pct(m['accuracy'])} ± {_pct(m['ci95'])} | "
+            lines.append(f"| {entry['shots']} | {name} | {percent(m['accuracy'])} ± {percent(m['ci95'])} | "
                          f"{_cell(m.get('vs_frozen'))} | {_cell(m.get('vs_setfit'))} | {m['adapt_s']:.2f} |")
     return "\n".join(lines + [""] + [f"- {note}" for note in notes]) + "\n"
 
