@@ -192,4 +192,6 @@ class DomainAdaptedLearner(Learner):
     def adapt(self, support, labels):
         texts = support.texts if hasattr(support, "texts") else list(support)
         adapted, _ = domain_adapt(self.base, texts, list(labels), self.unlabeled, self.strategies, self.budget)
-        return adapted.adapt(texts, list(labels))
+        classifier = adapted.adapt(texts, list(labels))
+        classifier.state = None  # it lives on an encoder tuned to this support set: only adapting again rebuilds it
+        return classifier

@@ -1,11 +1,13 @@
-"""Writes that a crash cannot leave half done: a file or a folder is replaced whole or not at all.
+"""Writes that a crash cannot leave half done: a file or a folder is replaced whole or not at all (and the
+digest that says whether a file or folder changed).
 
-The one place that knows how: saved learners, pretrained encoders, training checkpoints and every JSON
-record of the pipeline go through these two functions.
+The one place that knows how: saved learners, pretrained encoders, training checkpoints, served tasks and
+every JSON record of the pipeline go through these functions.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -13,14 +15,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Written to a temporary name beside `path` and renamed: a reader never sees half a file."""
+def write_file_atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    """`write(tmp)` fills a temporary name beside `path`, which is then renamed: a reader never sees half a
+    file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    return write_file_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 class OverwriteRefused(ValueError):
@@ -64,3 +74,17 @@ def replace_directory(directory: str | Path, write: Callable[[Path], None], mark
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+def file_digest(path: Path) -> str:
+    """md5 of a file, or of a folder's relative names and contents; 'missing' when absent."""
+    if not path.exists():
+        return "missing"
+    digest = hashlib.md5()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        digest.update(str(file.relative_to(path) if file != path else file.name).encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

@@ -24,7 +24,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
+from metanlp.atomic import file_digest
 from metanlp.learners import Learner, load_learner
+from metanlp.learners.persistence import WEIGHTS_FILE
 from metanlp.tasks import DEFAULT_STRATEGY, TaskError, TaskStore
 
 QUOTE = 200  # characters of user input a message may quote
@@ -78,7 +80,10 @@ class ModelSource:
     def _resolve(self) -> tuple[str, Path | None]:
         """(version, folder to load or None when that version is loaded)."""
         if not self.registry:
-            return "local", None if self.learners else Path(self.model)
+            if self.learners:
+                return self.current, None
+            # a folder's version is its weights' digest: tasks saved by another model are never restored on this one
+            return f"local-{file_digest(Path(self.model) / WEIGHTS_FILE)[:12]}", Path(self.model)
         import mlflow
         from mlflow import MlflowClient
 

@@ -3,8 +3,11 @@
 An application uses a few-shot classifier as one task and many queries, so the adapted classifier is kept in a
 bounded LRU cache keyed by the task id: a hash of the model version, the adaptation strategy and the support
 texts and labels in order (the same support sent again is the same task, adapted once). With a folder, every
-task is also written there as JSON (its support set and what adapted it), so a restart keeps the task ids: a
-restored or evicted task is adapted again on its first use. The MLflow pyfunc and `metanlp serve` share this.
+task is also written there: `<id>.json` (its support set and what adapted it) and, when the learner keeps an
+adapted state (prototypes, a head, fast weights), `<id>.safetensors`. A restart or an eviction keeps the task:
+its classifier is rebuilt from the saved state in milliseconds, or adapted again from the support set when
+there is none (or it does not fit the model). Nothing is unpickled. The MLflow pyfunc and `metanlp serve`
+share this.
 """
 
 from __future__ import annotations
@@ -17,7 +20,11 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from metanlp.atomic import write_text_atomic
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from metanlp.atomic import write_file_atomic, write_text_atomic
+from metanlp.data.load import DataError
 from metanlp.learners import Classifier, Learner
 
 DEFAULT_STRATEGY = "default"  # the learner's own adaptation (prototypes, or its inner loop)
@@ -48,11 +55,12 @@ class Task:
     labels: list[str]
     created: float = field(default_factory=time.time)
     adapt_ms: float | None = None
+    restored: bool = False  # rebuilt from its saved state, not adapted in this process
 
     def describe(self) -> dict:
         return {"task_id": self.id, "model_version": self.model_version, "strategy": self.strategy,
                 "classes": self.classes, "support_size": len(self.texts), "created": self.created,
-                "adapt_ms": self.adapt_ms}
+                "adapt_ms": self.adapt_ms, "restored": self.restored}
 
 
 class TaskStore:
@@ -107,7 +115,11 @@ class TaskStore:
             raise UnknownTask(f"unknown task {identifier[:64]!r}; create it with POST /tasks")
         if task.model_version not in learners:
             task.model_version = current
-        classifier = self._adapt(learners[task.model_version], task)
+            self._state_path(identifier).unlink(missing_ok=True)  # made by a model no longer loaded
+        learner = learners[task.model_version]
+        classifier = self._restore(learner, task)
+        if classifier is None:
+            classifier = self._adapt(learner, task)
         with self._lock:
             self._remember(task, classifier)
         return task, classifier
@@ -127,15 +139,35 @@ class TaskStore:
             raise UnknownTask(f"unknown task {identifier[:64]!r}")
         if self.folder is not None:
             (self.folder / f"{identifier}.json").unlink(missing_ok=True)
+            self._state_path(identifier).unlink(missing_ok=True)
 
     def versions_in_use(self) -> set[str]:
         with self._lock:
             return {task.model_version for task, _ in self._adapted.values()}
 
+    def _state_path(self, identifier: str) -> Path:
+        return self.folder / f"{identifier}.safetensors" if self.folder else Path(f"{identifier}.safetensors")
+
     def _adapt(self, learner: Learner, task: Task) -> Classifier:
         started = time.perf_counter()
         classifier = learner.adapt(task.texts, task.labels)
-        task.adapt_ms = 1000 * (time.perf_counter() - started)
+        task.adapt_ms, task.restored = 1000 * (time.perf_counter() - started), False
+        if self.folder is not None and classifier.state is not None:
+            state = {name: tensor.detach().cpu().contiguous() for name, tensor in classifier.state.items()}
+            write_file_atomic(self._state_path(task.id), lambda tmp: save_file(state, str(tmp)))
+        return classifier
+
+    def _restore(self, learner: Learner, task: Task) -> Classifier | None:
+        """The task's classifier from its saved state; None when there is none or it does not fit the learner
+        (a damaged file, another model's state): the caller adapts again."""
+        path = self._state_path(task.id)
+        if self.folder is None or not path.is_file():
+            return None
+        try:
+            classifier = learner.restore(task.classes, load_file(str(path)))
+        except (NotImplementedError, DataError, SafetensorError, OSError):
+            return None
+        task.restored = True
         return classifier
 
     def _remember(self, task: Task, classifier: Classifier) -> None:

@@ -148,3 +148,29 @@ def test_an_episode_leaves_the_callers_random_stream_alone(corpus, tiny_encoder_
     first = run_episode(learner, episode, tokens, tokens, seed=7).accuracy
     assert torch.equal(torch.get_rng_state(), before)
     assert run_episode(learner, episode, tokens, tokens, seed=7).accuracy == first
+
+
+@pytest.mark.parametrize("kind", ["protonet", "frozen", "logreg", "maml", "anil", "metasgd", "leopard", "reptile"])
+def test_a_classifier_rebuilt_from_its_state_predicts_what_adapt_did(tiny_encoder_config, kind):
+    """What a served task saves (safetensors) and restores after a restart: the same scores, no adapting."""
+    from safetensors.torch import load, save
+
+    learner = build_learner(kind, tiny_encoder_config).eval()
+    support = ["rain today", "sunny and warm", "play a song", "turn the music up", "a cold wind", "next track"]
+    labels = ["weather", "weather", "music", "music", "weather", "music"]
+    adapted = learner.adapt(support, labels)
+    assert adapted.state is not None
+    restored = learner.restore(adapted.classes, load(save(adapted.state)))
+    queries = ["is it raining", "skip this song"]
+    np.testing.assert_allclose(restored.predict(queries).scores, adapted.predict(queries).scores, atol=1e-6)
+    with pytest.raises(DataError, match="adapted state"):  # a state for another label space is refused
+        learner.restore(adapted.classes + ["extra"], adapted.state)
+
+
+def test_a_fine_tuned_classifier_keeps_no_state(tiny_encoder_config):
+    """Its state would be a whole encoder per task: a served fine-tune task is adapted again instead."""
+    learner = build_learner("finetune", tiny_encoder_config)
+    classifier = learner.adapt(["a b", "c d", "e f", "g h"], ["x", "x", "y", "y"])
+    assert classifier.state is None
+    with pytest.raises(NotImplementedError):
+        learner.restore(classifier.classes, {})

@@ -7,9 +7,10 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
-from metanlp.learners import build_learner, save_learner
+from metanlp.learners import build_learner, load_learner, save_learner
 from metanlp.service import Limits, ModelSource, create_app
 from metanlp.tasks import TaskStore
 
@@ -139,7 +140,24 @@ def test_the_cache_is_bounded_and_tasks_survive_a_restart(model_dir, tmp_path):
     restarted = client_for(model_dir, tasks_dir=tmp_path / "tasks", capacity=2)
     again = restarted.post(f"/tasks/{ids[0]}/predict", json={"texts": ["feed the dog"]}).json()
     assert again["predictions"] == first["predictions"]
-    assert sorted(p.stem for p in (tmp_path / "tasks").glob("*.json")) == sorted(ids)
+    assert restarted.get(f"/tasks/{ids[0]}").json()["restored"]  # from its safetensors state, not adapted again
+    for kind in ("json", "safetensors"):
+        assert sorted(p.stem for p in (tmp_path / "tasks").glob(f"*.{kind}")) == sorted(ids)
+
+    # a damaged state file is not trusted: the task is adapted again from its recorded support set
+    (tmp_path / "tasks" / f"{ids[1]}.safetensors").write_bytes(b"not safetensors")
+    third = client_for(model_dir, tasks_dir=tmp_path / "tasks", capacity=2)
+    answer = third.post(f"/tasks/{ids[1]}/predict", json={"texts": ["feed the dog"]})
+    assert answer.status_code == 200 and not third.get(f"/tasks/{ids[1]}").json()["restored"]
+
+    # another model in the same folder never restores these tasks: its version (its weights' digest) differs
+    other, learner = tmp_path / "other", load_learner(model_dir)
+    with torch.no_grad():
+        learner.log_scale.add_(1.0)
+    save_learner(learner, other)
+    assert ModelSource(str(other)).current != ModelSource(str(model_dir)).current
+    assert client_for(other, tasks_dir=tmp_path / "tasks").post("/tasks", json={"support": SUPPORT}).json()[
+        "task_id"] not in ids
 
 
 def test_the_pyfunc_keeps_tasks_and_answers_by_task_id(model_dir):

@@ -36,13 +36,19 @@ class Predictions:
 
 
 class Classifier:
-    """What `adapt` returns: scores texts over the support set's classes."""
+    """What `adapt` returns: scores texts over the support set's classes.
+
+    `state`: the tensors that, with the learner's own weights, make this classifier (prototypes, a head, fast
+    weights), so `Learner.restore` can rebuild it without adapting again; None when only adapting again can
+    (the whole encoder was tuned)."""
 
     def __init__(self, classes: list[str], encoder: TextEncoder,
-                 logits_fn: Callable[[TokenizedTexts], torch.Tensor]) -> None:
+                 logits_fn: Callable[[TokenizedTexts], torch.Tensor],
+                 state: dict[str, torch.Tensor] | None = None) -> None:
         self.classes = classes
         self.encoder = encoder
         self._logits = logits_fn
+        self.state = state
 
     def predict(self, texts: list[str] | TokenizedTexts) -> Predictions:
         tokens = texts if isinstance(texts, TokenizedTexts) else self.encoder.tokenize(list(texts))
@@ -76,6 +82,15 @@ def support_targets(labels: list[str]) -> tuple[list[str], torch.Tensor]:
     return classes, torch.tensor([position[label] for label in labels])
 
 
+def check_state(state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse an adapted state whose tensors are not the ones (names and shapes) this learner makes."""
+    if set(state) != set(shapes):
+        raise DataError(f"adapted state: tensors {sorted(state)[:5]} are not the expected {sorted(shapes)[:5]}")
+    for name, shape in shapes.items():
+        if tuple(state[name].shape) != tuple(shape):
+            raise DataError(f"adapted state: {name!r} has shape {tuple(state[name].shape)}, expected {tuple(shape)}")
+
+
 class Learner(nn.Module):
     """Base class. Subclasses implement `adapt`, and if meta-trainable, `episode_loss` (or `backward_batch`).
 
@@ -99,6 +114,10 @@ class Learner(nn.Module):
 
     def adapt(self, support: list[str] | TokenizedTexts, labels: list[str]) -> Classifier:
         raise NotImplementedError
+
+    def restore(self, classes: list[str], state: dict[str, torch.Tensor]) -> Classifier:
+        """The classifier `adapt` made, rebuilt from its `state` (see `Classifier.state`)."""
+        raise NotImplementedError(f"learner {self.name!r} keeps no adapted state; adapt again")
 
     def episode_loss(self, tokens: TokenizedTexts, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss and query logits of one training episode (support and query rows of `tokens`)."""

@@ -22,7 +22,7 @@ from torch import nn
 from metanlp.config import GradientConfig, LeopardConfig, MAMLConfig, Provenance, ReptileConfig
 from metanlp.data.episodes import Episode
 from metanlp.encoder import TextEncoder, TokenBatch, TokenizedTexts
-from metanlp.learners.base import Classifier, Learner, logits_in_chunks, support_targets
+from metanlp.learners.base import Classifier, Learner, check_state, logits_in_chunks, support_targets
 from metanlp.learners.encoder_split import EncoderSplit
 from metanlp.learners.inner_loop import (
     HEAD,
@@ -98,12 +98,20 @@ class MAML(Learner):
         with torch.enable_grad():
             fast = self.inner_loop(tokens.batch(), targets, len(classes), create_graph=False, track_meta=False)
         self.train(was_training)
-        fast = {n: t.detach() for n, t in fast.items()}
+        return self.restore(classes, {n: t.detach().cpu() for n, t in fast.items()})
+
+    def restore(self, classes: list[str], state: dict[str, torch.Tensor]) -> Classifier:
+        parameters = dict(self.encoder.named_parameters())
+        shapes = {n: tuple(parameters[n].shape) for n in self.rule.adapted if n in parameters}
+        shapes.update({HEAD[0]: (len(classes), self.encoder.dim), HEAD[1]: (len(classes),)})
+        check_state(state, shapes)
+        device = self.encoder.device
+        fast = {n: t.to(device) for n, t in state.items()}
 
         def logits(queries: TokenizedTexts) -> torch.Tensor:
             return logits_in_chunks(self.encoder, queries, lambda batch: self.logits(fast, batch))
 
-        return Classifier(classes, self.encoder, logits)
+        return Classifier(classes, self.encoder, logits, state)
 
 
 class Leopard(MAML):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from metanlp.config import LogRegConfig, Provenance
 from metanlp.encoder import TextEncoder, TokenizedTexts
-from metanlp.learners.base import Classifier, Learner, support_targets
+from metanlp.learners.base import Classifier, Learner, check_state, support_targets
 
 
 def fit_logistic_regression(features: torch.Tensor, targets: torch.Tensor, n_classes: int, C: float,
@@ -44,8 +44,13 @@ class LogisticRegressionHead(Learner):
         classes, targets = support_targets(list(labels))
         features = F.normalize(self.encoder.embed(self.tokens(support)), dim=-1)
         weight, bias = fit_logistic_regression(features, targets, len(classes), self.config.C, self.config.max_iter)
+        return self.restore(classes, {"weight": weight, "bias": bias})
+
+    def restore(self, classes: list[str], state: dict[str, torch.Tensor]) -> Classifier:
+        check_state(state, {"weight": (len(classes), self.encoder.dim), "bias": (len(classes),)})
+        weight, bias = state["weight"].float(), state["bias"].float()
 
         def logits(queries: TokenizedTexts) -> torch.Tensor:
             return F.normalize(self.encoder.embed(queries), dim=-1) @ weight.T + bias
 
-        return Classifier(classes, self.encoder, logits)
+        return Classifier(classes, self.encoder, logits, state)

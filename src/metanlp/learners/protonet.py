@@ -15,7 +15,7 @@ from torch import nn
 from metanlp.config import FrozenConfig, ProtoNetConfig, Provenance
 from metanlp.data.episodes import Episode
 from metanlp.encoder import TextEncoder, TokenizedTexts, autocast
-from metanlp.learners.base import Classifier, Learner, support_targets
+from metanlp.learners.base import Classifier, Learner, check_state, support_targets
 
 
 def prototypes(embeddings: torch.Tensor, targets: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -54,14 +54,17 @@ class ProtoNet(Learner):
 
     def adapt(self, support, labels) -> Classifier:
         classes, targets = support_targets(list(labels))
-        tokens = self.tokens(support)
-        protos = prototypes(self.encoder.embed(tokens), targets, len(classes))
-        scale = self.log_scale.detach().exp().cpu()
+        protos = prototypes(self.encoder.embed(self.tokens(support)), targets, len(classes))
+        return self.restore(classes, {"prototypes": protos, "scale": self.log_scale.detach().exp().cpu()})
+
+    def restore(self, classes: list[str], state: dict[str, torch.Tensor]) -> Classifier:
+        check_state(state, {"prototypes": (len(classes), self.encoder.dim), "scale": ()})
+        protos, scale = state["prototypes"].float(), state["scale"].float()
 
         def logits(queries: TokenizedTexts) -> torch.Tensor:
             return prototype_logits(self.encoder.embed(queries), protos, self.config.distance, scale)
 
-        return Classifier(classes, self.encoder, logits)
+        return Classifier(classes, self.encoder, logits, state)
 
 
 class FrozenEncoder(ProtoNet):

@@ -22,12 +22,12 @@ import importlib
 import pkgutil
 from pathlib import Path
 
+from metanlp.atomic import file_digest
 from metanlp.stages.common import (
     SOURCE_DIR,
     Stage,
     StageError,
     Workspace,
-    file_digest,
     load_params,
     params_slice,
     read_json,

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from metanlp.atomic import file_digest
 from metanlp.config import PipelineParams
 from metanlp.data.load import LabelledTexts, load_labelled
 from metanlp.data.splits import SPLIT_NAMES, split_classes
-from metanlp.stages.common import Stage, StageError, Workspace, corpus_file, file_digest, read_json, write_json
+from metanlp.stages.common import Stage, StageError, Workspace, corpus_file, read_json, write_json
 from metanlp.stages.validate import REPORT
 
 CORPUS = "artifacts/corpus"

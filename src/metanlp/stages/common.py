@@ -3,7 +3,6 @@ records written atomically."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -96,20 +95,6 @@ def params_slice(params: PipelineParams, keys: tuple[str, ...]) -> dict:
             value = value[part]
         picked[key] = value
     return picked
-
-
-def file_digest(path: Path) -> str:
-    """md5 of a file, or of a folder's relative names and contents; 'missing' when absent."""
-    if not path.exists():
-        return "missing"
-    digest = hashlib.md5()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for file in files:
-        digest.update(str(file.relative_to(path) if file != path else file.name).encode())
-        with file.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def write_json(path: Path, payload: dict) -> Path:

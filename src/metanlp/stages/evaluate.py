@@ -11,11 +11,12 @@ import hashlib
 import json
 from pathlib import Path
 
+from metanlp.atomic import file_digest
 from metanlp.config import EvaluateParams, PipelineParams
 from metanlp.evaluation import BASELINE, build_settings, evaluate_model
 from metanlp.reporting import write_report
 from metanlp.stages.build_corpus import CORPUS, load_split
-from metanlp.stages.common import Stage, file_digest, write_json
+from metanlp.stages.common import Stage, write_json
 from metanlp.stages.meta_train import MODEL
 
 EVALUATION = "artifacts/evaluation"

@@ -15,9 +15,10 @@ import os
 import warnings
 from pathlib import Path
 
+from metanlp.atomic import file_digest
 from metanlp.config import PipelineParams
 from metanlp.stages.build_corpus import CORPUS
-from metanlp.stages.common import Stage, Workspace, file_digest, params_slice, write_json
+from metanlp.stages.common import Stage, Workspace, params_slice, write_json
 from metanlp.stages.meta_train import BEST, train_model, with_overrides
 from metanlp.stages.pretrain import PRETRAINED, starting_encoder
 from metanlp.tracking import tracking
