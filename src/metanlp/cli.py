@@ -7,7 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from pydantic import ValidationError
@@ -279,26 +279,47 @@ def evaluate(
 @app.command()
 @cli_errors
 def predict(
-    model: Annotated[Path, typer.Option(help="meta-trained model directory")],
+    model: Annotated[str, typer.Option(help="a metanlp model folder, or a registry URI such as "
+                                            "models:/metanlp-intents@champion")],
     support: Annotated[str, typer.Option(help="labelled examples (JSONL/CSV/Parquet with text, label)")],
     text: Annotated[list[str] | None, typer.Option(help="a text to classify (repeatable)")] = None,
-    texts: Annotated[Path | None, typer.Option(help="file of texts: .txt one per line, or JSONL/CSV")] = None,
-    top: Annotated[int, typer.Option(min=1, help="scores shown per text")] = 3,
+    texts: Annotated[Path | None, typer.Option(help="file of texts: .txt one per line, or JSONL/CSV/Parquet")] = None,
+    out: Annotated[Path | None, typer.Option(help="score the --texts file (any size, streamed in batches) into "
+                                                  "this .csv or .jsonl, replaced only when complete")] = None,
+    top: Annotated[int, typer.Option(min=1, help="scores shown (or written) per text")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON lines instead of a table")] = False,
+    text_column: Annotated[str, typer.Option(help="column of the texts in --support and --texts")] = "text",
+    label_column: Annotated[str, typer.Option(help="column of the labels in --support")] = "label",
+    batch_size: Annotated[int, typer.Option(min=1, help="texts encoded at once when scoring a file")] = 256,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI for models:/ (default: "
+                                                          "MLFLOW_TRACKING_URI, then mlflow/ here)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
-    """Adapt the model to the support examples and label new texts."""
+    """Adapt the model to the support examples and label new texts: a few on the terminal, or a whole file
+    (--texts with --out)."""
     from metanlp.encoder import resolve_device
-    from metanlp.learners import load_learner
+    from metanlp.scoring import score_file
+    from metanlp.service import open_model
 
+    if out is not None:
+        if texts is None or text:
+            raise DataError("--out scores a file: give it with --texts (and no --text)")
+        summary = score_file(model, support, str(texts), str(out), top=top, text_column=text_column,
+                             label_column=label_column, batch_size=batch_size, device=device,
+                             tracking_uri=tracking_uri, show_progress=not quiet)
+        typer.echo(f"scored {summary.texts} texts into {summary.out} ({len(summary.classes)} classes; adapted in "
+                   f"{summary.adapt_seconds:.1f} s, scored in {summary.score_seconds:.1f} s)")
+        return
     queries = list(text or []) + (read_texts(texts) if texts else [])
     if not queries:
         raise DataError("give --text or --texts")
     if any(not q.strip() for q in queries):
         raise DataError("--text: empty text")
-    support_set = load_labelled(support)
-    classifier = load_learner(model).to(resolve_device(device)).adapt(support_set.texts, support_set.labels)
-    predictions = classifier.predict(queries)
+    support_set = load_labelled(support, text_column=text_column, label_column=label_column)
+    source = open_model(model, tracking_uri)
+    learner = source.learners[source.current].to(resolve_device(device))
+    predictions = learner.adapt(support_set.texts, support_set.labels).predict(queries)
     rows = zip(queries, predictions.labels, predictions.top(top), strict=True)
     if as_json:
         for query, label, ranked in rows:
@@ -545,14 +566,10 @@ def serve(
     """Serve few-shot classification with cached tasks: POST /tasks, POST /tasks/{id}/predict, /docs."""
     import uvicorn
 
-    from metanlp.service import Limits, ModelSource, create_app
+    from metanlp.service import Limits, create_app, open_model
     from metanlp.tasks import TaskStore
-    from metanlp.tracking import tracking_uri as resolve_tracking_uri
 
-    if not model.startswith("models:/") and not Path(model).is_dir():
-        raise DataError(f"--model {model!r}: neither a model folder nor a models:/NAME@ALIAS URI")
-    uri = resolve_tracking_uri(tracking_uri, Path.cwd()) if model.startswith("models:/") else None
-    source = ModelSource(model, uri)
+    source = open_model(model, tracking_uri)
     store = TaskStore(cache_size, tasks_dir)
     application = create_app(source, store, Limits(max_rows, max_chars, max_body_bytes), poll_seconds)
     err_console.print(f"serving {model} (version {source.current}) on http://{host}:{port} (docs at /docs)")
@@ -631,28 +648,53 @@ def promote(
 @cli_errors
 def schedule(
     cron: Annotated[str, typer.Option(help="cron expression, e.g. '0 3 * * 0' (Sundays 03:00)")] = "0 3 * * 0",
+    job: Annotated[Literal["retrain", "score"], typer.Option(
+        help="retrain: the whole pipeline; score: label --texts into --out with --model adapted to --support")
+    ] = "retrain",
     params: ParamsOpt = Path("params.yaml"),
-    name: Annotated[str, typer.Option(help="deployment name")] = "retrain",
+    name: Annotated[str | None, typer.Option(help="deployment name (default: the job's name)")] = None,
     timezone: str = "UTC",
+    model: Annotated[str | None, typer.Option(help="score: a model folder or models:/NAME@ALIAS")] = None,
+    support: Annotated[str | None, typer.Option(help="score: labelled examples")] = None,
+    texts: Annotated[str | None, typer.Option(help="score: the file of texts to label")] = None,
+    out: Annotated[str | None, typer.Option(help="score: the .csv or .jsonl written (replaced each run)")] = None,
     serve: Annotated[bool, typer.Option(help="keep running and execute the scheduled runs (a Prefect runner); "
                                              "--no-serve only registers the deployment")] = True,
 ) -> None:
-    """Create the scheduled retraining deployment on the Prefect server PREFECT_API_URL points at."""
+    """Create a scheduled deployment (retraining, or batch scoring) on the Prefect server PREFECT_API_URL
+    points at."""
     from metanlp.pipeline import deployment
+    from metanlp.scoring import check_output
 
     root = params.resolve().parent
-    load_params(params)
+    if job == "retrain":
+        load_params(params)
+        parameters = {"params_file": str(params.resolve()), "root": str(root)}
+    else:
+        given = {"--model": model, "--support": support, "--texts": texts, "--out": out}
+        if missing := [option for option, value in given.items() if not value]:
+            raise DataError(f"--job score needs {', '.join(missing)}")
+        check_output(Path(out))
+        absolute = {key: value if key == "model" and value.startswith("models:/") else str(Path(value).resolve())
+                    for key, value in (("model", model), ("support", support), ("texts", texts), ("out", out))}
+        parameters = absolute
+        if model.startswith("models:/"):  # the runner may start elsewhere: fix the registry it reads now
+            from metanlp.tracking import tracking_uri
+
+            configured = load_params(params).register_.tracking_uri if params.exists() else None
+            parameters["tracking_uri"] = tracking_uri(configured, root)
     apply_environment_defaults(root)
     if not os.environ.get("PREFECT_API_URL"):
         raise DataError("schedules need a running Prefect server: start `prefect server start` and set "
                         "PREFECT_API_URL=http://127.0.0.1:4200/api")
-    retrain = deployment(name, cron, timezone, str(params.resolve()), str(root))
-    deployment_id = retrain.apply()
-    typer.echo(f"deployment metanlp-train/{name} ({deployment_id}) scheduled '{cron}' {timezone}")
+    name = name or job
+    scheduled = deployment(job, name, cron, timezone, parameters)
+    deployment_id = scheduled.apply()
+    typer.echo(f"deployment {scheduled.flow_name}/{name} ({deployment_id}) scheduled '{cron}' {timezone}")
     if serve:
         from prefect import serve as serve_deployments
 
-        serve_deployments(retrain)
+        serve_deployments(scheduled)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -1,5 +1,6 @@
-"""The Prefect flow: validate -> build_corpus -> pretrain -> tune -> meta_train -> evaluate -> register, each a cached,
-retried task around the plain stage function of `metanlp.stages`.
+"""The Prefect flows. Training (`metanlp-train`): validate -> build_corpus -> pretrain -> tune -> meta_train ->
+evaluate -> register -> summary, each a cached, retried task around the plain stage function of
+`metanlp.stages`. Scoring (`metanlp-score`): `metanlp.scoring.score_file` as a retried task.
 
 Caching is by content: a stage's key hashes its slice of params.yaml, the bytes of the files it reads and
 the metanlp source code, so a re-run with nothing changed takes every stage from the cache, and a change
@@ -75,17 +76,23 @@ def ensure_raw_data(params_file: Path, root: Path) -> None:
         repo.pull(targets=[str(root / "data.dvc")])
 
 
+def retried(function, **options):
+    """`function` as a Prefect task retried with exponential backoff, on transient failures only."""
+    from prefect import task
+    from prefect.tasks import exponential_backoff
+
+    return task(function, retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2),
+                retry_jitter_factor=0.5, retry_condition_fn=is_transient, **options)
+
+
 def build_flow():
     """The flow object (built on call, so importing this module starts nothing)."""
-    from prefect import flow, task
-    from prefect.tasks import exponential_backoff
+    from prefect import flow
 
     def cache_key(context, parameters) -> str:
         return stage_cache_key(parameters["name"], parameters["params_file"], parameters["root"])
 
-    stage_task = task(run_stage, retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2),
-                      retry_jitter_factor=0.5, retry_condition_fn=is_transient, cache_key_fn=cache_key,
-                      persist_result=True, result_serializer="json")
+    stage_task = retried(run_stage, cache_key_fn=cache_key, persist_result=True, result_serializer="json")
 
     @flow(name="metanlp-train", log_prints=True)
     def train_flow(params_file: str = "params.yaml", root: str = ".") -> dict:
@@ -104,14 +111,40 @@ def build_flow():
     return train_flow
 
 
-def deployment(name: str, cron: str, timezone: str, params_file: str, root: str):
-    """The scheduled retraining deployment of the flow, served by a Prefect runner (`metanlp schedule`)."""
+def build_scoring_flow():
+    """The batch-scoring flow: a file of texts labelled by a model adapted to a support set (the code path of
+    `metanlp predict --out`), for scheduled scoring."""
+    from prefect import flow
+
+    from metanlp.scoring import score_file
+
+    score_task = retried(score_file, name="score")
+
+    @flow(name="metanlp-score", log_prints=True)
+    def score_flow(model: str, support: str, texts: str, out: str, top: int = 3, text_column: str = "text",
+                   label_column: str = "label", batch_size: int = 256, tracking_uri: str | None = None) -> dict:
+        """Adapt the model (a folder or models:/NAME@ALIAS) to the support set and label every text of `texts`."""
+        summary = score_task(model, support, texts, out, top=top, text_column=text_column,
+                             label_column=label_column, batch_size=batch_size, tracking_uri=tracking_uri,
+                             show_progress=False)
+        print(f"scored {summary.texts} texts with model version {summary.model_version} into {summary.out}")
+        return summary.as_dict()
+
+    return score_flow
+
+
+def deployment(job: str, name: str, cron: str, timezone: str, parameters: dict):
+    """A scheduled deployment of the retraining (`retrain`) or batch-scoring (`score`) flow, served by a
+    Prefect runner (`metanlp schedule`)."""
     from prefect.client.schemas.schedules import CronSchedule
 
     try:
         schedule = CronSchedule(cron=cron, timezone=timezone)
     except ValueError as err:
         raise DataError(f"--cron {cron!r}: {err}") from err
-    return build_flow().to_deployment(name=name, schedules=[schedule],
-                                      parameters={"params_file": params_file, "root": root},
-                                      description="scheduled retraining: the whole metanlp pipeline")
+    flows = {"retrain": (build_flow, "scheduled retraining: the whole metanlp pipeline"),
+             "score": (build_scoring_flow, "scheduled batch scoring of a file of texts")}
+    if job not in flows:
+        raise DataError(f"--job {job!r}: choose from {list(flows)}")
+    build, description = flows[job]
+    return build().to_deployment(name=name, schedules=[schedule], parameters=parameters, description=description)

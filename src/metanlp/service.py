@@ -119,6 +119,18 @@ class ModelSource:
                 del self.learners[version]
 
 
+def open_model(model: str, tracking_uri: str | None = None, root: Path | None = None) -> ModelSource:
+    """A model folder, or `models:/NAME@ALIAS` in the registry at `tracking_uri` (default: MLFLOW_TRACKING_URI,
+    then the project's mlflow/ under `root`)."""
+    from metanlp.data.load import DataError
+    from metanlp.tracking import tracking_uri as resolve_tracking_uri
+
+    if not model.startswith("models:/") and not Path(model).is_dir():
+        raise DataError(f"--model {model!r}: neither a model folder nor a models:/NAME@ALIAS URI")
+    uri = resolve_tracking_uri(tracking_uri, root or Path.cwd()) if model.startswith("models:/") else None
+    return ModelSource(model, uri)
+
+
 def create_app(source: ModelSource, store: TaskStore, limits: Limits = Limits(), poll_seconds: float = 30.0):
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError

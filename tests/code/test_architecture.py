@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("training and evaluation", ("metanlp.train", "metanlp.checkpoint", "metanlp.evaluation", "metanlp.pretrain",
                                  "metanlp.adaptation", "metanlp.suite")),
     ("reporting and serving", ("metanlp.reporting", "metanlp.tracking", "metanlp.tasks", "metanlp.serving",
-                               "metanlp.service", "metanlp.mlflow_model")),
+                               "metanlp.service", "metanlp.mlflow_model", "metanlp.scoring")),
     ("stages", ("metanlp.stages",)),
     ("pipeline and CLI", ("metanlp.pipeline", "metanlp.cli")),
 ]

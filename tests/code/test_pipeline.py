@@ -140,3 +140,24 @@ def test_the_summary_is_made_from_the_runs_own_results(tmp_path):
     assert "v2 is challenger (champion stays v1): no gain" in text and "metanlp predict --model" in text
     results["settings"][0]["methods"]["protonet"]["accuracy"] = 0.9
     assert "| 5-way 1-shot | 90.0 ± 2.0 |" in summary_text(results, record, tmp_path)
+
+
+def test_the_scoring_flow_labels_a_file_with_the_registered_champion(train_flow, tiny_project):
+    """Scheduled batch scoring: the flow adapts `models:/NAME@champion` to a support set and writes a file."""
+    from metanlp.pipeline import build_scoring_flow
+
+    run(train_flow, tiny_project)
+    rows = [json.loads(line) for line in (tiny_project / "data" / "intents.jsonl").read_text().splitlines()]
+    labels = sorted({r["label"] for r in rows})[:3]
+    support = [r for r in rows if r["label"] in labels][:30]
+    (tiny_project / "support.jsonl").write_text("".join(json.dumps(r) + "\n" for r in support))
+    (tiny_project / "texts.txt").write_text("\n".join(r["text"] for r in rows[:40]))
+    summary = build_scoring_flow()(model="models:/metanlp-intents@champion",
+                                   support=str(tiny_project / "support.jsonl"),
+                                   texts=str(tiny_project / "texts.txt"), out=str(tiny_project / "scores.csv"),
+                                   tracking_uri=f"sqlite:///{tiny_project / 'mlflow' / 'mlflow.db'}")
+    assert summary["texts"] == 40 and summary["model_version"] == alias(tiny_project, "champion")
+    import pandas as pd
+
+    scored = pd.read_csv(tiny_project / "scores.csv")
+    assert len(scored) == 40 and set(scored["label"]) <= set(labels)

@@ -1,6 +1,7 @@
 """The pipeline against real servers on 127.0.0.1: `mlflow server` on a temporary sqlite database and
 `prefect server start` with a temporary home. The flow runs against both; the registry then holds the
-champion, and `metanlp schedule` leaves a deployment with the cron schedule on the Prefect server."""
+champion, and `metanlp schedule` leaves deployments (retraining, batch scoring) with their cron schedules on the
+Prefect server."""
 
 from __future__ import annotations
 
@@ -84,3 +85,14 @@ def test_flow_against_real_mlflow_and_prefect_servers(tiny_project, tmp_path):
         deployment = httpx.get(f"{prefect_api}/deployments/name/metanlp-train/retrain").json()
         assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * 0"]
         assert deployment["parameters"]["params_file"] == params
+
+        scoring = subprocess.run([str(BIN / "metanlp"), "schedule", "--job", "score", "--cron", "0 6 * * *",
+                                  "--no-serve", "--params", params, "--model", "models:/metanlp-intents@champion",
+                                  "--support", str(tiny_project / "data" / "intents.jsonl"),
+                                  "--texts", str(tiny_project / "data" / "intents.jsonl"),
+                                  "--out", str(tmp_path / "scores.jsonl")],
+                                 env=client_env, capture_output=True, text=True, timeout=300)
+        assert scoring.returncode == 0, scoring.stderr[-3000:]
+        deployment = httpx.get(f"{prefect_api}/deployments/name/metanlp-score/score").json()
+        assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 6 * * *"]
+        assert deployment["parameters"]["model"] == "models:/metanlp-intents@champion"

@@ -7,6 +7,7 @@ Hugging Face datasets name when the user is online. Every problem is reported wi
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -181,25 +182,97 @@ def load_labelled(
     return LabelledTexts(texts=texts, labels=labels, domains=domains, source=where)
 
 
-def read_texts(source: str | Path) -> list[str]:
-    """Unlabelled texts to classify: a .txt file (one per line) or any labelled-file format's text column."""
-    path = Path(source)
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
-    if path.suffix.lower() == ".txt":
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as err:
-            raise DataError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from err
-        texts = [line.strip() for line in lines if line.strip()]
-    else:
-        frame = _read_table(path)
-        if "text" not in frame.columns:
-            raise DataError(f"{path}: no 'text' column; the columns are {list(frame.columns)}")
-        texts = [str(t).strip() for t in frame["text"].tolist() if str(t).strip()]
+def read_texts(source: str | Path, text_column: str = "text") -> list[str]:
+    """Unlabelled texts: a .txt file (one per line) or the text column of a JSONL/CSV/TSV/Parquet file; blank
+    rows are skipped."""
+    path = _text_file(source)
+    texts = [str(text).strip() for _, text in _iter_rows(path, path.suffix.lower(), text_column)
+             if text is not None and str(text).strip()]
     if not texts:
         raise DataError(f"{path}: no texts")
     return texts
+
+
+def _text_file(source: str | Path) -> Path:
+    path = Path(source)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    if path.suffix.lower() not in {".txt", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet"}:
+        raise DataError(f"{path}: unknown file type {path.suffix!r}; use .txt, .jsonl, .csv, .tsv or .parquet")
+    return path
+
+
+def iter_text_batches(source: str | Path, text_column: str = "text",
+                      batch_size: int = 256) -> Iterator[list[tuple[int, str]]]:
+    """A file of texts to classify, streamed: batches of (line, text), never the whole file in memory.
+
+    .txt: one text per line (blank lines skipped); .jsonl/.csv/.tsv/.parquet: the `text_column` of each row
+    (for CSV and Parquet the line is the row number, the header being line 1 of a CSV). A row without a
+    usable text stops the stream with its line: a scored file has a result for every row it was given."""
+    path = _text_file(source)
+    batch: list[tuple[int, str]] = []
+    for line, text in _iter_rows(path, path.suffix.lower(), text_column):
+        if not isinstance(text, str):
+            raise DataError(f"{path}:{line}: {text_column!r} must be a string, got {type(text).__name__}")
+        if not text.strip():
+            raise DataError(f"{path}:{line}: empty text")
+        batch.append((line, text.strip()))
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _iter_rows(path: Path, suffix: str, column: str) -> Iterator[tuple[int, object]]:
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        parquet = pq.ParquetFile(path)
+        if column not in parquet.schema_arrow.names:
+            raise DataError(f"{path}: no text column {column!r}; the columns are {parquet.schema_arrow.names}")
+        line = 0
+        for record_batch in parquet.iter_batches(columns=[column], batch_size=4096):
+            for value in record_batch.column(0).to_pylist():
+                line += 1
+                yield line, value
+        return
+    if suffix in {".csv", ".tsv"}:
+        try:
+            chunks = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False,
+                                 encoding="utf-8-sig", chunksize=4096)
+            line = 1
+            for chunk in chunks:
+                if column not in chunk.columns:
+                    raise DataError(f"{path}: no text column {column!r}; the columns are {list(chunk.columns)}")
+                for value in chunk[column].tolist():
+                    line += 1
+                    yield line, value
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from err
+        except pd.errors.EmptyDataError as err:
+            raise DataError(f"{path}: empty file") from err
+        except pd.errors.ParserError as err:
+            raise DataError(f"{path}: cannot parse as {suffix[1:].upper()}: {err}") from err
+        return
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{number}: not valid UTF-8 ({err.reason} at byte {err.start})") from err
+            if not line.strip():
+                continue
+            if suffix == ".txt":
+                yield number, line
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+            if not isinstance(row, dict) or column not in row:
+                raise DataError(f"{path}:{number}: expected a JSON object with {column!r}")
+            yield number, row[column]
 
 
 def read_raw_rows(source: str | Path) -> pd.DataFrame:
