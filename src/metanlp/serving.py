@@ -94,3 +94,13 @@ def signature():
                           outputs=Schema([ColSpec("string", "text"), ColSpec("string", "label"),
                                           ColSpec("double", "score"), ColSpec("string", "task_id")]),
                           params=ParamSchema([ParamSpec("task_id", "string", "")]))
+
+
+def pyfunc_arguments(model_dir) -> dict:
+    """What `mlflow.pyfunc.log_model` / `save_model` take to package a metanlp model folder: the model from
+    code (metanlp/mlflow_model.py, nothing pickled), the folder as its artifact, signature and example."""
+    from importlib import resources
+
+    code = str(resources.files("metanlp") / "mlflow_model.py")
+    return {"python_model": code, "artifacts": {"model": str(model_dir)}, "signature": signature(),
+            "input_example": example_request(), "pip_requirements": ["metanlp"]}

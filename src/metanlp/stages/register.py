@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import tempfile
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -99,12 +98,9 @@ def decide(challenger_scores: np.ndarray, champion_scores_: np.ndarray, min_impr
 def log_model(model_dir: Path, name: str):
     import mlflow
 
-    from metanlp.serving import example_request, signature
+    from metanlp.serving import pyfunc_arguments
 
-    code = Path(str(resources.files("metanlp") / "mlflow_model.py"))
-    return mlflow.pyfunc.log_model(name="model", python_model=str(code), artifacts={"model": str(model_dir)},
-                                   signature=signature(), input_example=example_request(),
-                                   registered_model_name=name, pip_requirements=["metanlp"])
+    return mlflow.pyfunc.log_model(name="model", registered_model_name=name, **pyfunc_arguments(model_dir))
 
 
 def log_run_contents(root: Path, params: PipelineParams, training: dict, tuned: dict, metrics: dict) -> None:
