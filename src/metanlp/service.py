@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from metanlp.atomic import file_digest
 from metanlp.learners import Learner, load_learner
 from metanlp.learners.persistence import WEIGHTS_FILE
-from metanlp.tasks import DEFAULT_STRATEGY, TaskError, TaskStore
+from metanlp.tasks import DEFAULT_STRATEGY, STRATEGIES, TaskError, TaskStore
 
 QUOTE = 200  # characters of user input a message may quote
 
@@ -42,7 +42,8 @@ class Example(BaseModel):
 class TaskRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     support: list[Example] = Field(description="labelled examples, at least 2 classes")
-    strategy: str = Field(DEFAULT_STRATEGY, description="adaptation strategy: 'default' (the model's own)")
+    strategy: str = Field(DEFAULT_STRATEGY, description="adaptation strategy: " + "; ".join(
+        f"'{name}': {meaning}" for name, meaning in STRATEGIES.items()))
 
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -203,8 +204,8 @@ def create_app(source: ModelSource, store: TaskStore, limits: Limits = Limits(),
 
     @app.post("/tasks", status_code=201)
     def create_task(request: TaskRequest) -> dict:
-        if request.strategy != DEFAULT_STRATEGY:
-            raise TaskError(f"strategy: unknown {_quote(request.strategy)}; use {DEFAULT_STRATEGY!r}")
+        if request.strategy not in STRATEGIES:
+            raise TaskError(f"strategy: unknown {_quote(request.strategy)}; choose from {sorted(STRATEGIES)}")
         if not request.support:
             raise TaskError("support: empty; send labelled examples of at least 2 classes")
         texts = check_texts([e.text for e in request.support], "support.text")

@@ -27,7 +27,11 @@ from metanlp.atomic import write_file_atomic, write_text_atomic
 from metanlp.data.load import DataError
 from metanlp.learners import Classifier, Learner
 
-DEFAULT_STRATEGY = "default"  # the learner's own adaptation (prototypes, or its inner loop)
+DEFAULT_STRATEGY = "default"
+STRATEGIES = {
+    DEFAULT_STRATEGY: "the model's own adaptation (prototypes, or its inner loop)",
+    "logreg": "a logistic-regression head fitted on the model's embeddings (what SetFit puts on its encoder)",
+}
 
 
 class TaskError(ValueError):
@@ -63,6 +67,17 @@ class Task:
                 "adapt_ms": self.adapt_ms, "restored": self.restored}
 
 
+def strategy_learner(learner: Learner, strategy: str) -> Learner:
+    """The learner that adapts a task of this strategy on `learner`'s model."""
+    if strategy == DEFAULT_STRATEGY:
+        return learner
+    if strategy == "logreg":
+        from metanlp.learners import build_learner
+
+        return build_learner("logreg", learner.encoder, learner.provenance)
+    raise TaskError(f"strategy: unknown {strategy[:64]!r}; choose from {sorted(STRATEGIES)}")
+
+
 class TaskStore:
     """Tasks by id: adapted classifiers in a bounded LRU (`capacity`), task records in `folder` if given."""
 
@@ -92,6 +107,7 @@ class TaskStore:
     def create(self, learner: Learner, model_version: str, texts: list[str], labels: list[str],
                strategy: str = DEFAULT_STRATEGY) -> tuple[Task, bool]:
         """The task of this support set (adapted now unless it is cached); returns it and whether it was."""
+        learner = strategy_learner(learner, strategy)
         identifier = task_id(model_version, strategy, texts, labels)
         with self._lock:
             if identifier in self._adapted:
@@ -116,7 +132,7 @@ class TaskStore:
         if task.model_version not in learners:
             task.model_version = current
             self._state_path(identifier).unlink(missing_ok=True)  # made by a model no longer loaded
-        learner = learners[task.model_version]
+        learner = strategy_learner(learners[task.model_version], task.strategy)
         classifier = self._restore(learner, task)
         if classifier is None:
             classifier = self._adapt(learner, task)

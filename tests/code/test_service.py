@@ -214,3 +214,19 @@ def test_a_promotion_while_serving_moves_new_tasks_to_the_new_version(tmp_path, 
         assert second["model_version"] == "2"
         answer = client_v.post(f"/tasks/{first['task_id']}/predict", json={"texts": ["walk the dog"]}).json()
         assert answer["model_version"] == "1"  # an existing task keeps the version it was adapted with
+
+
+def test_a_task_may_choose_its_adaptation_strategy_and_keeps_it_across_a_restart(model_dir, tmp_path):
+    client = client_for(model_dir, tasks_dir=tmp_path / "tasks")
+    default = client.post("/tasks", json={"support": SUPPORT}).json()
+    logreg = client.post("/tasks", json={"support": SUPPORT, "strategy": "logreg"}).json()
+    assert logreg["strategy"] == "logreg" and logreg["task_id"] != default["task_id"]
+    query = {"texts": ["walk the puppy", "plant tulips"], "top_k": 3}
+    by_logreg = client.post(f"/tasks/{logreg['task_id']}/predict", json=query).json()["predictions"]
+    by_default = client.post(f"/tasks/{default['task_id']}/predict", json=query).json()["predictions"]
+    assert [p["top"] for p in by_logreg] != [p["top"] for p in by_default]  # another classifier, not a relabel
+
+    restarted = client_for(model_dir, tasks_dir=tmp_path / "tasks")
+    again = restarted.post(f"/tasks/{logreg['task_id']}/predict", json=query).json()["predictions"]
+    assert restarted.get(f"/tasks/{logreg['task_id']}").json()["restored"]
+    assert [p["top"] for p in again] == [p["top"] for p in by_logreg]
