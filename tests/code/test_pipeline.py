@@ -66,13 +66,26 @@ def test_flow_registers_caches_and_reruns_only_what_a_param_feeds(train_flow, ti
     assert {stage: path.stat().st_mtime_ns for stage, path in outputs.items()} == stamps
     assert versions(tiny_project) == ["1"]
 
-    write_params(tiny_project, meta_train={"train": {"weight_decay": 0.02}})  # a training param
+    # a param of tuning: other trials, another temperature, so another model (an identical one would be
+    # recognised and not registered again; see below)
+    write_params(tiny_project, tune={"seed": 1})
     third = run(train_flow, tiny_project)
     assert outputs["validate"].stat().st_mtime_ns == stamps["validate"]  # upstream of the change: cached
     assert outputs["meta_train"].stat().st_mtime_ns != stamps["meta_train"]
     assert versions(tiny_project) == ["1", "2"] and alias(tiny_project, "challenger") == "2"
     assert alias(tiny_project, "champion") == ("2" if third["register"]["promoted"] else "1")
     assert "champion" in third["register"]["reason"]
+
+
+def test_an_identical_model_is_not_registered_again(train_flow, tiny_project):
+    """What `dvc repro` after `metanlp run` does: the register stage runs again on the same model."""
+    from metanlp.pipeline import run_stage
+
+    first = run(train_flow, tiny_project)
+    again = run_stage("register", str(tiny_project / "params.yaml"), str(tiny_project))
+    assert versions(tiny_project) == ["1"] and again["version"] == "1" and not again["promoted"]
+    assert "identical to v1" in again["reason"] and again["champion_version"] == "1"
+    assert again["git_commit"] == first["register"]["git_commit"]
 
 
 def test_corrupt_corpus_stops_before_training_and_keeps_the_champion(train_flow, tiny_project):

@@ -1,11 +1,13 @@
 """Evaluation -> MLflow: one run with params, metrics, plots, reports and lineage; the model logged as a
 pyfunc and registered; alias `challenger` on the new version, `champion` only when it beats the current
 champion on the same evaluation episodes (paired per episode). The decision and its reason are recorded in
-the run and in artifacts/registry.json.
+the run and in artifacts/registry.json. A model identical to a registered version (same spec and weights, as
+when `dvc repro` follows `metanlp run`) is not registered again: the record names that version.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import tempfile
@@ -14,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from metanlp.atomic import file_digest
 from metanlp.config import PipelineParams
 from metanlp.evaluation import mean_ci
+from metanlp.learners.persistence import SPEC_FILE, WEIGHTS_FILE
 from metanlp.stages.build_corpus import MANIFEST
 from metanlp.stages.common import Stage, StageError, read_json, write_json
 from metanlp.stages.evaluate import METRICS, RESULTS
@@ -28,11 +32,16 @@ RECORD = "artifacts/registry.json"
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 
+PIPELINE_WRITES = ("artifacts", "dvc.lock")  # what the pipeline itself rewrites: not a change to the code or data
+
+
 def git_commit(root: Path) -> str:
+    """HEAD, with `-dirty` when tracked files differ from it, the pipeline's own outputs aside."""
+    excluded = [f":(exclude){path}" for path in PIPELINE_WRITES]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *excluded],
+                               cwd=root, capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
@@ -121,6 +130,36 @@ def log_run_contents(root: Path, params: PipelineParams, training: dict, tuned: 
             mlflow.log_artifact(str(path), folder)
 
 
+DIGEST_TAG = "metanlp.model_md5"
+
+
+def model_digest(model_dir: Path) -> str:
+    """What makes a model this model: its spec and its weights (not its reports)."""
+    parts = [file_digest(model_dir / name) for name in (SPEC_FILE, WEIGHTS_FILE)]
+    return hashlib.md5("".join(parts).encode()).hexdigest()
+
+
+def identical_version(client, name: str, digest: str):
+    """The registered version of `name` whose model has this digest, if any."""
+    import mlflow
+
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except mlflow.exceptions.MlflowException:
+        return None
+    return next((v for v in sorted(versions, key=lambda v: int(v.version)) if v.tags.get(DIGEST_TAG) == digest),
+                None)
+
+
+def alias_version(client, name: str, alias: str) -> str | None:
+    import mlflow
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
 def guard_promotion(client, version: str, results: dict, params: PipelineParams, root: Path) -> tuple[bool, str]:
     """Champion only when the new version beats the current champion on the same episodes."""
     import mlflow
@@ -157,18 +196,26 @@ def run(params: PipelineParams, root: Path) -> dict:
     lineage = {"git_commit": git_commit(root), "data_dvc_md5": data_version(root),
                "corpus_md5": manifest["source_md5"], "optuna_study": str(tuned.get("study")),
                "episodes_id": results["episodes_id"], "metanlp.stage": "register"}
-    with tracking(reg.tracking_uri, root, reg.experiment) as experiment_id, mlflow.start_run(
-            run_name=f"{results['learner']} {lineage['git_commit'][:8]}", experiment_id=experiment_id,
-            tags=lineage) as active:
+    digest = model_digest(root / MODEL)
+    with tracking(reg.tracking_uri, root, reg.experiment) as experiment_id:
         client = MlflowClient()
-        log_run_contents(root, params, training, tuned, metrics)
-        version = str(log_model(root / MODEL, reg.model_name).registered_model_version)
-        client.set_registered_model_alias(reg.model_name, CHALLENGER, version)
-        promoted, reason = guard_promotion(client, version, results, params, root)
-        champion = str(client.get_model_version_by_alias(reg.model_name, CHAMPION).version)
-        record = {"model_name": reg.model_name, "version": version, "run_id": active.info.run_id,
-                  "tracking_uri": mlflow.get_tracking_uri(), "promoted": promoted, "reason": reason,
-                  "champion_version": champion, **lineage}
+        same = identical_version(client, reg.model_name, digest)
+        if same is not None:  # e.g. `dvc repro` after `metanlp run`: the same model is not a new version
+            record = {"model_name": reg.model_name, "version": str(same.version), "run_id": same.run_id,
+                      "tracking_uri": mlflow.get_tracking_uri(), "promoted": False,
+                      "reason": f"identical to v{same.version} (same spec and weights): not registered again",
+                      "champion_version": alias_version(client, reg.model_name, CHAMPION), **lineage}
+        else:
+            with mlflow.start_run(run_name=f"{results['learner']} {lineage['git_commit'][:8]}",
+                                  experiment_id=experiment_id, tags=lineage) as active:
+                log_run_contents(root, params, training, tuned, metrics)
+                version = str(log_model(root / MODEL, reg.model_name).registered_model_version)
+                client.set_model_version_tag(reg.model_name, version, DIGEST_TAG, digest)
+                client.set_registered_model_alias(reg.model_name, CHALLENGER, version)
+                promoted, reason = guard_promotion(client, version, results, params, root)
+                record = {"model_name": reg.model_name, "version": version, "run_id": active.info.run_id,
+                          "tracking_uri": mlflow.get_tracking_uri(), "promoted": promoted, "reason": reason,
+                          "champion_version": alias_version(client, reg.model_name, CHAMPION), **lineage}
     write_json(root / RECORD, record)
     return record
 
