@@ -418,8 +418,8 @@ class TuneParams(_Strict):
     empty it is METANLP_OPTUNA_STORAGE, else a sqlite file of its own under artifacts/, never MLflow's database."""
 
     enabled: bool = True
-    trials: int = Field(4, ge=1)
-    timeout_s: int | None = Field(900, ge=1)
+    trials: int = Field(4, ge=1)  # the budget: the result does not depend on how loaded the machine is
+    timeout_s: int | None = Field(None, ge=1)  # a guard only; when it stops the study, the record says so
     episodes: int = Field(60, ge=1)  # meta-training steps per trial
     val_every: int = Field(20, ge=1)  # a pruning point after every validation
     val_episodes: int = Field(40, ge=1)

@@ -101,11 +101,15 @@ def build_flow():
         params_path = Path(params_file) if Path(params_file).is_absolute() else root_path / params_file
         load_params(params_path)  # a wrong parameter stops the flow before any task
         ensure_raw_data(params_path, root_path)
-        results = {}
-        for name, stage in stages().items():
+        results, names = {}, list(stages())
+        for number, (name, stage) in enumerate(stages().items(), start=1):
             missing = not all((root_path / path).exists() for path in stage.done)
-            results[name] = stage_task.with_options(name=name, refresh_cache=missing or None)(
-                name, str(params_path), str(root_path))
+            print(f"stage {number} of {len(names)}: {name}")
+            state = stage_task.with_options(name=name, refresh_cache=missing or None)(
+                name, str(params_path), str(root_path), return_state=True)
+            results[name] = state.result()  # raises the stage's error
+            if state.name == "Cached":
+                print(f"stage {name}: cached (its params, inputs and code are unchanged)")
         return results
 
     return train_flow

@@ -44,7 +44,7 @@ def run(flow, root: Path) -> dict:
     return flow(params_file=str(root / "params.yaml"), root=str(root))
 
 
-def test_flow_registers_caches_and_reruns_only_what_a_param_feeds(train_flow, tiny_project):
+def test_flow_registers_caches_and_reruns_only_what_a_param_feeds(train_flow, tiny_project, caplog):
     first = run(train_flow, tiny_project)
     assert first["register"]["promoted"] and alias(tiny_project, "champion") == "1"
     assert alias(tiny_project, "challenger") == "1"
@@ -62,8 +62,11 @@ def test_flow_registers_caches_and_reruns_only_what_a_param_feeds(train_flow, ti
                {"validate": "validation/report.json", "meta_train": "model/training.json",
                 "register": "registry.json"}.items()}
     stamps = {stage: path.stat().st_mtime_ns for stage, path in outputs.items()}
-    run(train_flow, tiny_project)  # nothing changed: every stage from the cache
+    assert "tune: trial 2 of 2" in caplog.text  # which trial is running
+    caplog.clear()
+    run(train_flow, tiny_project)  # nothing changed: every stage from the cache, and the log says so
     assert {stage: path.stat().st_mtime_ns for stage, path in outputs.items()} == stamps
+    assert "stage 1 of 8: validate" in caplog.text and "stage tune: cached" in caplog.text
     assert versions(tiny_project) == ["1"]
 
     # a param of tuning: other trials, another temperature, so another model (an identical one would be

@@ -59,7 +59,10 @@ def run(params: PipelineParams, root: Path, show_progress: bool = True) -> dict:
     start = starting_encoder(params, root)  # meta_train's params, with the pretrained encoder if any
 
     def objective(trial) -> float:
-        config = with_overrides(start, start.learner.search_space(trial))
+        values = start.learner.search_space(trial)
+        shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+        print(f"tune: trial {trial.number + 1} of {tune.trials} ({shown})", flush=True)
+        config = with_overrides(start, values)
         config = config.model_copy(update={"train": config.train.model_copy(update={
             "episodes": tune.episodes, "val_every": tune.val_every, "val_episodes": tune.val_episodes,
             "warmup_episodes": min(config.train.warmup_episodes, tune.episodes // 2)})})
@@ -76,8 +79,9 @@ def run(params: PipelineParams, root: Path, show_progress: bool = True) -> dict:
         run_id, best = _optimize(study, objective, tune, name, experiment_id)
     return _write(root, {"study": name, "storage": _redacted(storage_url(params, root)),
                               "overrides": best.params, "best_value": best.value, "best_trial": best.number,
-                              "trials": len(study.trials), "pruned": sum(t.state.name == "PRUNED"
-                                                                         for t in study.trials),
+                              "trials": len(study.trials), "trials_planned": tune.trials,
+                              "stopped_by_timeout": len(study.trials) < tune.trials,
+                              "pruned": sum(t.state.name == "PRUNED" for t in study.trials),
                               "mlflow_run_id": run_id})
 
 
