@@ -101,6 +101,8 @@ def _learner_config(learner: str, inner_steps, inner_lr, adapt, top_layers):
 
 DataOpt = Annotated[str, typer.Option(help="labelled JSONL/CSV/Parquet file, 'default' (embedded corpus) "
                                             "or a Hugging Face dataset name")]
+TextColumnOpt = Annotated[str, typer.Option(help="column holding the texts in your labelled files")]
+LabelColumnOpt = Annotated[str, typer.Option(help="column holding the labels in your labelled files")]
 
 
 @app.command()
@@ -112,35 +114,42 @@ def train(
         help="a task pool (YAML `tasks:` list of datasets with roles meta_train, meta_val, eval): episodes come "
              "from its meta_train datasets, validation from its meta_val ones; replaces --data and the split")] = None,
     val_data: Annotated[str | None, typer.Option(help="file for the validation classes (default: --data)")] = None,
-    learner: Annotated[str, typer.Option(help=f"meta-learner: {', '.join(LEARNER_KINDS)}")] = "protonet",
+    text_column: TextColumnOpt = "text",
+    label_column: LabelColumnOpt = "label",
+    learner: Annotated[Literal[LEARNER_KINDS], typer.Option(help="meta-learner (or a baseline to save)")] = "protonet",
     encoder: Annotated[str, typer.Option(help="HF name, local path or 'default' (all-MiniLM-L6-v2)")] = DEFAULT_ENCODER,
-    pooling: Annotated[str, typer.Option(help="mean or cls")] = "mean",
-    max_length: int = 64,
-    split_by: Annotated[str | None, typer.Option(help="domain or random")] = None,
-    train_domains: Annotated[str | None, typer.Option(help="comma-separated domains")] = None,
-    val_domains: str | None = None,
-    test_domains: str | None = None,
+    pooling: Annotated[Literal["mean", "cls"], typer.Option(help="sentence embedding: mean of tokens or [CLS]")
+                       ] = "mean",
+    max_length: Annotated[int, typer.Option(min=8, help="tokens per text (longer texts are cut)")] = 64,
+    split_by: Annotated[Literal["domain", "random"] | None, typer.Option(
+        help="split classes by whole domains or at random (default: domain when the data has domains)")] = None,
+    train_domains: Annotated[str | None, typer.Option(help="comma-separated domains for meta-training")] = None,
+    val_domains: Annotated[str | None, typer.Option(help="comma-separated domains for validation")] = None,
+    test_domains: Annotated[str | None, typer.Option(help="comma-separated domains held out for testing")] = None,
     split_sizes: Annotated[str | None, typer.Option(help="TRAIN,VAL,TEST class counts (random split)")] = None,
     exclude_labels: Annotated[str | None, typer.Option(help="labels left out of every split, e.g. oos")] = None,
     episodes: Annotated[int, typer.Option(help="meta-training steps")] = TrainConfig().episodes,
     tasks_per_step: Annotated[int, typer.Option(help="episodes per meta-batch")] = 1,
     inner_steps: Annotated[int | None, typer.Option(help="gradient learners: inner-loop steps")] = None,
     inner_lr: Annotated[float | None, typer.Option(help="gradient learners: inner learning rate")] = None,
-    adapt: Annotated[str | None, typer.Option(help="gradient learners: head, top or all")] = None,
+    adapt: Annotated[Literal["head", "top", "all", "lora"] | None, typer.Option(
+        help="gradient learners: what the inner loop adapts (the head, the top layers, all, or LoRA adapters)")] = None,
     top_layers: Annotated[int | None, typer.Option(help="gradient learners: layers adapted with --adapt top")] = None,
-    ways: int = 5,
-    shots: int = 5,
-    queries: int = 5,
-    lr: float = TrainConfig().lr,
-    val_every: int = TrainConfig().val_every,
-    val_episodes: int = TrainConfig().val_episodes,
-    patience: int = TrainConfig().patience,
-    seed: int = 0,
+    ways: Annotated[int, typer.Option(help="classes per training and validation episode (validation: 1-shot)")
+                    ] = 5,
+    shots: Annotated[int, typer.Option(help="support examples per class in an episode")] = 5,
+    queries: Annotated[int, typer.Option(help="query examples per class in an episode")] = 5,
+    lr: Annotated[float, typer.Option(help="outer (meta) learning rate")] = TrainConfig().lr,
+    val_every: Annotated[int, typer.Option(help="validate every N steps")] = TrainConfig().val_every,
+    val_episodes: Annotated[int, typer.Option(help="validation episodes")] = TrainConfig().val_episodes,
+    patience: Annotated[int, typer.Option(help="validations without improvement before stopping early")
+                        ] = TrainConfig().patience,
+    seed: Annotated[int, typer.Option(help="seed of the episodes and of any new weights")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     checkpoint: Annotated[bool, typer.Option(
         help="save the run state at every validation to OUT.checkpoint/ and resume from it if present")] = True,
     force: Annotated[bool, typer.Option(help="replace --out even if it is not an output of this command")] = False,
-    quiet: bool = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """Meta-train a learner on episodes from the training classes; keep the best on validation classes."""
     from metanlp.data.splits import split_classes
@@ -149,7 +158,8 @@ def train(
 
     config = TrainConfig(episodes=episodes, tasks_per_step=tasks_per_step, lr=lr, val_every=val_every,
                          val_episodes=val_episodes, patience=patience, seed=seed, device=device,
-                         episode=EpisodeConfig(ways=ways, shots=shots, queries=queries))
+                         episode=EpisodeConfig(ways=ways, shots=shots, queries=queries),
+                         val_episode=EpisodeConfig(ways=ways, shots=1, queries=queries))
     spec_learner = _learner_config(learner, inner_steps, inner_lr, adapt, top_layers)
     encoder_config = EncoderConfig(name_or_path=encoder, pooling=pooling, max_length=max_length)
     spaces = {}
@@ -163,9 +173,10 @@ def train(
     else:
         split = _split_config(data, split_by, train_domains, val_domains, test_domains, split_sizes, exclude_labels,
                               seed)
-        corpus = load_labelled(data)
+        corpus = load_labelled(data, text_column=text_column, label_column=label_column)
         classes = split_classes(corpus, split)
-        validation = load_labelled(val_data) if val_data else corpus
+        validation = (load_labelled(val_data, text_column=text_column, label_column=label_column) if val_data
+                      else corpus)
         train_set, val_set = corpus.with_classes(classes.train), validation.with_classes(classes.val)
         if len(val_set) == 0:
             raise DataError(f"{validation.source}: has none of the validation classes {classes.val[:5]}")
@@ -213,6 +224,8 @@ def evaluate(
     data: DataOpt,
     model: Annotated[Path | None, typer.Option(help="meta-trained model directory")] = None,
     split: Annotated[str | None, typer.Option(help="keep only the model's train/val/test classes")] = None,
+    text_column: TextColumnOpt = "text",
+    label_column: LabelColumnOpt = "label",
     ways: Annotated[str, typer.Option(help="N, or 'all' for the full label space")] = "5",
     shots: Annotated[str, typer.Option(help="comma-separated, e.g. 1,5")] = "1,5",
     queries: Annotated[int, typer.Option(min=1, help="queries per class in an episode")] = 5,
@@ -230,11 +243,11 @@ def evaluate(
              "fused, or a comma-separated combination (repeatable)")] = None,
     unlabeled: Annotated[str | None, typer.Option(help="--adapt selfsup: the domain's unlabeled text")] = None,
     encoder: Annotated[str, typer.Option(help="encoder for the baselines when no --model")] = DEFAULT_ENCODER,
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(help="seed of the episodes (the same for every method)")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     out: Annotated[Path, typer.Option(help="results path; .json, .md and .png are written")] = Path(
         "results/evaluation.json"),
-    quiet: bool = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """Evaluate methods on the same episodes: accuracy, 95% CI, paired difference to frozen, adaptation ms."""
     from metanlp.evaluation import build_settings, evaluate_model
@@ -246,10 +259,12 @@ def evaluate(
     if not names:
         raise DataError("--methods is empty")
     exclude = _csv(exclude_labels)
-    query_set = _restrict(load_labelled(data), model, split, exclude)
+    query_set = _restrict(load_labelled(data, text_column=text_column, label_column=label_column), model, split,
+                          exclude)
     support_set = None
     if support_data is not None:
-        support_set = load_labelled(support_data).with_classes(set(query_set.classes))
+        support_set = load_labelled(support_data, text_column=text_column, label_column=label_column
+                                    ).with_classes(set(query_set.classes))
     settings = build_settings(query_set, ways_value, shot_list, queries, episodes, repeats, support_set, seed)
     extra = {}
     if adapt:
@@ -288,8 +303,8 @@ def predict(
                                                   "this .csv or .jsonl, replaced only when complete")] = None,
     top: Annotated[int, typer.Option(min=1, help="scores shown (or written) per text")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON lines instead of a table")] = False,
-    text_column: Annotated[str, typer.Option(help="column of the texts in --support and --texts")] = "text",
-    label_column: Annotated[str, typer.Option(help="column of the labels in --support")] = "label",
+    text_column: TextColumnOpt = "text",
+    label_column: LabelColumnOpt = "label",
     batch_size: Annotated[int, typer.Option(min=1, help="texts encoded at once when scoring a file")] = 256,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI for models:/ (default: "
                                                           "MLFLOW_TRACKING_URI, then mlflow/ here)")] = None,
@@ -339,17 +354,17 @@ def pretrain(
     out: Annotated[Path, typer.Option(help="directory for the pretrained encoder (HF format)")],
     mode: Annotated[str, typer.Option(help="mlm, smlmt, or mlm,smlmt (MLM first)")] = "mlm",
     encoder: Annotated[str, typer.Option(help="HF name, local path or 'default'")] = DEFAULT_ENCODER,
-    mlm_steps: int = 500,
-    mlm_lr: float = 5e-5,
+    mlm_steps: Annotated[int, typer.Option(help="masked-LM steps")] = 500,
+    mlm_lr: Annotated[float, typer.Option(help="masked-LM learning rate")] = 5e-5,
     smlmt_episodes: Annotated[int, typer.Option(help="ProtoNet meta-training steps on cloze tasks")] = 300,
     smlmt_words: Annotated[int, typer.Option(help="cloze classes (words) drawn from the frequency band")] = 300,
     labelled: Annotated[str | None, typer.Option(help="hybrid: supervised training classes (text, label) whose "
                                                       "episodes are mixed with the cloze tasks")] = None,
     smlmt_fraction: Annotated[float, typer.Option(help="hybrid: share of episodes that are cloze tasks")] = 0.5,
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(help="seed of masking, cloze tasks and sampling")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     force: Annotated[bool, typer.Option(help="replace --out even if it is not an output of this command")] = False,
-    quiet: bool = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """Pretrain an encoder on unlabeled text: masked-LM, then (or only) ProtoNet on SMLMT cloze tasks, alone
     or mixed with supervised episodes (--labelled: hybrid).
@@ -385,6 +400,8 @@ def adapt(
     model: Annotated[Path, typer.Option(help="meta-trained model directory")],
     support: Annotated[str, typer.Option(help="the new domain's labelled examples (JSONL/CSV/Parquet: text, label)")],
     out: Annotated[Path, typer.Option(help="directory for the domain-adapted model")],
+    text_column: TextColumnOpt = "text",
+    label_column: LabelColumnOpt = "label",
     unlabeled: Annotated[str | None, typer.Option(help="the domain's unlabeled text: .txt (one per line) or "
                                                        "JSONL/CSV with a text column")] = None,
     strategy: Annotated[str, typer.Option(help="comma-separated: prototypes, selfsup, finetune, fused")] = (
@@ -392,7 +409,7 @@ def adapt(
     steps: Annotated[int, typer.Option(min=1, help="most fine-tuning steps (the held-out shot picks how many)")] = 30,
     selfsup_steps: Annotated[int, typer.Option(min=1, help="masked-LM steps of the selfsup strategy")] = 20,
     seconds: Annotated[float, typer.Option(min=0.001, help="wall-clock cap per strategy")] = 90.0,
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(help="seed of the held-out shot and of fine-tuning")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     force: Annotated[bool, typer.Option(help="replace --out even if it is not an output of this command")] = False,
 ) -> None:
@@ -406,7 +423,7 @@ def adapt(
 
     check_replaceable(out, SPEC_FILE, force)
 
-    support_set = load_labelled(support)
+    support_set = load_labelled(support, text_column=text_column, label_column=label_column)
     texts = read_texts(unlabeled) if unlabeled else None
     learner = load_learner(model).to(resolve_device(device))
     budget = AdaptBudget(finetune_steps=steps, selfsup_steps=selfsup_steps, seconds=seconds, seed=seed)
@@ -468,11 +485,11 @@ def benchmark(
     reuse: Annotated[Path | None, typer.Option(help="an earlier suite JSON of the same supports: its rows of the "
                                                     "methods in --reuse-methods are taken, not rerun")] = None,
     reuse_methods: Annotated[str, typer.Option(help="methods whose rows --reuse supplies")] = "setfit",
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(help="seed of the supports and query samples")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     out: Annotated[Path, typer.Option(help="results path; .json, .md and .png are written")] = Path(
         "results/suite.json"),
-    quiet: bool = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """The benchmark suite: every method on the same supports and queries of the pool's eval datasets; accuracy
     with 95% CIs, paired differences to frozen and to SetFit, adaptation seconds per support set."""
@@ -552,7 +569,7 @@ def serve(
     model: Annotated[str, typer.Option(help="a metanlp model folder, or a registry URI such as "
                                             "models:/metanlp-intents@champion")],
     host: Annotated[str, typer.Option(help="interface to bind (loopback by default)")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="port to listen on")] = 8000,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI for models:/ (default: "
                                                           "MLFLOW_TRACKING_URI, then mlflow/ here)")] = None,
     tasks_dir: Annotated[Path | None, typer.Option(help="keep task records here so a restart keeps them")] = None,
@@ -653,7 +670,7 @@ def schedule(
     ] = "retrain",
     params: ParamsOpt = Path("params.yaml"),
     name: Annotated[str | None, typer.Option(help="deployment name (default: the job's name)")] = None,
-    timezone: str = "UTC",
+    timezone: Annotated[str, typer.Option(help="timezone of the cron expression")] = "UTC",
     model: Annotated[str | None, typer.Option(help="score: a model folder or models:/NAME@ALIAS")] = None,
     support: Annotated[str | None, typer.Option(help="score: labelled examples")] = None,
     texts: Annotated[str | None, typer.Option(help="score: the file of texts to label")] = None,

@@ -176,3 +176,38 @@ def test_out_never_replaces_a_folder_that_is_not_its_output(tmp_path, command):
                                      "--val-episodes", "2"])
         assert forced.exit_code == 0, forced.output
         assert (folder / "learner.json").is_file() and not (folder / "chapter1.tex").exists()
+
+
+def test_every_option_has_help_and_choices_are_listed():
+    import typer.main
+
+    command = typer.main.get_command(app)
+    missing = [f"{name} --{param.name}" for name, sub in command.commands.items() for param in sub.params
+               if not getattr(param, "help", None)]
+    assert missing == []
+    train_help = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "250"}).output
+    assert "lora" in train_help and "metasgd" in train_help  # --adapt and --learner name their choices
+    wrong = runner.invoke(app, ["train", "--adapt", "everything", "--out", "x"])
+    assert wrong.exit_code == 2 and "everything" in wrong.output
+
+
+def test_own_data_with_other_column_names(tiny_model, tmp_path):
+    """A CSV whose columns are `utterance` and `intent` works once the columns are named."""
+    import pandas as pd
+
+    words = {"weather": "rain", "music": "song", "food": "pizza", "travel": "flight", "sport": "goal",
+             "bank": "loan"}
+    frame = pd.DataFrame([{"utterance": f"{word} example number {i}", "intent": label}
+                          for label, word in words.items() for i in range(6)])
+    frame.to_csv(tmp_path / "mine.csv", index=False)
+    refused = runner.invoke(app, ["evaluate", "--data", str(tmp_path / "mine.csv"), "--model", str(tiny_model),
+                                  "--shots", "1", "--episodes", "2", "--quiet", "--out", str(tmp_path / "r.json")])
+    assert refused.exit_code != 0 and "no text column 'text'" in refused.output
+    result = runner.invoke(app, ["evaluate", "--data", str(tmp_path / "mine.csv"), "--model", str(tiny_model),
+                                 "--text-column", "utterance", "--label-column", "intent", "--shots", "1",
+                                 "--episodes", "2", "--ways", "3", "--quiet", "--out", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    trained = runner.invoke(app, [*TINY_TRAIN, "--data", str(tmp_path / "mine.csv"), "--text-column", "utterance",
+                                  "--label-column", "intent", "--split-by", "random", "--split-sizes", "2,2,2",
+                                  "--ways", "2", "--shots", "2", "--queries", "2", "--out", str(tmp_path / "model")])
+    assert trained.exit_code == 0, trained.output
