@@ -40,7 +40,7 @@ class AdaptBudget:
     finetune_steps: int = 30  # upper bound; the held-out shot picks the number actually used
     one_shot_steps: int = 5  # with one shot per class nothing can be held out: this many steps
     selfsup_steps: int = 20
-    seconds: float = 90.0  # wall-clock cap per strategy
+    seconds: float = 90.0  # wall-clock cap per strategy, all its passes together
     lr: float = 5e-5  # as the fine-tuning baseline (FineTuneConfig.encoder_lr)
     head_lr: float = 1e-2
     anchor: float = 0.1  # selfsup: weight of the L2 pull toward the starting weights
@@ -89,26 +89,29 @@ class _Tuner:
         with autocast(self.encoder.device):
             return F.normalize(functional_call(self.encoder, weights, (self.tokens.batch(rows),)).float(), dim=-1)
 
-    def train(self, rows: np.ndarray, steps: int, score_rows: np.ndarray | None = None):
-        """Returns the tuned weights, the head, and the held-out loss after every step (if scoring)."""
+    def train(self, rows: np.ndarray, steps: int, score_rows: np.ndarray | None = None,
+              deadline: float | None = None):
+        """Returns the tuned weights, the head, the held-out loss after every step (if scoring) and the steps
+        run: no step starts after `deadline` (a `time.perf_counter()` value), so fewer may run."""
         b = self.budget
         weights = {k: v.clone().requires_grad_() for k, v in self.start.items()}
         head = self.prototype_head(rows).requires_grad_()
         optimizer = torch.optim.AdamW([{"params": list(weights.values()), "lr": b.lr},
                                        {"params": [head], "lr": b.head_lr}], weight_decay=0.0)
         rng = np.random.default_rng(b.seed)
-        scores, started = [], time.perf_counter()
+        scores, done = [], 0
         for _ in range(steps):
             batch = rows if len(rows) <= b.batch_size else rng.choice(rows, size=b.batch_size, replace=False)
             loss = F.cross_entropy(self.embed(weights, batch) @ head.T, self.targets[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            done += 1
             if score_rows is not None:
                 scores.append(self.loss(weights, head, score_rows))
-            if time.perf_counter() - started > b.seconds:
+            if deadline is not None and time.perf_counter() > deadline:
                 break
-        return {k: v.detach() for k, v in weights.items()}, head.detach(), scores
+        return {k: v.detach() for k, v in weights.items()}, head.detach(), scores, done
 
     def prototype_head(self, rows: np.ndarray) -> torch.Tensor:
         """Proto-MAML head: the starting encoder's class prototypes of `rows`, unit norm, temperature 10."""
@@ -143,11 +146,13 @@ def _domain_adapt(learner, support, labels, unlabeled, strategies, budget) -> tu
 
         started = time.perf_counter()
         texts = list(unlabeled) if unlabeled else list(support)
-        mlm_pretrain(adapted.encoder, texts, budget.selfsup_steps, lr=budget.lr, batch_size=min(16, len(texts)),
-                     seed=budget.seed, show_progress=False, anchor=budget.anchor)
-        report.selfsup_steps, report.seconds["selfsup"] = budget.selfsup_steps, time.perf_counter() - started
+        losses = mlm_pretrain(adapted.encoder, texts, budget.selfsup_steps, lr=budget.lr,
+                              batch_size=min(16, len(texts)), seed=budget.seed, show_progress=False,
+                              anchor=budget.anchor, deadline=started + budget.seconds)
+        report.selfsup_steps, report.seconds["selfsup"] = len(losses), time.perf_counter() - started
     if "finetune" in strategies:
         started = time.perf_counter()
+        deadline = started + budget.seconds  # for both passes: choosing the steps gets half, the final pass the rest
         classes, targets = support_targets(list(labels))
         tokens = adapted.encoder.tokenize(list(support))
         tuner = _Tuner(adapted, tokens, targets.to(adapted.encoder.device), len(classes), budget)
@@ -157,7 +162,8 @@ def _domain_adapt(learner, support, labels, unlabeled, strategies, budget) -> tu
             steps, factor = budget.one_shot_steps, (0.5 if "fused" in strategies else 1.0)
         else:
             fit, held = split
-            tuned, head, losses = tuner.train(fit, budget.finetune_steps, score_rows=held)
+            tuned, head, losses, _ = tuner.train(fit, budget.finetune_steps, score_rows=held,
+                                              deadline=started + budget.seconds / 2)
             before = tuner.loss(tuner.start, tuner.prototype_head(fit), held)
             report.held_out_loss = {"start": before, "best": min(losses)}
             steps = int(np.argmin(losses)) + 1 if min(losses) < before else 0
@@ -167,7 +173,7 @@ def _domain_adapt(learner, support, labels, unlabeled, strategies, budget) -> tu
                 factor = FUSION_GRID[int(np.argmin(fused_losses))]
         weights = tuner.start
         if steps:
-            tuned, _, _ = tuner.train(np.arange(len(tokens)), steps)
+            tuned, _, _, steps = tuner.train(np.arange(len(tokens)), steps, deadline=deadline)
             weights = fuse(tuner.start, tuned, factor)
         adapted.encoder.load_state_dict({**adapted.encoder.state_dict(), **weights})
         report.finetune_steps, report.fusion = steps, (factor if "fused" in strategies else None)

@@ -7,6 +7,8 @@ tokens masked, 80/10/10), and the encoder weights are copied back into the `Text
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 from transformers import AutoModelForMaskedLM, DataCollatorForLanguageModeling
@@ -38,9 +40,11 @@ def mlm_batches(encoder: TextEncoder, texts: list[str], batch_size: int, mlm_pro
 
 def mlm_pretrain(encoder: TextEncoder, texts: list[str], steps: int, lr: float = 5e-5, batch_size: int = 32,
                  mlm_probability: float = 0.15, seed: int = 0, device: str = "auto",
-                 show_progress: bool = True, model=None, anchor: float = 0.0) -> list[float]:
+                 show_progress: bool = True, model=None, anchor: float = 0.0,
+                 deadline: float | None = None) -> list[float]:
     """Continue masked-LM pretraining of `encoder` in place on `texts`; returns the loss of every step.
 
+    `deadline`: a `time.perf_counter()` value after which no further step starts.
     `model`: a masked-LM model from `with_mlm_head(encoder)` to train (and keep its head); a new one otherwise.
     `anchor`: weight of an L2 penalty toward the starting encoder weights (test-time self-supervision).
     """
@@ -67,6 +71,8 @@ def mlm_pretrain(encoder: TextEncoder, texts: list[str], steps: int, lr: float =
                 optimizer.step()
                 losses.append(loss.item())
                 advance(loss=float(np.mean(losses[-20:])))
+                if deadline is not None and time.perf_counter() > deadline:
+                    break
     encoder.model.load_state_dict(model.base_model.state_dict(), strict=False)
     encoder.to(target).eval()
     return losses

@@ -56,6 +56,15 @@ def test_seconds_budget_stops_fine_tuning(learner, corpus):
     assert report.finetune_steps <= 1  # the held-out pass stopped after its first step
 
 
+def test_the_seconds_cap_holds_for_each_strategy_as_a_whole(learner, corpus):
+    """Choosing the steps and the final pass share one cap (it once held per pass: 156 s against 90 s)."""
+    texts, labels = support_of(corpus)
+    _, report = domain_adapt(learner, texts, labels, strategies=["selfsup", "finetune"],
+                             budget=AdaptBudget(finetune_steps=100_000, selfsup_steps=100_000, seconds=1.0, lr=1e-3))
+    assert report.seconds["finetune"] < 1.5 and report.seconds["selfsup"] < 1.5  # the cap and one step
+    assert 0 < report.selfsup_steps < 100_000
+
+
 def test_prototypes_strategy_changes_nothing(learner, corpus):
     texts, labels = support_of(corpus)
     adapted, _ = domain_adapt(learner, texts, labels, strategies=["prototypes"])
