@@ -14,7 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Prefect, MLflow, DVC and GE stay offline and keep their state out of the home folder.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="metanlp-test-prefect-"))
-for _key, _value in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
+for _key, _value in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "1"),
+                     ("MLFLOW_DISABLE_TELEMETRY", "true"),
                      ("DVC_NO_ANALYTICS", "1"), ("GX_ANALYTICS_ENABLED", "false"),
                      ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")):
     os.environ.setdefault(_key, _value)

@@ -211,3 +211,18 @@ def test_own_data_with_other_column_names(tiny_model, tmp_path):
                                   "--label-column", "intent", "--split-by", "random", "--split-sizes", "2,2,2",
                                   "--ways", "2", "--shots", "2", "--queries", "2", "--out", str(tmp_path / "model")])
     assert trained.exit_code == 0, trained.output
+
+
+def test_the_readme_python_snippet_runs_as_written(tiny_model, tmp_path, monkeypatch):
+    """The README's snippet, on a model where it says (`artifacts/model`, here the tiny one)."""
+    import re
+    import shutil
+
+    from conftest import REPO
+
+    snippets = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    assert snippets, "the README has a Python snippet"
+    shutil.copytree(tiny_model, tmp_path / "artifacts" / "model")
+    monkeypatch.chdir(tmp_path)
+    for snippet in snippets:
+        exec(compile(snippet, "README.md", "exec"), {})
