@@ -7,9 +7,12 @@ every JSON record of the pipeline go through these functions.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -51,25 +54,92 @@ def check_replaceable(directory: str | Path, marker: str | None, force: bool = F
                                "written; choose another output folder, or pass --force to replace it")
 
 
+FAULT_ENV = "METANLP_FAULT"  # crash tests only: "<point>" or "<point>@<n>" SIGKILLs at the n-th pass of <point>
+_fault_passes: dict[str, int] = {}  # per process, read only when the variable is set
+
+
+def fault_point(name: str) -> None:
+    """Where a crash test may kill the process (SIGKILL, as an OOM killer or a power cut would): a no-op
+    unless METANLP_FAULT names this point."""
+    wanted = os.environ.get(FAULT_ENV)
+    if not wanted:
+        return
+    point, _, nth = wanted.partition("@")
+    if point == name:
+        _fault_passes[name] = _fault_passes.get(name, 0) + 1
+        if _fault_passes[name] == int(nth or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where that is unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(error, os.strerror(error), str(second))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_leftovers(directory: str | Path) -> None:
+    """Remove what a killed writer left beside `directory` (its staging or retired copies; a process still
+    running keeps its own). If the kill fell between the two renames of the fallback swap, so that only the
+    retired copy exists, it is put back: the folder always ends up holding a complete old or new version."""
+    directory = Path(directory)
+    if not directory.parent.is_dir():
+        return
+    for leftover in directory.parent.glob(f".{directory.name}.*-*"):
+        kind, _, rest = leftover.name.removeprefix(f".{directory.name}.").partition("-")
+        if kind not in ("staging", "old") or not rest.split("-")[0].isdigit() or _alive(int(rest.split("-")[0])):
+            continue
+        if kind == "old" and not directory.exists():
+            leftover.rename(directory)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def replace_directory(directory: str | Path, write: Callable[[Path], None], marker: str | None = None,
                       force: bool = False) -> Path:
-    """Fill a staging folder with `write`, then swap it in for `directory`: a crash leaves the old
-    contents, never half of the new ones. An existing folder is replaced only if it holds `marker` (or
-    `force`): see `check_replaceable`."""
+    """Fill a staging folder with `write`, then swap it in for `directory` in one atomic step: at every
+    instant `directory` holds the complete old or the complete new contents, never half of either. An existing
+    folder is replaced only if it holds `marker` (or `force`): see `check_replaceable`. Leftovers of a killed
+    earlier writer are cleaned first."""
     directory = Path(directory)
     check_replaceable(directory, marker, force)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    clean_leftovers(directory)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.staging-{os.getpid()}-", dir=directory.parent))
     try:
         write(staging)
-        if directory.exists():
-            retired = directory.with_name(f".{directory.name}.old")
+        fault_point(f"{directory.name}.staged")
+        if not directory.exists():
+            staging.rename(directory)
+        elif _exchange(staging, directory):
+            fault_point(f"{directory.name}.swapped")
+            shutil.rmtree(staging)  # now the old contents
+        else:  # no atomic exchange here: a crash between the renames is repaired by clean_leftovers
+            retired = directory.with_name(f".{directory.name}.old-{os.getpid()}")
             shutil.rmtree(retired, ignore_errors=True)
             directory.rename(retired)
+            fault_point(f"{directory.name}.retired")
             staging.rename(directory)
             shutil.rmtree(retired)
-        else:
-            staging.rename(directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metanlp.atomic import check_replaceable
+from metanlp.atomic import check_replaceable, clean_leftovers
 from metanlp.checkpoint import LoopState, load_checkpoint, save_checkpoint
 from metanlp.config import LearnerSpec, TrainConfig
 from metanlp.data.episodes import EpisodeSampler
@@ -107,6 +107,9 @@ def _meta_train(learner: Learner, train_data: LabelledTexts, val_data: LabelledT
     if train_spaces or val_spaces:  # a pool run resumes only with the same spaces and weights
         fingerprint["spaces"] = {"train": train_spaces, "val": val_spaces}
     checkpoint = Path(checkpoint_dir) if checkpoint_dir else None
+    for written in (checkpoint, out_dir):  # what a killed earlier run left half-swapped
+        if written is not None:
+            clean_leftovers(written)
     best_state = None
     if checkpoint is not None and (checkpoint / "state.json").exists():
         state, best_state = load_checkpoint(checkpoint, fingerprint, learner, optimizer, sampler)
@@ -159,8 +162,8 @@ def _meta_train(learner: Learner, train_data: LabelledTexts, val_data: LabelledT
     learner.eval()
     result = TrainResult(state.best_accuracy, state.best_episode, state.step, stopped_early, state.history)
     if out_dir is not None:  # written once, at the end: an interrupted run leaves no half-trained model
-        save_learner(learner, out_dir, force=force)
-        (Path(out_dir) / HISTORY_FILE).write_text(json.dumps(result.__dict__, indent=2))
+        save_learner(learner, out_dir, force=force,
+                     extra_files={HISTORY_FILE: json.dumps(result.__dict__, indent=2)})
     if checkpoint is not None:
         shutil.rmtree(checkpoint, ignore_errors=True)
     return result

@@ -24,16 +24,19 @@ SPEC_FILE, WEIGHTS_FILE, ENCODER_DIR = "learner.json", "model.safetensors", "enc
 
 
 def save_learner(learner: Learner, directory: str | Path, provenance: Provenance | None = None,
-                 force: bool = False) -> Path:
+                 force: bool = False, extra_files: dict[str, str] | None = None) -> Path:
     """Write the learner to `directory` atomically: a crash leaves the old contents, never half a model; a
     folder that is not a metanlp model is not replaced unless `force`.
-    `provenance` replaces the learner's own record (e.g. a domain-adapted copy says what it was adapted on)."""
+    `provenance` replaces the learner's own record (e.g. a domain-adapted copy says what it was adapted on);
+    `extra_files` (name -> text) are written with the model, in the same swap (e.g. its training history)."""
     spec = learner.spec() if provenance is None else learner.spec().model_copy(update={"provenance": provenance})
 
     def write(staging: Path) -> None:
         (staging / SPEC_FILE).write_text(spec.model_dump_json(indent=2))
         save_model(learner, str(staging / WEIGHTS_FILE))
         learner.encoder.save_architecture(staging / ENCODER_DIR)
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text, encoding="utf-8")
 
     return replace_directory(directory, write, marker=SPEC_FILE, force=force)
 
