@@ -620,8 +620,10 @@ def stage(
 ) -> None:
     """Run one pipeline stage alone (this is what dvc.yaml calls)."""
     from metanlp.pipeline import run_stage
+    from metanlp.runtime import project_lock
 
-    result = run_stage(name, str(params.resolve()), str(params.resolve().parent))
+    with project_lock(params.resolve().parent, f"`metanlp stage {name}`"):
+        result = run_stage(name, str(params.resolve()), str(params.resolve().parent))
     typer.echo(json.dumps(result, indent=2, default=str))
 
 
@@ -654,11 +656,13 @@ def promote(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Promote a registered version to champion by hand."""
+    from metanlp.runtime import project_lock
     from metanlp.stages.register import promote as promote_version
 
     root = params.resolve().parent
     configured = tracking_uri or (load_params(params).register_.tracking_uri if params.exists() else None)
-    typer.echo(promote_version(name, version, configured, root))
+    with project_lock(root, f"`metanlp promote {name} {version}`", wait_seconds=120):  # one promotion at a time
+        typer.echo(promote_version(name, version, configured, root))
 
 
 @app.command()

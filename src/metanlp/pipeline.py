@@ -22,6 +22,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from metanlp.data.load import DataError
+from metanlp.runtime import ProjectBusy, project_lock
 from metanlp.stages import Stage, StageError, Workspace, file_digest, load_params, params_slice, stages
 
 
@@ -61,7 +62,7 @@ def run_stage(name: str, params_file: str, root: str) -> dict:
 def is_transient(task, task_run, state) -> bool:
     """Retry what may pass next time (I/O, a busy database); never bad input, which fails the same way."""
     error = getattr(state, "data", None)
-    return not isinstance(error, StageError | DataError | ValidationError)
+    return not isinstance(error, StageError | DataError | ValidationError | ProjectBusy)
 
 
 def ensure_raw_data(params_file: Path, root: Path) -> None:
@@ -100,6 +101,10 @@ def build_flow():
         root_path = Path(root).resolve()
         params_path = Path(params_file) if Path(params_file).is_absolute() else root_path / params_file
         load_params(params_path)  # a wrong parameter stops the flow before any task
+        with project_lock(root_path, "a `metanlp run`"):  # a second run in this project refuses, naming this one
+            return run_stages(root_path, params_path)
+
+    def run_stages(root_path: Path, params_path: Path) -> dict:
         ensure_raw_data(params_path, root_path)
         results, names = {}, list(stages())
         for number, (name, stage) in enumerate(stages().items(), start=1):

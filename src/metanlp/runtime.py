@@ -48,3 +48,45 @@ def seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
+
+
+LOCK_FILE = ".metanlp.lock"
+
+
+class ProjectBusy(ValueError):
+    """Another metanlp process holds the project: its stages, outputs and registrations are not shared."""
+
+
+@contextmanager
+def project_lock(root: Path, holder: str, wait_seconds: float = 0.0) -> Iterator[None]:
+    """Hold the project (one `metanlp run`, stage or promotion at a time): an advisory lock on
+    ROOT/.metanlp.lock, released when the block ends or the process dies. Waits up to `wait_seconds`, then
+    refuses with who holds it."""
+    import fcntl
+    import time
+
+    path = Path(root) / LOCK_FILE
+    handle = path.open("a+", encoding="utf-8")
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                handle.seek(0)
+                owner = handle.read().strip() or "another metanlp process"
+                handle.close()
+                raise ProjectBusy(f"{Path(root).resolve()}: {owner} is using this project; nothing was started; "
+                                  f"wait for it to finish (the lock is {path})") from None
+            time.sleep(0.2)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{holder} (pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})")
+    handle.flush()
+    try:
+        yield
+    finally:
+        handle.truncate(0)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()

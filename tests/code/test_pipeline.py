@@ -91,6 +91,15 @@ def test_an_identical_model_is_not_registered_again(train_flow, tiny_project):
     assert again["git_commit"] == first["register"]["git_commit"]
 
 
+def test_a_second_run_in_the_same_project_refuses_and_names_the_first(train_flow, tiny_project):
+    from metanlp.runtime import ProjectBusy, project_lock
+
+    with project_lock(tiny_project, "a `metanlp run` (the first)"):
+        with pytest.raises(ProjectBusy, match=r"the first\) \(pid \d+.*is using this project; nothing was started"):
+            run(train_flow, tiny_project)
+    assert not (tiny_project / "artifacts").exists()
+
+
 def test_corrupt_corpus_stops_before_training_and_keeps_the_champion(train_flow, tiny_project):
     run(train_flow, tiny_project)
     model_stamp = (tiny_project / "artifacts" / "model" / "training.json").stat().st_mtime_ns

@@ -78,12 +78,43 @@ def test_schedule_without_a_server_says_what_is_missing(registered, monkeypatch)
 
 def test_champion_is_re_evaluated_when_the_episodes_changed(registered):
     """A challenger scored on other episodes is compared with the champion re-scored on those episodes."""
+    from safetensors.torch import load_file, save_file
+
     from conftest import write_params
     from metanlp.stages import evaluate, register
 
     write_params(registered, tune={"enabled": False}, evaluate={"episodes": 8, "seed": 1})
     params = load_params(registered / "params.yaml")
+    weights = registered / "artifacts" / "model" / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["log_scale"] = tensors["log_scale"] + 0.1  # another model: the same one is not registered again
+    save_file(tensors, str(weights))
     evaluate.run(params, registered, show_progress=False)
     record = register.run(params, registered)
     assert record["version"] == "2" and "re-evaluated on these episodes" in record["reason"]
     assert "on 8 episodes" in record["reason"]
+
+
+def test_concurrent_promotions_leave_one_champion_and_say_which(registered):
+    """Two `metanlp promote` at once take turns (the project lock): the later one names the one it replaced."""
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    with tracking(None, registered, "metanlp"):
+        client = MlflowClient()
+        first = client.get_model_version("metanlp-intents", "1")
+        versions = client.search_model_versions("name='metanlp-intents'")
+        if len(versions) < 2:
+            client.create_model_version("metanlp-intents", first.source, first.run_id)
+    command = [sys.executable, "-m", "metanlp.cli", "promote", "metanlp-intents"]
+    runs = [subprocess.Popen([*command, version, "--params", str(registered / "params.yaml")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for version in ("1", "2")]
+    # both start at once; the project lock lets one promote (and read back) while the other waits
+    outputs = [run.communicate(timeout=300)[0] for run in runs]
+    assert all(run.returncode == 0 for run in runs), outputs
+    with tracking(None, registered, "metanlp"):
+        champion = str(MlflowClient().get_model_version_by_alias("metanlp-intents", "champion").version)
+    other = "1" if champion == "2" else "2"
+    assert f"v{champion} is now champion (was v{other})" in "".join(outputs)  # the second in turn says so

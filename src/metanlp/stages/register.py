@@ -231,9 +231,14 @@ def promote(name: str, version: str, tracking_uri: str | None, root: Path) -> st
             client.get_model_version(name, version)
         except mlflow.exceptions.MlflowException as err:
             raise StageError(f"model {name!r} has no version {version!r} at {mlflow.get_tracking_uri()}") from err
+        before = alias_version(client, name, CHAMPION)
         client.set_registered_model_alias(name, CHAMPION, version)
         client.set_model_version_tag(name, version, "promotion", "promoted by hand (metanlp promote)")
-    return f"{name} v{version} is now {CHAMPION}"
+        after = alias_version(client, name, CHAMPION)  # read back: a promotion elsewhere may have come after
+    was = f" (was v{before})" if before and before != version else ""
+    if after != version:
+        return f"{name} v{version} was made {CHAMPION}, but v{after} is {CHAMPION} now: another promotion followed"
+    return f"{name} v{version} is now {CHAMPION}{was}"
 
 
 STAGE = Stage(name="register", run=run, params=("evaluate", "register"),
