@@ -627,6 +627,40 @@ def stage(
     typer.echo(json.dumps(result, indent=2, default=str))
 
 
+@app.command()
+@cli_errors
+def tune(
+    params: ParamsOpt = Path("params.yaml"),
+    workers: Annotated[int, typer.Option(min=1, help="local worker processes sharing the study")] = 1,
+    worker: Annotated[int, typer.Option(min=0, help="this process's index among the workers (its sampler's seed is "
+                                                    "tune.seed + worker): give each machine its own")] = 0,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """Tune alone: the tune stage's Optuna study, shared by every worker that runs this command on the same
+    tune.storage (--workers N here, or the same command on several machines with --worker 1, 2, ...);
+    tune.trials is the budget of the whole study. Needs the stages before it (metanlp stage validate, ...)."""
+    import subprocess
+
+    from metanlp.stages import tune as tune_stage
+
+    config = load_params(params)
+    root = params.resolve().parent
+    apply_environment_defaults(root)
+    if workers > 1:
+        tune_stage.prepare(config, root)
+    helpers = [subprocess.Popen([sys.executable, "-m", "metanlp.cli", "tune", "--params", str(params.resolve()),
+                                 "--worker", str(worker + index), "--quiet"])
+               for index in range(1, workers)]
+    try:
+        tune_stage.run(config, root, show_progress=not quiet, worker=worker)
+    finally:
+        failed = [helper.args for helper in helpers if helper.wait() != 0]
+    if failed:
+        raise StageError(f"{len(failed)} of {workers} tune workers failed (see their messages above)")
+    record = tune_stage.run(config, root, show_progress=False, worker=worker)  # the whole study's best, now
+    typer.echo(json.dumps(record, indent=2, default=str))
+
+
 @app.command("dvc-yaml")
 @cli_errors
 def dvc_yaml_command(

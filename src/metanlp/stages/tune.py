@@ -44,7 +44,20 @@ def storage_url(params: PipelineParams, root: Path) -> str:
     return f"sqlite:///{folder / 'optuna.db'}"
 
 
-def run(params: PipelineParams, root: Path, show_progress: bool = True) -> dict:
+def prepare(params: PipelineParams, root: Path) -> None:
+    """Create the study and the tracking store once, before several workers start: processes creating them at
+    the same moment race on the databases' first migrations."""
+    import optuna
+
+    with tracking(params.register_.tracking_uri, root, params.register_.experiment):
+        optuna.create_study(study_name=study_name(params, root), storage=storage_url(params, root),
+                            direction="maximize", load_if_exists=True)
+
+
+def run(params: PipelineParams, root: Path, show_progress: bool = True, worker: int = 0) -> dict:
+    """Run this worker's share of the study's budget (`tune.trials` in all, however many workers share it) and
+    write the study's best values. `worker`: this process's index among the workers (its sampler's seed is
+    tune.seed + worker, so workers propose different values; worker 0 alone is the plain seeded run)."""
     name = study_name(params, root)
     if not params.tune.enabled:
         return _write(root, {"study": None, "overrides": {}, "best_value": None, "trials": 0})
@@ -54,11 +67,16 @@ def run(params: PipelineParams, root: Path, show_progress: bool = True) -> dict:
     tune = params.tune
     study = optuna.create_study(
         study_name=name, storage=storage_url(params, root), direction="maximize", load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=tune.seed),
+        sampler=optuna.samplers.TPESampler(seed=tune.seed + worker),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=tune.val_every))
     start = starting_encoder(params, root)  # meta_train's params, with the pretrained encoder if any
 
     def objective(trial) -> float:
+        if trial.number >= tune.trials:  # another worker took the last trial of the budget meanwhile
+            trial.set_user_attr(OVER_BUDGET, True)
+            trial.study.stop()
+            raise optuna.TrialPruned("the study's budget of trials is spent")
+        trial.set_user_attr("metanlp.worker", worker)
         values = start.learner.search_space(trial)
         shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
         print(f"tune: trial {trial.number + 1} of {tune.trials} ({shown})", flush=True)
@@ -79,9 +97,9 @@ def run(params: PipelineParams, root: Path, show_progress: bool = True) -> dict:
         run_id, best = _optimize(study, objective, tune, name, experiment_id)
     return _write(root, {"study": name, "storage": _redacted(storage_url(params, root)),
                               "overrides": best.params, "best_value": best.value, "best_trial": best.number,
-                              "trials": len(study.trials), "trials_planned": tune.trials,
-                              "stopped_by_timeout": len(study.trials) < tune.trials,
-                              "pruned": sum(t.state.name == "PRUNED" for t in study.trials),
+                              "trials": len(budgeted(study)), "trials_planned": tune.trials,
+                              "stopped_by_timeout": len(budgeted(study)) < tune.trials,
+                              "pruned": sum(t.state.name == "PRUNED" for t in budgeted(study)),
                               "mlflow_run_id": run_id})
 
 
@@ -96,8 +114,7 @@ def _optimize(study, objective, tune, name: str, experiment_id: str):
         callback = MLflowCallback(tracking_uri=mlflow.get_tracking_uri(), metric_name="val_accuracy",
                                   create_experiment=False,
                                   mlflow_kwargs={"nested": True, "experiment_id": experiment_id})
-    done = [t for t in study.trials if t.state.is_finished()]
-    remaining = max(tune.trials - len(done), 0)
+    remaining = max(tune.trials - len([t for t in budgeted(study) if t.state.is_finished()]), 0)
     with mlflow.start_run(run_name=f"tune {name}", experiment_id=experiment_id,
                           tags={"metanlp.stage": "tune", "optuna.study": name}) as parent:
         if remaining:
@@ -111,6 +128,14 @@ def _optimize(study, objective, tune, name: str, experiment_id: str):
         mlflow.log_metric("best_val_accuracy", best.value)
         run_id = parent.info.run_id
     return run_id, best
+
+
+OVER_BUDGET = "metanlp.over_budget"
+
+
+def budgeted(study) -> list:
+    """The study's trials within the budget: not those a worker opened after the last one was taken."""
+    return [t for t in study.trials if not t.user_attrs.get(OVER_BUDGET)]
 
 
 def _redacted(url: str) -> str:
