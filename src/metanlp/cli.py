@@ -28,7 +28,15 @@ from metanlp.config import (
     describe_validation_error,
     learner_config,
 )
-from metanlp.data.load import DEFAULT_CORPUS, DataError, LabelledTexts, load_labelled, read_texts
+from metanlp.data.load import (
+    DEFAULT_CORPUS,
+    DataError,
+    LabelledTexts,
+    load_labelled,
+    quote,
+    read_texts,
+    shared_texts,
+)
 from metanlp.runtime import apply_environment_defaults
 from metanlp.stages import StageError, load_params
 
@@ -175,11 +183,15 @@ def train(
                               seed)
         corpus = load_labelled(data, text_column=text_column, label_column=label_column)
         classes = split_classes(corpus, split)
+        _validate_like_the_pipeline(data, split, max(shots, 1) + queries, text_column, label_column)
         validation = (load_labelled(val_data, text_column=text_column, label_column=label_column) if val_data
                       else corpus)
         train_set, val_set = corpus.with_classes(classes.train), validation.with_classes(classes.val)
         if len(val_set) == 0:
             raise DataError(f"{validation.source}: has none of the validation classes {classes.val[:5]}")
+        if leaked := shared_texts(train_set, val_set):
+            raise DataError(f"{len(leaked)} texts are both in the training classes and in the validation ones "
+                            f"(e.g. {quote(leaked[0], 80)}): validation would not be on unseen examples")
         provenance = Provenance(split=split, classes=classes.to_dict(), train_data=data)
     spec = LearnerSpec(learner=spec_learner, encoder=encoder_config, provenance=provenance)
     checkpoint_dir = out.with_name(out.name + ".checkpoint") if checkpoint else None
@@ -190,6 +202,23 @@ def train(
     write_training_report(out)
     typer.echo(f"best validation accuracy {100 * result.best_val_accuracy:.1f}% at episode {result.best_episode} "
                f"({result.episodes_run} episodes run); model written to {out}")
+
+
+def _validate_like_the_pipeline(data: str, split, min_examples: int, text_column: str, label_column: str) -> None:
+    """The validate stage's rules (one per-row rule with the loader, classes large enough, no text in two
+    splits) on a corpus file given to `train`; text length bounds are the pipeline's own choice, not here."""
+    from metanlp.config import ValidateParams
+    from metanlp.data.load import default_corpus_path
+    from metanlp.data.validation import CorpusInvalid, validate_corpus
+
+    path = default_corpus_path() if data == DEFAULT_CORPUS else Path(data)
+    if not path.is_file():
+        return  # a Hugging Face dataset: the loader's rules only
+    rules = ValidateParams(min_chars=1, max_chars=10**9)
+    report_ = validate_corpus(path, rules, split, min_examples, name=data, text_column=text_column,
+                              label_column=label_column)
+    if not report_["success"]:
+        raise CorpusInvalid(report_)
 
 
 def _restrict(data: LabelledTexts, model: Path | None, split: str | None, exclude: list[str]) -> LabelledTexts:

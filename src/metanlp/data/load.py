@@ -7,6 +7,7 @@ Hugging Face datasets name when the user is online. Every problem is reported wi
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -20,6 +21,53 @@ DEFAULT_CORPUS = "default"  # the intent corpus shipped inside the package
 
 class DataError(ValueError):
     """Input data that cannot be used; the message says what is wrong and where."""
+
+
+QUOTE_CHARS = 200  # of a user's value, at most, in any message or report
+
+
+def quote(value, limit: int = QUOTE_CHARS) -> str:
+    """A user's value as a message shows it: repr, cut to `limit` characters with the full length said."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def normalised(text: str) -> str:
+    """What counts as the same text: case and runs of spaces aside."""
+    return " ".join(text.lower().split())
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))
+
+
+def visible(text: str) -> bool:
+    """Whether a text has a character a reader sees (not only spaces, control or zero-width characters)."""
+    return any(not ch.isspace() and unicodedata.category(ch) not in ("Cc", "Cf") for ch in text)
+
+
+def row_problem(text, label) -> str | None:
+    """What makes one labelled row unusable, or None. The one row rule: `load_labelled` stops at the first
+    row it names, the validation suite reports every such row."""
+    if _missing(text):
+        return "missing text"
+    if not isinstance(text, str):
+        return f"the text must be a string, got {type(text).__name__} {quote(text, 60)}"
+    if not visible(text):
+        return "empty text (only spaces, control or zero-width characters)"
+    if _missing(label) or (isinstance(label, str) and not label.strip()):
+        return "missing label"
+    if not isinstance(label, str | int | np.integer) or isinstance(label, bool):
+        return f"the label must be a string or an integer, got {type(label).__name__} {quote(label, 60)}"
+    return None
+
+
+MOST_TEXTS_ARE_LABELS = 0.01  # above this share of rows whose text is their label, the columns look swapped
+
+
+def texts_that_are_labels(texts: list[str], labels: list[str]) -> list[int]:
+    """Positions whose text is its own label ('maybe' labelled maybe happens; many such rows do not)."""
+    return [i for i, (t, lab) in enumerate(zip(texts, labels, strict=True)) if normalised(t) == normalised(lab)]
 
 
 @dataclass(frozen=True)
@@ -54,9 +102,8 @@ class LabelledTexts:
         mapping: dict[str, str] = {}
         for label, domain in zip(self.labels, self.domains, strict=True):
             if mapping.setdefault(label, domain) != domain:
-                raise DataError(
-                    f"{self.source}: class {label!r} appears in two domains ({mapping[label]!r}, {domain!r})"
-                )
+                raise DataError(f"{self.source}: class {quote(label, 80)} appears in two domains "
+                                f"({quote(mapping[label], 60)}, {quote(domain, 60)})")
         return mapping
 
     def select(self, keep: np.ndarray | list[int]) -> LabelledTexts:
@@ -73,6 +120,11 @@ class LabelledTexts:
         return self.select([i for i, label in enumerate(self.labels) if label in wanted])
 
 
+def shared_texts(first: LabelledTexts, second: LabelledTexts) -> list[str]:
+    """Texts (normalised) in both sets: examples that would leak from one split into another."""
+    return sorted({normalised(t) for t in first.texts} & {normalised(t) for t in second.texts})
+
+
 def default_corpus_path() -> Path:
     return Path(str(resources.files("metanlp.data") / "default_corpus" / "intents.jsonl"))
 
@@ -82,7 +134,7 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM is not data
             except UnicodeDecodeError as err:
                 raise DataError(f"{path}:{number}: not valid UTF-8 ({err.reason} at byte {err.start})") from err
             if not line.strip():
@@ -98,25 +150,52 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _read_table(path: Path) -> pd.DataFrame:
+def _table_file(path: Path) -> str:
+    """The suffix of a labelled file that can be read; a folder or an unknown type is refused."""
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; give a .jsonl, .csv, .tsv or .parquet file")
     suffix = path.suffix.lower()
+    if suffix not in {".jsonl", ".ndjson", ".csv", ".tsv", ".parquet"}:
+        raise DataError(f"{path}: unknown file type {quote(suffix, 40)}; use .jsonl, .csv, .tsv or .parquet")
+    return suffix
+
+
+def _first_bad_utf8_line(path: Path) -> str | None:
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        if not is_utf8(raw):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return f"{path}:{number}: not valid UTF-8 ({err.reason} at byte {err.start} of the line)"
+    return None
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except Exception as err:  # pyarrow raises several types for a damaged file; the user needs the reason
+        raise DataError(f"{path}: not a readable Parquet file ({quote(str(err), 120)})") from err
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    suffix = _table_file(path)
     if suffix in {".jsonl", ".ndjson"}:
         return _read_jsonl(path)
     if suffix in {".csv", ".tsv"}:
+        if bad := _first_bad_utf8_line(path):
+            raise DataError(bad)
         try:
             frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False,
-                                encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise DataError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from err
+                                encoding="utf-8-sig")
+        except pd.errors.EmptyDataError as err:
+            raise DataError(f"{path}: empty file") from err
         except pd.errors.ParserError as err:
-            raise DataError(f"{path}: cannot parse as {suffix[1:].upper()}: {err}") from err
+            raise DataError(f"{path}: cannot parse as {suffix[1:].upper()}: {quote(str(err), 160)}") from err
         frame["_line"] = np.arange(2, len(frame) + 2)  # line 1 is the header
         return frame
-    if suffix == ".parquet":
-        frame = pd.read_parquet(path)
-        frame["_line"] = np.arange(1, len(frame) + 1)
-        return frame
-    raise DataError(f"{path}: unknown file type {suffix!r}; use .jsonl, .csv, .tsv or .parquet")
+    frame = _read_parquet(path)
+    frame["_line"] = np.arange(1, len(frame) + 1)
+    return frame
 
 
 def _read_hf(name: str, split: str) -> pd.DataFrame:
@@ -157,25 +236,31 @@ def load_labelled(
     columns = [c for c in frame.columns if c != "_line"]
     for column, value in (rows_where or {}).items():
         if column not in frame.columns:
-            raise DataError(f"{where}: no column {column!r} to filter on; the columns are {columns}")
+            raise DataError(f"{where}: no column {quote(column, 60)} to filter on; the columns are {quote(columns)}")
         allowed = [str(v) for v in value] if isinstance(value, list) else [str(value)]
         frame = frame[frame[column].astype(str).isin(allowed)]
         if frame.empty:
-            raise DataError(f"{where}: no row has {column} = {value!r}")
+            raise DataError(f"{where}: no row has {column} = {quote(value, 100)}")
     for role, column in (("text", text_column), ("label", label_column)):
         if column not in frame.columns:
-            raise DataError(f"{where}: no {role} column {column!r}; the columns are {columns}")
+            raise DataError(f"{where}: no {role} column {quote(column, 60)}; the columns are {quote(columns)}")
     lines = frame["_line"].tolist()
-    texts, labels = [], []
+    texts, labels, first_seen = [], [], {}
     for line, text, label in zip(lines, frame[text_column].tolist(), frame[label_column].tolist(), strict=True):
-        if not isinstance(text, str):
-            raise DataError(f"{where}:{line}: {text_column!r} must be a string, got {text!r}")
-        if not text.strip():
-            raise DataError(f"{where}:{line}: empty text")
-        if label is None or (isinstance(label, float) and np.isnan(label)) or str(label).strip() == "":
-            raise DataError(f"{where}:{line}: missing label")
-        texts.append(text.strip())
-        labels.append(str(label).strip())
+        problem = row_problem(text, label)
+        if problem:
+            raise DataError(f"{where}:{line}: {problem}")
+        text, label = text.strip(), str(label).strip()
+        earlier = first_seen.setdefault(normalised(text), (line, label))
+        if earlier[1] != label:
+            raise DataError(f"{where}:{line}: the same text as line {earlier[0]} with another label "
+                            f"({quote(label, 60)}, there {quote(earlier[1], 60)}): {quote(text, 80)}")
+        texts.append(text)
+        labels.append(label)
+    same = texts_that_are_labels(texts, labels)
+    if len(same) > MOST_TEXTS_ARE_LABELS * len(texts):
+        raise DataError(f"{where}: {len(same)} of {len(texts)} rows have their label as text (e.g. line "
+                        f"{lines[same[0]]}: {quote(texts[same[0]], 60)}); are the text and label columns swapped?")
     domains = None
     if domain_column in frame.columns:
         domains = [str(d) for d in frame[domain_column].tolist()]
@@ -213,8 +298,8 @@ def iter_text_batches(source: str | Path, text_column: str = "text",
     batch: list[tuple[int, str]] = []
     for line, text in _iter_rows(path, path.suffix.lower(), text_column):
         if not isinstance(text, str):
-            raise DataError(f"{path}:{line}: {text_column!r} must be a string, got {type(text).__name__}")
-        if not text.strip():
+            raise DataError(f"{path}:{line}: {quote(text_column, 60)} must be a string, got {type(text).__name__}")
+        if not visible(text):
             raise DataError(f"{path}:{line}: empty text")
         batch.append((line, text.strip()))
         if len(batch) == batch_size:
@@ -285,15 +370,13 @@ def read_raw_rows(source: str | Path) -> pd.DataFrame:
     path = default_corpus_path() if str(source) == DEFAULT_CORPUS else Path(source)
     if not path.exists():
         raise DataError(f"{path}: no such file")
-    suffix = path.suffix.lower()
+    suffix = _table_file(path)
     if suffix == ".parquet":
-        frame = pd.read_parquet(path)
+        frame = _read_parquet(path)
         frame["_line"], frame["_utf8_valid"], frame["_json_valid"] = np.arange(1, len(frame) + 1), True, True
         return frame
-    if suffix not in {".jsonl", ".ndjson", ".csv", ".tsv"}:
-        raise DataError(f"{path}: unknown file type {suffix!r}; use .jsonl, .csv, .tsv or .parquet")
     rows = []
-    raw_lines = path.read_bytes().splitlines()
+    raw_lines = path.read_bytes().removeprefix(b"\xef\xbb\xbf").splitlines()  # a UTF-8 BOM is not data
     if suffix in {".csv", ".tsv"}:
         import csv
         import io
@@ -304,6 +387,8 @@ def read_raw_rows(source: str | Path) -> pd.DataFrame:
         for row in reader:
             number = reader.line_num  # the row's last physical line, header is line 1
             rows.append({**row, "_line": number, "_utf8_valid": decoded[number - 1][1], "_json_valid": True})
+        if not rows:
+            raise DataError(f"{path}: no rows")
         return pd.DataFrame(rows)
     for number, raw in enumerate(raw_lines, start=1):
         text = raw.decode("utf-8", errors="replace")
@@ -315,6 +400,8 @@ def read_raw_rows(source: str | Path) -> pd.DataFrame:
             row = None
         valid = isinstance(row, dict)
         rows.append({**(row if valid else {}), "_line": number, "_utf8_valid": is_utf8(raw), "_json_valid": valid})
+    if not rows:
+        raise DataError(f"{path}: no rows")
     return pd.DataFrame(rows)
 
 

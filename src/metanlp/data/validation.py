@@ -18,7 +18,17 @@ from pathlib import Path
 import pandas as pd
 
 from metanlp.config import SplitConfig, ValidateParams
-from metanlp.data.load import DataError, LabelledTexts, is_utf8, read_raw_rows
+from metanlp.data.load import (
+    MOST_TEXTS_ARE_LABELS,
+    QUOTE_CHARS,
+    DataError,
+    LabelledTexts,
+    is_utf8,
+    normalised,
+    quote,
+    read_raw_rows,
+    row_problem,
+)
 from metanlp.data.splits import split_classes
 
 
@@ -45,6 +55,9 @@ def _context():
 def _rows_frame(raw: pd.DataFrame) -> pd.DataFrame:
     frame = pd.DataFrame({"line": raw["_line"].astype(int), "utf8_valid": raw["_utf8_valid"].astype(bool),
                           "json_valid": raw["_json_valid"].astype(bool)})
+    if {"text", "label"} <= set(raw.columns):  # the loader's own row rule, on every row
+        frame["row_problem"] = [row_problem(t, lab) if ok else "not a JSON object" for t, lab, ok in
+                                zip(raw["text"].tolist(), raw["label"].tolist(), raw["_json_valid"], strict=True)]
     for column in ("text", "label", "domain"):
         if column in raw.columns:
             # None stays None (a missing value); everything else is compared as stripped text
@@ -70,11 +83,18 @@ def _suites(gx, v: ValidateParams, min_examples: int, rows: pd.DataFrame) -> lis
                       E.ExpectColumnValueLengthsToBeBetween(column="label", min_value=1)]
     if "text" not in rows.columns or "label" not in rows.columns:
         return suites
-    labelled = rows.dropna(subset=["label"])
-    labelled = labelled[labelled["label"] != ""]
+    row_rules.append(E.ExpectColumnValuesToBeNull(column="row_problem"))
+    labelled = rows[rows["row_problem"].isna()]
+    text_is_label = labelled["text"].map(normalised) == labelled["label"].astype(str).map(normalised)
+    suites.append(("labels", labelled.assign(text_is_label=text_is_label)[["line", "text_is_label"]],
+                   [E.ExpectColumnValuesToBeInSet(column="text_is_label", value_set=[False],
+                                                  mostly=1 - MOST_TEXTS_ARE_LABELS)], "line"))
     counts = labelled.groupby("label").size().rename("examples").reset_index()
     suites.append(("classes", counts, [E.ExpectColumnValuesToBeBetween(
         column="examples", min_value=min_examples)], "label"))
+    same_text = labelled.assign(normalised=labelled["text"].map(normalised)).groupby("normalised").agg(
+        labels=("label", "nunique"), lines=("line", lambda ls: ",".join(map(str, ls)))).reset_index()
+    suites.append(("texts", same_text, [E.ExpectColumnValuesToBeBetween(column="labels", max_value=1)], "lines"))
     return suites
 
 
@@ -82,8 +102,7 @@ def _split_frames(gx, v: ValidateParams, split_config: SplitConfig, rows: pd.Dat
                   problems: list[dict]):
     """Per-split class counts and cross-split duplicate texts; a split that cannot be made is a problem."""
     E = gx.expectations
-    good = rows.dropna(subset=["text", "label"])
-    good = good[(good["text"] != "") & (good["label"] != "")]
+    good = rows[rows["row_problem"].isna()]
     try:
         data = LabelledTexts(good["text"].tolist(), good["label"].tolist(),
                              good["domain"].fillna("").tolist() if "domain" in good.columns else None,
@@ -97,7 +116,7 @@ def _split_frames(gx, v: ValidateParams, split_config: SplitConfig, rows: pd.Dat
     per_split = pd.DataFrame({"split": list(split.to_dict()),
                               "classes": [len(c) for c in split.to_dict().values()]})
     tagged = good.assign(split=good["label"].map(split_of)).dropna(subset=["split"])
-    tagged = tagged.assign(normalised=tagged["text"].str.lower().str.split().str.join(" "))
+    tagged = tagged.assign(normalised=tagged["text"].map(normalised))
     spread = tagged.groupby("normalised").agg(splits=("split", "nunique"), lines=("line", list)).reset_index()
     spread["lines"] = spread["lines"].map(lambda ls: ",".join(map(str, ls)))
     return [("splits", per_split, [E.ExpectColumnValuesToBeBetween(
@@ -107,11 +126,13 @@ def _split_frames(gx, v: ValidateParams, split_config: SplitConfig, rows: pd.Dat
 
 
 def _plain(value):
-    """numpy scalars and NaN -> JSON-ready Python values."""
+    """numpy scalars and NaN -> JSON-ready Python values; a long string cut as messages cut it."""
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if hasattr(value, "item"):
         value = value.item()
+    if isinstance(value, str) and len(value) > QUOTE_CHARS:
+        return quote(value)
     return None if isinstance(value, float) and pd.isna(value) else value
 
 
@@ -120,6 +141,9 @@ def _outcome(suite: str, result, id_column: str) -> dict:
     detail = result.result or {}
     ids = detail.get("unexpected_index_list") or []
     values = detail.get("partial_unexpected_list") or []
+    if config.kwargs.get("column") == "row_problem":  # where, and what is wrong there
+        ids = [{**where, "problem": problem} for where, problem in zip(ids, detail.get("unexpected_list") or [],
+                                                                      strict=False)]
     examples = [_plain(entry) for entry in (ids or values)[:EXAMPLES_SHOWN]]
     kwargs = {k: v for k, v in config.kwargs.items() if k not in {"column", "batch_id"}}
     return {"suite": suite, "expectation": config.type, "column": config.kwargs.get("column"), "rule": kwargs,
@@ -129,11 +153,14 @@ def _outcome(suite: str, result, id_column: str) -> dict:
 
 
 def validate_corpus(source: Path, rules: ValidateParams, split: SplitConfig, min_examples: int,
-                    name: str | None = None) -> dict:
+                    name: str | None = None, text_column: str = "text", label_column: str = "label") -> dict:
     """Run every rule on the corpus at `source` (split as `split` says, `min_examples` per class); the report
     lists each expectation and its outcome. `name`: how messages call the corpus (default: its path)."""
     gx, context = _context()
-    rows = _rows_frame(read_raw_rows(source))
+    raw = read_raw_rows(source)
+    renamed = {text_column: "text", label_column: "label"}
+    shadowed = [c for c in ("text", "label") if c in raw.columns and c not in renamed]  # other columns' names
+    rows = _rows_frame(raw.drop(columns=shadowed).rename(columns=renamed))
     problems: list[dict] = []
     suites = _suites(gx, rules, min_examples, rows)
     if {"text", "label"} <= set(rows.columns):
@@ -156,15 +183,17 @@ def validate_corpus(source: Path, rules: ValidateParams, split: SplitConfig, min
 
 
 def failure_summary(report: dict) -> str:
-    lines = [f"{report['source']}: {report['failed']} of {report['expectations']} expectations failed"]
+    """One line: the file, then each failed rule with its count and a few offending rows."""
+    parts = []
     for o in report["results"]:
         if not o["success"]:
             column = f" on {o['column']!r}" if o["column"] else ""
             rule = f" {o['rule']}" if o.get("rule") else ""
             count = f", {o['unexpected_count']} offending" if o["unexpected_count"] is not None else ""
-            lines.append(f"  - {o['suite']}: {o['expectation']}{column}{rule}{count}; e.g. {o['examples'][:3]}"
-                         + (f" ({o['error']})" if o.get("error") else ""))
-    return "\n".join(lines)
+            parts.append(f"{o['suite']}: {o['expectation']}{column}{rule}{count}, e.g. {o['examples'][:3]}"
+                         + (f" ({quote(o['error'], 120)})" if o.get("error") else ""))
+    return (f"{report['source']}: {report['failed']} of {report['expectations']} expectations failed: "
+            + "; ".join(parts))
 
 
 def markdown_report(report: dict) -> str:
