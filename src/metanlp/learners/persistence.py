@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from pydantic import ValidationError
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from metanlp.atomic import replace_directory
@@ -68,7 +69,10 @@ def load_learner(directory: str | Path, attn_implementation: str | None = None) 
         encoder_config = encoder_config.model_copy(update={"attn_implementation": attn_implementation})
     encoder = TextEncoder.from_architecture(directory / ENCODER_DIR, encoder_config)
     learner = build_learner(spec.learner, encoder, spec.provenance)
-    missing, unexpected = load_model(learner, str(directory / WEIGHTS_FILE), strict=False)
+    try:
+        missing, unexpected = load_model(learner, str(directory / WEIGHTS_FILE), strict=False)
+    except (SafetensorError, OSError) as err:  # never anything else: a file that is not safetensors is refused
+        raise DataError(f"{directory / WEIGHTS_FILE}: not a safetensors file ({err})") from err
     if missing or unexpected:
         raise DataError(f"{directory / WEIGHTS_FILE}: weights do not match the {spec.learner.kind!r} learner "
                         f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")

@@ -74,9 +74,13 @@ def load_params(path: str | Path) -> PipelineParams:
     if not path.exists():
         raise DataError(f"{path}: no such params file")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from err
     except yaml.YAMLError as err:
         raise DataError(f"{path}: not valid YAML: {err}") from err
+    if raw is None:
+        raise DataError(f"{path}: empty; it needs the pipeline's keys (see the params.yaml of the repository)")
     if not isinstance(raw, dict):
         raise DataError(f"{path}: expected a mapping of stage keys, got {type(raw).__name__}")
     try:
