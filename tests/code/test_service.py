@@ -192,12 +192,15 @@ def test_a_promotion_while_serving_moves_new_tasks_to_the_new_version(tmp_path, 
     from metanlp.stages.register import log_model
     from metanlp.tracking import tracking
 
+    import mlflow
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with tracking(uri, tmp_path, "serving"):
+    with tracking(uri, tmp_path, "serving") as experiment_id:
         for seed in (0, 1):
             folder = tmp_path / f"model{seed}"
             save_learner(build_learner("protonet", tiny_encoder_config, seed=seed), folder)
-            log_model(folder, "served")
+            with mlflow.start_run(experiment_id=experiment_id):  # its artifacts under tmp_path, not ./mlruns
+                log_model(folder, "served")
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     client.set_registered_model_alias("served", "champion", "1")
     source = ModelSource("models:/served@champion", uri)
