@@ -131,7 +131,8 @@ class TaskStore:
             raise UnknownTask(f"unknown task {identifier[:64]!r}; create it with POST /tasks")
         if task.model_version not in learners:
             task.model_version = current
-            self._state_path(identifier).unlink(missing_ok=True)  # made by a model no longer loaded
+            if self.folder is not None:
+                self._state_path(identifier).unlink(missing_ok=True)  # made by a model no longer loaded
         learner = strategy_learner(learners[task.model_version], task.strategy)
         classifier = self._restore(learner, task)
         if classifier is None:
@@ -162,7 +163,8 @@ class TaskStore:
             return {task.model_version for task, _ in self._adapted.values()}
 
     def _state_path(self, identifier: str) -> Path:
-        return self.folder / f"{identifier}.safetensors" if self.folder else Path(f"{identifier}.safetensors")
+        assert self.folder is not None, "only a store with a folder keeps states"
+        return self.folder / f"{identifier}.safetensors"
 
     def _adapt(self, learner: Learner, task: Task) -> Classifier:
         started = time.perf_counter()
@@ -176,9 +178,9 @@ class TaskStore:
     def _restore(self, learner: Learner, task: Task) -> Classifier | None:
         """The task's classifier from its saved state; None when there is none or it does not fit the learner
         (a damaged file, another model's state): the caller adapts again."""
-        path = self._state_path(task.id)
-        if self.folder is None or not path.is_file():
+        if self.folder is None or not self._state_path(task.id).is_file():
             return None
+        path = self._state_path(task.id)
         try:
             classifier = learner.restore(task.classes, load_file(str(path)))
         except (NotImplementedError, DataError, SafetensorError, OSError):
