@@ -60,8 +60,9 @@ def test_the_seconds_cap_holds_for_each_strategy_as_a_whole(learner, corpus):
     """Choosing the steps and the final pass share one cap (it once held per pass: 156 s against 90 s)."""
     texts, labels = support_of(corpus)
     _, report = domain_adapt(learner, texts, labels, strategies=["selfsup", "finetune"],
-                             budget=AdaptBudget(finetune_steps=100_000, selfsup_steps=100_000, seconds=1.0, lr=1e-3))
-    assert report.seconds["finetune"] < 1.5 and report.seconds["selfsup"] < 1.5  # the cap and one step
+                             budget=AdaptBudget(finetune_steps=100_000, selfsup_steps=100_000, seconds=2.0, lr=1e-3))
+    # per pass, fine-tuning took twice the cap (4 s and more); the margin is for one step and set-up on a busy CI
+    assert report.seconds["finetune"] < 3.5 and report.seconds["selfsup"] < 3.5
     assert 0 < report.selfsup_steps < 100_000
 
 
