@@ -356,7 +356,7 @@ def predict(
         typer.echo(f"scored {summary.texts} texts into {summary.out} ({len(summary.classes)} classes; adapted in "
                    f"{summary.adapt_seconds:.1f} s, scored in {summary.score_seconds:.1f} s)")
         return
-    queries = list(text or []) + (read_texts(texts) if texts else [])
+    queries = list(text or []) + (read_texts(texts, text_column) if texts else [])
     if not queries:
         raise DataError("give --text or --texts")
     if any(not q.strip() for q in queries):
