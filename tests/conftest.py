@@ -95,3 +95,13 @@ def tiny_project(tmp_path: Path) -> Path:
     (root / "data" / "intents.jsonl").write_bytes(default_corpus_path().read_bytes())
     write_params(root)
     return root
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """CLI commands run in-process set their environment defaults (Prefect's folders and log level among them);
+    each test gets the environment back as it found it, so no test depends on which ran before."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

@@ -425,6 +425,7 @@ class TuneParams(_Strict):
     val_episodes: int = Field(40, ge=1)
     seed: int = 0
     storage: str | None = None
+    heartbeat_s: int = Field(60, ge=1)  # a worker's pulse; a trial silent for 2 beats (a killed worker) is failed
     study_name: str | None = None
 
     @field_validator("storage")

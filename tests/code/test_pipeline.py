@@ -62,7 +62,6 @@ def test_flow_registers_caches_and_reruns_only_what_a_param_feeds(train_flow, ti
                {"validate": "validation/report.json", "meta_train": "model/training.json",
                 "register": "registry.json"}.items()}
     stamps = {stage: path.stat().st_mtime_ns for stage, path in outputs.items()}
-    assert "tune: trial 2 of 2" in caplog.text  # which trial is running
     caplog.clear()
     run(train_flow, tiny_project)  # nothing changed: every stage from the cache, and the log says so
     assert {stage: path.stat().st_mtime_ns for stage, path in outputs.items()} == stamps

@@ -15,7 +15,7 @@ import os
 import warnings
 from pathlib import Path
 
-from metanlp.atomic import file_digest
+from metanlp.atomic import fault_point, file_digest
 from metanlp.config import PipelineParams
 from metanlp.stages.build_corpus import CORPUS
 from metanlp.stages.common import Stage, Workspace, params_slice, write_json
@@ -29,7 +29,9 @@ PARAMS = ("meta_train", "tune")
 def study_name(params: PipelineParams, root: Path) -> str:
     if params.tune.study_name:
         return params.tune.study_name
-    tuned = {"params": params_slice(params, PARAMS), "train": file_digest(root / CORPUS),
+    sliced = params_slice(params, PARAMS)
+    sliced["tune"].pop("heartbeat_s", None)  # how workers signal life is not what the study tunes
+    tuned = {"params": sliced, "train": file_digest(root / CORPUS),
              "start": file_digest(root / PRETRAINED)}
     return "metanlp-" + hashlib.md5(json.dumps(tuned, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -44,13 +46,22 @@ def storage_url(params: PipelineParams, root: Path) -> str:
     return f"sqlite:///{folder / 'optuna.db'}"
 
 
+def storage(params: PipelineParams, root: Path):
+    """The study's database, with a heartbeat: the trial of a worker that died (kill -9, a lost machine) is
+    marked failed by the next worker instead of staying 'running' for ever."""
+    import optuna
+
+    beat = params.tune.heartbeat_s
+    return optuna.storages.RDBStorage(storage_url(params, root), heartbeat_interval=beat, grace_period=2 * beat)
+
+
 def prepare(params: PipelineParams, root: Path) -> None:
     """Create the study and the tracking store once, before several workers start: processes creating them at
     the same moment race on the databases' first migrations."""
     import optuna
 
     with tracking(params.register_.tracking_uri, root, params.register_.experiment):
-        optuna.create_study(study_name=study_name(params, root), storage=storage_url(params, root),
+        optuna.create_study(study_name=study_name(params, root), storage=storage(params, root),
                             direction="maximize", load_if_exists=True)
 
 
@@ -66,7 +77,7 @@ def run(params: PipelineParams, root: Path, show_progress: bool = True, worker: 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tune = params.tune
     study = optuna.create_study(
-        study_name=name, storage=storage_url(params, root), direction="maximize", load_if_exists=True,
+        study_name=name, storage=storage(params, root), direction="maximize", load_if_exists=True,
         sampler=optuna.samplers.TPESampler(seed=tune.seed + worker),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=tune.val_every))
     start = starting_encoder(params, root)  # meta_train's params, with the pretrained encoder if any
@@ -86,6 +97,7 @@ def run(params: PipelineParams, root: Path, show_progress: bool = True, worker: 
             "warmup_episodes": min(config.train.warmup_episodes, tune.episodes // 2)})})
 
         def report(step: int, accuracy: float) -> None:
+            fault_point("tune.validation")  # crash tests: a worker killed in the middle of a trial
             trial.report(accuracy, step)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"validation accuracy {accuracy:.3f} at step {step} is below the median")
