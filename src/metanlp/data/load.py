@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import unicodedata
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -46,15 +47,22 @@ def visible(text: str) -> bool:
     return any(not ch.isspace() and unicodedata.category(ch) not in ("Cc", "Cf") for ch in text)
 
 
-def row_problem(text, label) -> str | None:
-    """What makes one labelled row unusable, or None. The one row rule: `load_labelled` stops at the first
-    row it names, the validation suite reports every such row."""
+def text_problem(text, what: str = "the text") -> str | None:
+    """What makes a value unusable as a text, or None (`what` names it in the message)."""
     if _missing(text):
         return "missing text"
     if not isinstance(text, str):
-        return f"the text must be a string, got {type(text).__name__} {quote(text, 60)}"
+        return f"{what} must be a string, got {type(text).__name__} {quote(text, 60)}"
     if not visible(text):
         return "empty text (only spaces, control or zero-width characters)"
+    return None
+
+
+def row_problem(text, label) -> str | None:
+    """What makes one labelled row unusable, or None. The one row rule: `load_labelled` stops at the first
+    row it names, the validation suite reports every such row."""
+    if problem := text_problem(text):
+        return problem
     if _missing(label) or (isinstance(label, str) and not label.strip()):
         return "missing label"
     if not isinstance(label, str | int | np.integer) or isinstance(label, bool):
@@ -129,34 +137,64 @@ def default_corpus_path() -> Path:
     return Path(str(resources.files("metanlp.data") / "default_corpus" / "intents.jsonl"))
 
 
-def _read_jsonl(path: Path) -> pd.DataFrame:
-    rows = []
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of the non-blank lines of a UTF-8 file, streamed; a BOM is not data."""
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM is not data
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as err:
                 raise DataError(f"{path}:{number}: not valid UTF-8 ({err.reason} at byte {err.start})") from err
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            row["_line"] = number
-            rows.append(row)
-    return pd.DataFrame(rows)
+            if line.strip():
+                yield number, line
 
 
-def _table_file(path: Path) -> str:
-    """The suffix of a labelled file that can be read; a folder or an unknown type is refused."""
+def _jsonl_objects(path: Path) -> Iterator[tuple[int, dict]]:
+    for number, line in _text_lines(path):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        yield number, row
+
+
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    return pd.DataFrame([{**row, "_line": number} for number, row in _jsonl_objects(path)])
+
+
+@contextmanager
+def _csv_errors(path: Path, suffix: str) -> Iterator[None]:
+    """pandas' CSV/TSV errors as the project's, naming the file."""
+    try:
+        yield
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from err
+    except pd.errors.EmptyDataError as err:
+        raise DataError(f"{path}: empty file") from err
+    except pd.errors.ParserError as err:
+        raise DataError(f"{path}: cannot parse as {suffix[1:].upper()}: {quote(str(err), 160)}") from err
+
+
+def _read_csv(path: Path, suffix: str, **options):
+    return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False,
+                       encoding="utf-8-sig", **options)
+
+
+TABLE_SUFFIXES = (".jsonl", ".ndjson", ".csv", ".tsv", ".parquet")
+
+
+def _data_file(path: Path, suffixes: tuple[str, ...] = TABLE_SUFFIXES) -> str:
+    """The suffix of a data file that can be read; a missing file, a folder or an unknown type is refused."""
+    kinds = ", ".join(s for s in suffixes if s != ".ndjson")
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
     if path.is_dir():
-        raise DataError(f"{path}: is a folder; give a .jsonl, .csv, .tsv or .parquet file")
+        raise DataError(f"{path}: is a folder; give a {kinds} file")
     suffix = path.suffix.lower()
-    if suffix not in {".jsonl", ".ndjson", ".csv", ".tsv", ".parquet"}:
-        raise DataError(f"{path}: unknown file type {quote(suffix, 40)}; use .jsonl, .csv, .tsv or .parquet")
+    if suffix not in suffixes:
+        raise DataError(f"{path}: unknown file type {quote(suffix, 40)}; use {kinds}")
     return suffix
 
 
@@ -178,19 +216,14 @@ def _read_parquet(path: Path) -> pd.DataFrame:
 
 
 def _read_table(path: Path) -> pd.DataFrame:
-    suffix = _table_file(path)
+    suffix = _data_file(path)
     if suffix in {".jsonl", ".ndjson"}:
         return _read_jsonl(path)
     if suffix in {".csv", ".tsv"}:
         if bad := _first_bad_utf8_line(path):
             raise DataError(bad)
-        try:
-            frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False,
-                                encoding="utf-8-sig")
-        except pd.errors.EmptyDataError as err:
-            raise DataError(f"{path}: empty file") from err
-        except pd.errors.ParserError as err:
-            raise DataError(f"{path}: cannot parse as {suffix[1:].upper()}: {quote(str(err), 160)}") from err
+        with _csv_errors(path, suffix):
+            frame = _read_csv(path, suffix)
         frame["_line"] = np.arange(2, len(frame) + 2)  # line 1 is the header
         return frame
     frame = _read_parquet(path)
@@ -280,10 +313,7 @@ def read_texts(source: str | Path, text_column: str = "text") -> list[str]:
 
 def _text_file(source: str | Path) -> Path:
     path = Path(source)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
-    if path.suffix.lower() not in {".txt", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet"}:
-        raise DataError(f"{path}: unknown file type {path.suffix!r}; use .txt, .jsonl, .csv, .tsv or .parquet")
+    _data_file(path, (".txt", *TABLE_SUFFIXES))
     return path
 
 
@@ -297,10 +327,8 @@ def iter_text_batches(source: str | Path, text_column: str = "text",
     path = _text_file(source)
     batch: list[tuple[int, str]] = []
     for line, text in _iter_rows(path, path.suffix.lower(), text_column):
-        if not isinstance(text, str):
-            raise DataError(f"{path}:{line}: {quote(text_column, 60)} must be a string, got {type(text).__name__}")
-        if not visible(text):
-            raise DataError(f"{path}:{line}: empty text")
+        if problem := text_problem(text, quote(text_column, 60)):
+            raise DataError(f"{path}:{line}: {problem}")
         batch.append((line, text.strip()))
         if len(batch) == batch_size:
             yield batch
@@ -323,41 +351,22 @@ def _iter_rows(path: Path, suffix: str, column: str) -> Iterator[tuple[int, obje
                 yield line, value
         return
     if suffix in {".csv", ".tsv"}:
-        try:
-            chunks = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False,
-                                 encoding="utf-8-sig", chunksize=4096)
+        with _csv_errors(path, suffix):
             line = 1
-            for chunk in chunks:
+            for chunk in _read_csv(path, suffix, chunksize=4096):
                 if column not in chunk.columns:
                     raise DataError(f"{path}: no text column {column!r}; the columns are {list(chunk.columns)}")
                 for value in chunk[column].tolist():
                     line += 1
                     yield line, value
-        except UnicodeDecodeError as err:
-            raise DataError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from err
-        except pd.errors.EmptyDataError as err:
-            raise DataError(f"{path}: empty file") from err
-        except pd.errors.ParserError as err:
-            raise DataError(f"{path}: cannot parse as {suffix[1:].upper()}: {err}") from err
         return
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(f"{path}:{number}: not valid UTF-8 ({err.reason} at byte {err.start})") from err
-            if not line.strip():
-                continue
-            if suffix == ".txt":
-                yield number, line
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-            if not isinstance(row, dict) or column not in row:
-                raise DataError(f"{path}:{number}: expected a JSON object with {column!r}")
-            yield number, row[column]
+    if suffix == ".txt":
+        yield from _text_lines(path)
+        return
+    for number, row in _jsonl_objects(path):
+        if column not in row:
+            raise DataError(f"{path}:{number}: expected a JSON object with {column!r}")
+        yield number, row[column]
 
 
 def read_raw_rows(source: str | Path) -> pd.DataFrame:
@@ -368,9 +377,7 @@ def read_raw_rows(source: str | Path) -> pd.DataFrame:
     report can point at it. (`load_labelled` is the strict reader that stops at the first problem.)
     """
     path = default_corpus_path() if str(source) == DEFAULT_CORPUS else Path(source)
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
-    suffix = _table_file(path)
+    suffix = _data_file(path)
     if suffix == ".parquet":
         frame = _read_parquet(path)
         frame["_line"], frame["_utf8_valid"], frame["_json_valid"] = np.arange(1, len(frame) + 1), True, True
