@@ -27,13 +27,18 @@ def percent(value: float | None) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}"
 
 
+def gain(diff: float, ci95: float | None) -> str:
+    """A paired difference in percentage points with its 95% CI: '+2.6 ± 0.6'."""
+    return f"{100 * diff:+.1f} ± {percent(ci95)}"
+
+
 def markdown_table(results: dict) -> str:
     lines = ["| setting | method | accuracy % (95% CI) | Δ vs frozen, pp (95% CI) | adapt ms/episode | episodes |",
              "|---|---|---|---|---|---|"]
     for entry in results["settings"]:
         for name, m in entry["methods"].items():
-            diff = "—" if name == BASELINE or "diff_vs_frozen" not in m else (
-                f"{100 * m['diff_vs_frozen']:+.1f} ± {percent(m['diff_ci95'])}")
+            diff = "—" if name == BASELINE or "diff_vs_frozen" not in m else gain(m["diff_vs_frozen"],
+                                                                                  m["diff_ci95"])
             lines.append(f"| {entry['setting']} | {name} | {percent(m['accuracy'])} ± {percent(m['ci95'])} | {diff} | "
                          f"{m['adapt_ms']:.0f} | {m['episodes']} |")
     return "\n".join(lines) + "\n"
@@ -100,7 +105,7 @@ def write_training_report(model_dir: Path) -> Path:
 def _cell(value: dict | None) -> str:
     if not value:
         return "—"
-    return f"{100 * value['diff']:+.1f} ± {percent(value['ci95'])}"
+    return gain(value["diff"], value["ci95"])
 
 
 def suite_markdown(results: dict) -> str:

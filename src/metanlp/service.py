@@ -25,11 +25,10 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from metanlp.atomic import file_digest
+from metanlp.data.load import quote
 from metanlp.learners import Learner, load_learner
 from metanlp.learners.persistence import WEIGHTS_FILE
 from metanlp.tasks import DEFAULT_STRATEGY, STRATEGIES, TaskError, TaskStore
-
-QUOTE = 200  # characters of user input a message may quote
 
 
 class Example(BaseModel):
@@ -60,11 +59,6 @@ class Limits:
     max_rows: int = 1000  # support rows of a task, texts of a predict request
     max_chars: int = 2000  # characters of one text or label
     max_body_bytes: int = 2_000_000
-
-
-def _quote(value) -> str:
-    text = repr(value)
-    return text if len(text) <= QUOTE else text[:QUOTE] + f"... ({len(text)} characters)"
 
 
 class ModelSource:
@@ -174,7 +168,7 @@ def create_app(source: ModelSource, store: TaskStore, limits: Limits = Limits(),
         if e.get("type") == "json_invalid":
             return f"body: not valid JSON ({e.get('ctx', {}).get('error', 'decode error')} at character {e['loc'][-1]})"
         where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
-        got = f" (got {_quote(e['input'])})" if "input" in e and e.get("type") != "missing" else ""
+        got = f" (got {quote(e['input'])})" if "input" in e and e.get("type") != "missing" else ""
         return f"{where}: {e.get('msg')}{got}"
 
     @app.exception_handler(RequestValidationError)
@@ -204,14 +198,12 @@ def create_app(source: ModelSource, store: TaskStore, limits: Limits = Limits(),
 
     @app.post("/tasks", status_code=201)
     def create_task(request: TaskRequest) -> dict:
-        if request.strategy not in STRATEGIES:
-            raise TaskError(f"strategy: unknown {_quote(request.strategy)}; choose from {sorted(STRATEGIES)}")
         if not request.support:
             raise TaskError("support: empty; send labelled examples of at least 2 classes")
         texts = check_texts([e.text for e in request.support], "support.text")
         labels = check_texts([e.label for e in request.support], "support.label")
         if len(set(labels)) < 2:
-            raise TaskError(f"support: one class ({_quote(labels[0])}); a classifier needs at least two")
+            raise TaskError(f"support: one class ({quote(labels[0])}); a classifier needs at least two")
         version = source.current
         task, cached = store.create(source.learners[version], version, texts, labels, request.strategy)
         return {**task.describe(), "cached": cached}

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from metanlp.atomic import write_file_atomic, write_text_atomic
-from metanlp.data.load import DataError
+from metanlp.data.load import DataError, quote
 from metanlp.learners import Classifier, Learner
 
 DEFAULT_STRATEGY = "default"
@@ -75,7 +75,7 @@ def strategy_learner(learner: Learner, strategy: str) -> Learner:
         from metanlp.learners import build_learner
 
         return build_learner("logreg", learner.encoder, learner.provenance)
-    raise TaskError(f"strategy: unknown {strategy[:64]!r}; choose from {sorted(STRATEGIES)}")
+    raise TaskError(f"strategy: unknown {quote(strategy)}; choose from {sorted(STRATEGIES)}")
 
 
 class TaskStore:

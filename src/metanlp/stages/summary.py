@@ -9,7 +9,7 @@ from pathlib import Path
 from metanlp.atomic import write_text_atomic
 from metanlp.config import PipelineParams
 from metanlp.evaluation import BASELINE
-from metanlp.reporting import percent
+from metanlp.reporting import gain, percent
 from metanlp.stages.common import Stage, read_json
 from metanlp.stages.evaluate import RESULTS
 from metanlp.stages.meta_train import MODEL
@@ -29,10 +29,9 @@ def summary_text(results: dict, record: dict, root: Path) -> str:
              "|---|---|---|---|---|"]
     for entry in results["settings"]:
         mine, base = entry["methods"][learner], entry["methods"].get(BASELINE, {})
-        gain = (f"{100 * mine['diff_vs_frozen']:+.1f} ± {percent(mine['diff_ci95'])}" if "diff_vs_frozen" in mine
-                else "n/a")
+        paired = gain(mine["diff_vs_frozen"], mine["diff_ci95"]) if "diff_vs_frozen" in mine else "n/a"
         lines.append(f"| {entry['setting']} | {percent(mine['accuracy'])} ± {percent(mine['ci95'])} | "
-                     f"{percent(base.get('accuracy'))} ± {percent(base.get('ci95'))} | {gain} | "
+                     f"{percent(base.get('accuracy'))} ± {percent(base.get('ci95'))} | {paired} | "
                      f"{mine['adapt_ms']:.0f} |")
     name, version = record["model_name"], record["version"]
     champion = "champion" if record["promoted"] else f"challenger (champion stays v{record['champion_version']})"
