@@ -41,14 +41,18 @@ class OverwriteRefused(ValueError):
     """An output folder that holds something else than what would replace it."""
 
 
+def file_in_the_way(path: Path) -> Path | None:
+    """An ancestor of `path` that is a file, so that nothing can be written at `path`; None if there is none."""
+    return next((parent for parent in Path(path).parents if parent.exists() and not parent.is_dir()), None)
+
+
 def check_replaceable(directory: str | Path, marker: str | None, force: bool = False) -> None:
     """Refuse to replace an existing, non-empty folder unless it holds `marker` (it is an output of the same
     kind: a metanlp model has learner.json) or `force` says so: a wrong --out never deletes a user's folder."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise OverwriteRefused(f"{directory}: exists and is not a folder; choose another output path")
-    blocking = next((parent for parent in directory.parents if parent.exists() and not parent.is_dir()), None)
-    if blocking is not None:
+    if (blocking := file_in_the_way(directory)) is not None:
         raise OverwriteRefused(f"{directory}: {blocking} is a file, so nothing can be written under it; "
                                "choose another output path")
     if force or not directory.is_dir() or not any(directory.iterdir()):

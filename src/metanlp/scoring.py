@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from metanlp.atomic import write_file_atomic
+from metanlp.atomic import file_in_the_way, write_file_atomic
 from metanlp.data.load import DataError, iter_text_batches, load_labelled
 from metanlp.learners import Classifier
 from metanlp.progress import progress_bar
@@ -41,8 +41,8 @@ def check_output(out: Path) -> Path:
         raise DataError(f"--out {out}: unknown output type {out.suffix!r}; use .csv or .jsonl")
     if out.is_dir():
         raise DataError(f"--out {out}: is a directory; name a file")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise DataError(f"--out {out}: {out.parent} is not a directory")
+    if (blocking := file_in_the_way(out)) is not None:
+        raise DataError(f"--out {out}: {blocking} is not a directory")
     return out
 
 
