@@ -682,12 +682,13 @@ def tune(
                                  "--worker", str(worker + index), "--quiet"])
                for index in range(1, workers)]
     try:
-        tune_stage.run(config, root, show_progress=not quiet, worker=worker)
+        record = tune_stage.run(config, root, show_progress=not quiet, worker=worker)
     finally:
         failed = [helper.args for helper in helpers if helper.wait() != 0]
     if failed:
         raise StageError(f"{len(failed)} of {workers} tune workers failed (see their messages above)")
-    record = tune_stage.run(config, root, show_progress=False, worker=worker)  # the whole study's best, now
+    if helpers:  # they may have finished trials after this worker: the whole study's best, now
+        record = tune_stage.run(config, root, show_progress=False, worker=worker)
     typer.echo(json.dumps(record, indent=2, default=str))
 
 
@@ -756,13 +757,12 @@ def schedule(
         load_params(params)
         parameters = {"params_file": str(params.resolve()), "root": str(root)}
     else:
-        given = {"--model": model, "--support": support, "--texts": texts, "--out": out}
-        if missing := [option for option, value in given.items() if not value]:
+        given = {"model": model, "support": support, "texts": texts, "out": out}
+        if missing := [f"--{key}" for key, value in given.items() if not value]:
             raise DataError(f"--job score needs {', '.join(missing)}")
         check_output(Path(out))
-        absolute = {key: value if key == "model" and value.startswith("models:/") else str(Path(value).resolve())
-                    for key, value in (("model", model), ("support", support), ("texts", texts), ("out", out))}
-        parameters = absolute
+        parameters = {key: value if key == "model" and value.startswith("models:/") else str(Path(value).resolve())
+                      for key, value in given.items()}
         if model.startswith("models:/"):  # the runner may start elsewhere: fix the registry it reads now
             from metanlp.tracking import tracking_uri
 

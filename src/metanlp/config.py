@@ -426,7 +426,7 @@ class TuneParams(_Strict):
     seed: int = 0
     storage: str | None = None
     heartbeat_s: int = Field(60, ge=1)  # a worker's pulse; a trial silent for 2 beats (a killed worker) is failed
-    study_name: str | None = None
+    study_name: str | None = None  # default: derived from the tuned inputs, so a changed input starts afresh
 
     @field_validator("storage")
     @classmethod
@@ -442,7 +442,7 @@ class TuneParams(_Strict):
         except ArgumentError as err:
             raise ValueError("not a database URL such as sqlite:////abs/optuna.db or "
                              "postgresql://user:pass@host/optuna") from err
-        return value  # default: derived from the tuned inputs, so a changed input starts afresh
+        return value
 
 
 class EvaluateParams(_Strict):

@@ -106,10 +106,10 @@ def build_flow():
 
     def run_stages(root_path: Path, params_path: Path) -> dict:
         ensure_raw_data(params_path, root_path)
-        results, names = {}, list(stages())
-        for number, (name, stage) in enumerate(stages().items(), start=1):
+        results, pipeline = {}, stages()
+        for number, (name, stage) in enumerate(pipeline.items(), start=1):
             missing = not all((root_path / path).exists() for path in stage.done)
-            print(f"stage {number} of {len(names)}: {name}")
+            print(f"stage {number} of {len(pipeline)}: {name}")
             state = stage_task.with_options(name=name, refresh_cache=missing or None)(
                 name, str(params_path), str(root_path), return_state=True)
             results[name] = state.result()  # raises the stage's error

@@ -201,10 +201,8 @@ def run(params: PipelineParams, root: Path) -> dict:
         client = MlflowClient()
         same = identical_version(client, reg.model_name, digest)
         if same is not None:  # e.g. `dvc repro` after `metanlp run`: the same model is not a new version
-            record = {"model_name": reg.model_name, "version": str(same.version), "run_id": same.run_id,
-                      "tracking_uri": mlflow.get_tracking_uri(), "promoted": False,
-                      "reason": f"identical to v{same.version} (same spec and weights): not registered again",
-                      "champion_version": alias_version(client, reg.model_name, CHAMPION), **lineage}
+            version, run_id, promoted = str(same.version), same.run_id, False
+            reason = f"identical to v{version} (same spec and weights): not registered again"
         else:
             with mlflow.start_run(run_name=f"{results['learner']} {lineage['git_commit'][:8]}",
                                   experiment_id=experiment_id, tags=lineage) as active:
@@ -213,9 +211,10 @@ def run(params: PipelineParams, root: Path) -> dict:
                 client.set_model_version_tag(reg.model_name, version, DIGEST_TAG, digest)
                 client.set_registered_model_alias(reg.model_name, CHALLENGER, version)
                 promoted, reason = guard_promotion(client, version, results, params, root)
-                record = {"model_name": reg.model_name, "version": version, "run_id": active.info.run_id,
-                          "tracking_uri": mlflow.get_tracking_uri(), "promoted": promoted, "reason": reason,
-                          "champion_version": alias_version(client, reg.model_name, CHAMPION), **lineage}
+                run_id = active.info.run_id
+        record = {"model_name": reg.model_name, "version": version, "run_id": run_id,
+                  "tracking_uri": mlflow.get_tracking_uri(), "promoted": promoted, "reason": reason,
+                  "champion_version": alias_version(client, reg.model_name, CHAMPION), **lineage}
     write_json(root / RECORD, record)
     return record
 

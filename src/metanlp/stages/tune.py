@@ -107,11 +107,12 @@ def run(params: PipelineParams, root: Path, show_progress: bool = True, worker: 
 
     with tracking(params.register_.tracking_uri, root, params.register_.experiment) as experiment_id:
         run_id, best = _optimize(study, objective, tune, name, experiment_id)
+    counted = budgeted(study)  # one read of the study's trials from its database
     return _write(root, {"study": name, "storage": _redacted(storage_url(params, root)),
                               "overrides": best.params, "best_value": best.value, "best_trial": best.number,
-                              "trials": len(budgeted(study)), "trials_planned": tune.trials,
-                              "stopped_by_timeout": len(budgeted(study)) < tune.trials,
-                              "pruned": sum(t.state.name == "PRUNED" for t in budgeted(study)),
+                              "trials": len(counted), "trials_planned": tune.trials,
+                              "stopped_by_timeout": len(counted) < tune.trials,
+                              "pruned": sum(t.state.name == "PRUNED" for t in counted),
                               "mlflow_run_id": run_id})
 
 
