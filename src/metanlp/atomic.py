@@ -11,6 +11,7 @@ import ctypes
 import errno
 import hashlib
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -113,11 +114,12 @@ def clean_leftovers(directory: str | Path) -> None:
     directory = Path(directory)
     if not directory.parent.is_dir():
         return
+    written = re.compile(rf"\.{re.escape(directory.name)}\.(staging|old)-(\d+)(-.*)?")  # as replace_directory names
     for leftover in directory.parent.glob(f".{directory.name}.*-*"):
-        kind, _, rest = leftover.name.removeprefix(f".{directory.name}.").partition("-")
-        if kind not in ("staging", "old") or not rest.split("-")[0].isdigit() or _alive(int(rest.split("-")[0])):
+        match = written.fullmatch(leftover.name)
+        if match is None or _alive(int(match.group(2))):
             continue
-        if kind == "old" and not directory.exists():
+        if match.group(1) == "old" and not directory.exists():
             leftover.rename(directory)
         else:
             shutil.rmtree(leftover, ignore_errors=True)

@@ -362,8 +362,7 @@ def predict(
     if any(not q.strip() for q in queries):
         raise DataError("--text: empty text")
     support_set = load_labelled(support, text_column=text_column, label_column=label_column)
-    source = open_model(model, tracking_uri)
-    learner = source.learners[source.current].to(resolve_device(device))
+    learner = open_model(model, tracking_uri).learner.to(resolve_device(device))
     predictions = learner.adapt(support_set.texts, support_set.labels).predict(queries)
     rows = zip(queries, predictions.labels, predictions.top(top), strict=True)
     if as_json:

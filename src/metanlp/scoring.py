@@ -91,7 +91,7 @@ def score_file(model: str, support: str, texts: str, out: str, *, top: int = 3, 
     out_path = check_output(Path(out))
     support_set = load_labelled(support, text_column=text_column, label_column=label_column)
     source = open_model(model, tracking_uri)
-    learner = source.learners[source.current].to(resolve_device(device))
+    learner = source.learner.to(resolve_device(device))
     started = time.perf_counter()
     classifier = learner.adapt(support_set.texts, support_set.labels)
     adapted = time.perf_counter()

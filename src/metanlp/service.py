@@ -96,6 +96,11 @@ class ModelSource:
         flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
         return version, local / flavor["artifacts"]["model"]["path"]  # the metanlp folder inside the pyfunc
 
+    @property
+    def learner(self) -> Learner:
+        """The current version's learner."""
+        return self.learners[self.current]
+
     def refresh(self) -> bool:
         """Follow the alias; True when the current version changed."""
         version, folder = self._resolve()

@@ -120,8 +120,9 @@ class TaskStore:
         return task, False
 
     def classifier(self, identifier: str, learners: dict[str, Learner], current: str) -> tuple[Task, Classifier]:
-        """A task's classifier; a task known only from its record is adapted again, with the model version it
-        recorded when that one is loaded, else with the current one (and its record says so)."""
+        """A task's classifier; a task known only from its record is rebuilt from its saved state, or adapted
+        again, with the model version it recorded when that one is loaded, else with the current one (and its
+        record says so)."""
         with self._lock:
             if identifier in self._adapted:
                 self._adapted.move_to_end(identifier)
@@ -178,9 +179,9 @@ class TaskStore:
     def _restore(self, learner: Learner, task: Task) -> Classifier | None:
         """The task's classifier from its saved state; None when there is none or it does not fit the learner
         (a damaged file, another model's state): the caller adapts again."""
-        if self.folder is None or not self._state_path(task.id).is_file():
+        path = self._state_path(task.id) if self.folder is not None else None
+        if path is None or not path.is_file():
             return None
-        path = self._state_path(task.id)
         try:
             classifier = learner.restore(task.classes, load_file(str(path)))
         except (NotImplementedError, DataError, SafetensorError, OSError):
