@@ -1,7 +1,8 @@
 """Resumable meta-training: everything a run needs to continue to the same result, without pickle.
 
 A checkpoint folder holds `weights.safetensors` (the learner now), `best.safetensors` (the best weights so
-far), `optimizer.safetensors` (the optimizer's tensors and torch's RNG state) and `state.json` (step,
+far), `optimizer.safetensors` (the optimizer's tensors and torch's RNG state, one per process of a
+distributed run) and `state.json` (step,
 history, optimizer hyperparameters, the episode sampler's RNG state, and a fingerprint of the settings).
 It is written whole or not at all, and only resumed by a run with the same fingerprint.
 """
@@ -29,7 +30,10 @@ class LoopState:
 
 
 def save_checkpoint(directory: Path, fingerprint: dict, learner, optimizer, sampler, state: LoopState,
-                    best_state: dict | None) -> None:
+                    best_state: dict | None, rng_states: list[torch.Tensor] | None = None) -> None:
+    """`rng_states`: torch's generator state of each process, by rank (default: this process's)."""
+    rng_states = rng_states or [torch.get_rng_state()]
+
     def write(staging: Path) -> None:
         save_model(learner, str(staging / "weights.safetensors"))
         if best_state is not None:
@@ -37,7 +41,8 @@ def save_checkpoint(directory: Path, fingerprint: dict, learner, optimizer, samp
         opt = optimizer.state_dict()
         tensors = {f"opt.{index}.{key}": value.detach().cpu().contiguous()
                    for index, slots in opt["state"].items() for key, value in slots.items()}
-        tensors["rng.torch"] = torch.get_rng_state()
+        for rank, rng in enumerate(rng_states):
+            tensors["rng.torch" if rank == 0 else f"rng.torch.{rank}"] = rng
         save_file(tensors, str(staging / "optimizer.safetensors"))
         (staging / "state.json").write_text(json.dumps({
             "fingerprint": fingerprint, "loop": asdict(state), "param_groups": opt["param_groups"],
@@ -46,8 +51,9 @@ def save_checkpoint(directory: Path, fingerprint: dict, learner, optimizer, samp
     replace_directory(directory, write, marker="state.json")
 
 
-def load_checkpoint(directory: Path, fingerprint: dict, learner, optimizer, sampler) -> tuple[LoopState, dict | None]:
-    """Restore a run in place; returns its loop state and best weights."""
+def load_checkpoint(directory: Path, fingerprint: dict, learner, optimizer, sampler,
+                    rank: int = 0) -> tuple[LoopState, dict | None]:
+    """Restore a run in place (as process `rank` of a distributed run); returns its loop state and best weights."""
     meta = json.loads((directory / "state.json").read_text())
     if meta["fingerprint"] != fingerprint:
         changed = sorted(k for k in fingerprint if fingerprint[k] != meta["fingerprint"].get(k))
@@ -55,7 +61,8 @@ def load_checkpoint(directory: Path, fingerprint: dict, learner, optimizer, samp
                         f"delete it to start again")
     load_model(learner, str(directory / "weights.safetensors"))
     tensors = load_file(str(directory / "optimizer.safetensors"))
-    torch.set_rng_state(tensors.pop("rng.torch"))
+    rngs = {name: tensors.pop(name) for name in list(tensors) if name.startswith("rng.")}
+    torch.set_rng_state(rngs["rng.torch" if rank == 0 else f"rng.torch.{rank}"])
     slots: dict[int, dict] = {}
     for name, value in tensors.items():
         _, index, key = name.split(".", 2)

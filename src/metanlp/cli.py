@@ -19,6 +19,7 @@ from metanlp.config import (
     DEFAULT_ENCODER,
     EMBEDDED_SPLIT,
     LEARNER_KINDS,
+    DistributedConfig,
     EncoderConfig,
     EpisodeConfig,
     LearnerSpec,
@@ -155,18 +156,25 @@ def train(
                         ] = TrainConfig().patience,
     seed: Annotated[int, typer.Option(help="seed of the episodes and of any new weights")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    processes: Annotated[int, typer.Option(
+        min=1, help="data-parallel processes on this machine, each with a share of every meta-batch (one GPU "
+                    "each on CUDA); under torchrun, leave at 1: torchrun's processes are the world")] = 1,
     checkpoint: Annotated[bool, typer.Option(
         help="save the run state at every validation to OUT.checkpoint/ and resume from it if present")] = True,
     force: Annotated[bool, typer.Option(help="replace --out even if it is not an output of this command")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
-    """Meta-train a learner on episodes from the training classes; keep the best on validation classes."""
+    """Meta-train a learner on episodes from the training classes; keep the best on validation classes.
+
+    `torchrun --nproc-per-node N -m metanlp train ...` runs it data-parallel (rank 0 writes)."""
     from metanlp.data.splits import split_classes
+    from metanlp.distributed import joined
     from metanlp.reporting import write_training_report
     from metanlp.train import train_learner
 
     config = TrainConfig(episodes=episodes, tasks_per_step=tasks_per_step, lr=lr, val_every=val_every,
                          val_episodes=val_episodes, patience=patience, seed=seed, device=device,
+                         distributed=DistributedConfig(processes=processes),
                          episode=EpisodeConfig(ways=ways, shots=shots, queries=queries),
                          val_episode=EpisodeConfig(ways=ways, shots=1, queries=queries))
     spec_learner = _learner_config(learner, inner_steps, inner_lr, adapt, top_layers)
@@ -196,10 +204,13 @@ def train(
         provenance = Provenance(split=split, classes=classes.to_dict(), train_data=data)
     spec = LearnerSpec(learner=spec_learner, encoder=encoder_config, provenance=provenance)
     checkpoint_dir = out.with_name(out.name + ".checkpoint") if checkpoint else None
-    if checkpoint_dir is not None and checkpoint_dir.exists():
-        err_console.print(f"resuming from {checkpoint_dir}")
-    result = train_learner(spec, train_set, val_set, config, out, show_progress=not quiet,
-                           checkpoint_dir=checkpoint_dir, force=force, **spaces)
+    with joined(device) as world:
+        if checkpoint_dir is not None and checkpoint_dir.exists() and world.main:
+            err_console.print(f"resuming from {checkpoint_dir}")
+        result = train_learner(spec, train_set, val_set, config, out, show_progress=not quiet,
+                               checkpoint_dir=checkpoint_dir, force=force, **spaces)
+    if not world.main:
+        return
     write_training_report(out)
     typer.echo(f"best validation accuracy {100 * result.best_val_accuracy:.1f}% at episode {result.best_episode} "
                f"({result.episodes_run} episodes run); model written to {out}")
@@ -745,10 +756,13 @@ def schedule(
     out: Annotated[str | None, typer.Option(help="score: the .csv or .jsonl written (replaced each run)")] = None,
     serve: Annotated[bool, typer.Option(help="keep running and execute the scheduled runs (a Prefect runner); "
                                              "--no-serve only registers the deployment")] = True,
+    pool: Annotated[str | None, typer.Option(
+        help="deploy to this Prefect process work pool (created if missing) instead of serving here: "
+             "`prefect worker start --pool NAME` on any machine with metanlp installed runs it")] = None,
 ) -> None:
     """Create a scheduled deployment (retraining, or batch scoring) on the Prefect server PREFECT_API_URL
     points at."""
-    from metanlp.pipeline import deployment
+    from metanlp.pipeline import deployment, ensure_work_pool
     from metanlp.scoring import check_output
 
     root = params.resolve().parent
@@ -772,10 +786,14 @@ def schedule(
         raise DataError("schedules need a running Prefect server: start `prefect server start` and set "
                         "PREFECT_API_URL=http://127.0.0.1:4200/api")
     name = name or job
-    scheduled = deployment(job, name, cron, timezone, parameters)
+    scheduled = deployment(job, name, cron, timezone, parameters, pool)
+    if pool is not None and ensure_work_pool(pool):
+        typer.echo(f"created process work pool {pool!r}")
     deployment_id = scheduled.apply()
     typer.echo(f"deployment {scheduled.flow_name}/{name} ({deployment_id}) scheduled '{cron}' {timezone}")
-    if serve:
+    if pool is not None:
+        typer.echo(f"its runs wait for a worker: prefect worker start --pool {pool}")
+    elif serve:
         from prefect import serve as serve_deployments
 
         serve_deployments(scheduled)

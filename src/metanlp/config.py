@@ -74,6 +74,14 @@ class EpisodeConfig(_Strict):
     queries: int = Field(5, ge=1)
 
 
+class DistributedConfig(_Strict):
+    """Data-parallel meta-training on this machine. Across machines, start `torchrun` yourself (README)."""
+
+    # >1: metanlp starts this many processes (torchrun's launcher, gloo on CPU, one GPU each on CUDA) and
+    # splits every meta-batch's tasks among them
+    processes: int = Field(1, ge=1)
+
+
 class TrainConfig(_Strict):
     """Episodic meta-training loop."""
 
@@ -94,6 +102,15 @@ class TrainConfig(_Strict):
     # Hybrid pretraining: the share of training episodes drawn from SMLMT cloze classes ("mask:*"), the rest
     # from the supervised classes of the same training set. None: classes are drawn from all alike.
     smlmt_fraction: float | None = Field(None, ge=0, le=1)
+    distributed: DistributedConfig = DistributedConfig()
+
+    @model_validator(mode="after")
+    def _every_process_has_a_task(self) -> TrainConfig:
+        if self.distributed.processes > self.tasks_per_step:
+            raise ValueError(f"distributed.processes is {self.distributed.processes} but tasks_per_step is "
+                             f"{self.tasks_per_step}: each process needs at least one task of every meta-batch; "
+                             f"set tasks_per_step >= {self.distributed.processes}")
+        return self
 
 
 # --- A task pool: several datasets, each a label space of its own (or one per task), with a role ---

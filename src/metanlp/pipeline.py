@@ -11,6 +11,10 @@ with exponential backoff; bad input (a failed validation, a wrong parameter) fai
 Prefect's home, database and results live under the project's .prefect/ unless PREFECT_HOME and
 PREFECT_LOCAL_STORAGE_PATH say otherwise (`metanlp.runtime.apply_environment_defaults`, called by the entry
 points before Prefect is imported).
+
+A deployment on a work pool names its flow by module path (`metanlp.pipeline.train_flow`,
+`metanlp.pipeline.score_flow`), so a `prefect worker` anywhere metanlp is installed can run it: the module
+builds the flow when the worker asks for it, not at import.
 """
 
 from __future__ import annotations
@@ -142,10 +146,25 @@ def build_scoring_flow():
     return score_flow
 
 
-def deployment(job: str, name: str, cron: str, timezone: str, parameters: dict):
+FLOWS = {"train_flow": build_flow, "score_flow": build_scoring_flow}  # module-level names a worker imports
+
+
+def __getattr__(name: str):
+    """`metanlp.pipeline.train_flow` / `score_flow`: the flow a work pool's worker loads (an entry point, so the
+    offline and no-telemetry defaults are set here, as the CLI sets them)."""
+    if name not in FLOWS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from metanlp.runtime import apply_environment_defaults
+
+    apply_environment_defaults()
+    return FLOWS[name]()
+
+
+def deployment(job: str, name: str, cron: str, timezone: str, parameters: dict, pool: str | None = None):
     """A scheduled deployment of the retraining (`retrain`) or batch-scoring (`score`) flow, served by a
-    Prefect runner (`metanlp schedule`)."""
+    Prefect runner (`metanlp schedule`), or, with `pool`, run by that work pool's workers."""
     from prefect.client.schemas.schedules import CronSchedule
+    from prefect.types.entrypoint import EntrypointType
 
     try:
         schedule = CronSchedule(cron=cron, timezone=timezone)
@@ -156,4 +175,26 @@ def deployment(job: str, name: str, cron: str, timezone: str, parameters: dict):
     if job not in flows:
         raise DataError(f"--job {job!r}: choose from {list(flows)}")
     build, description = flows[job]
-    return build().to_deployment(name=name, schedules=[schedule], parameters=parameters, description=description)
+    if pool is None:
+        return build().to_deployment(name=name, schedules=[schedule], parameters=parameters, description=description)
+    return build().to_deployment(name=name, schedules=[schedule], parameters=parameters, description=description,
+                                 work_pool_name=pool, entrypoint_type=EntrypointType.MODULE_PATH)
+
+
+def ensure_work_pool(name: str) -> bool:
+    """A process work pool called `name` on the Prefect server (created if missing; True when created).
+    A pool of another type is refused: its workers would not run a local process."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            pool = client.read_work_pool(name)
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+            return True
+    if pool.type != "process":
+        raise DataError(f"--pool {name!r}: a {pool.type!r} work pool; metanlp deploys to process pools "
+                        f"(create one: prefect work-pool create NAME --type process)")
+    return False

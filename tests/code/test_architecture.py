@@ -20,12 +20,12 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data", ("metanlp.data",)),
     ("encoder", ("metanlp.encoder",)),
     ("learners", ("metanlp.learners",)),
-    ("training and evaluation", ("metanlp.train", "metanlp.checkpoint", "metanlp.evaluation", "metanlp.pretrain",
-                                 "metanlp.adaptation", "metanlp.suite")),
+    ("training and evaluation", ("metanlp.train", "metanlp.distributed", "metanlp.checkpoint", "metanlp.evaluation",
+                                 "metanlp.pretrain", "metanlp.adaptation", "metanlp.suite")),
     ("reporting and serving", ("metanlp.reporting", "metanlp.tracking", "metanlp.tasks", "metanlp.serving",
                                "metanlp.service", "metanlp.mlflow_model", "metanlp.scoring")),
     ("stages", ("metanlp.stages",)),
-    ("pipeline and CLI", ("metanlp.pipeline", "metanlp.cli")),
+    ("pipeline and CLI", ("metanlp.pipeline", "metanlp.cli", "metanlp.__main__")),
 ]
 
 

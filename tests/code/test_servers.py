@@ -96,3 +96,46 @@ def test_flow_against_real_mlflow_and_prefect_servers(tiny_project, tmp_path):
         deployment = httpx.get(f"{prefect_api}/deployments/name/metanlp-score/score").json()
         assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 6 * * *"]
         assert deployment["parameters"]["model"] == "models:/metanlp-intents@champion"
+
+
+@pytest.mark.slow
+def test_a_prefect_worker_runs_the_retraining_deployment_of_a_work_pool(tiny_project, tmp_path):
+    from metanlp.tracking import tracking_uri
+
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_UI_ENABLED": "false",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("PREFECT_API_URL", None)
+    api = f"http://127.0.0.1:{port}/api"
+    with server([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                f"{api}/health", env, tmp_path / "prefect.log"):
+        client_env = {**env, "PREFECT_API_URL": api}
+        scheduled = subprocess.run([str(BIN / "metanlp"), "schedule", "--pool", "metanlp-pool", "--params",
+                                    str(tiny_project / "params.yaml")], env=client_env, capture_output=True,
+                                   text=True, timeout=300)
+        assert scheduled.returncode == 0, scheduled.stderr[-3000:]
+        assert "created process work pool 'metanlp-pool'" in scheduled.stdout
+        deployment = httpx.get(f"{api}/deployments/name/metanlp-train/retrain").json()
+        assert deployment["work_pool_name"] == "metanlp-pool"
+        assert deployment["entrypoint"] == "metanlp.pipeline.train_flow"  # loadable wherever metanlp is installed
+        flow_run = httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={}).json()
+
+        log = tmp_path / "worker.log"
+        with log.open("w") as out:
+            worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "metanlp-pool"],
+                                      env=client_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline, state = time.monotonic() + 900, None
+            while time.monotonic() < deadline:
+                state = httpx.get(f"{api}/flow_runs/{flow_run['id']}").json()["state"]
+                if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                    break
+                assert worker.poll() is None, log.read_text()[-3000:]
+                time.sleep(2)
+        finally:
+            os.killpg(worker.pid, 15)
+            worker.wait(timeout=60)
+        assert state is not None and state["type"] == "COMPLETED", f"{state}\n{log.read_text()[-4000:]}"
+
+    registry = MlflowClient(tracking_uri=tracking_uri(None, tiny_project))
+    assert str(registry.get_model_version_by_alias("metanlp-intents", "champion").version) == "1"

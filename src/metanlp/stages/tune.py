@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from metanlp.atomic import fault_point, file_digest
-from metanlp.config import PipelineParams
+from metanlp.config import DistributedConfig, PipelineParams
 from metanlp.stages.build_corpus import CORPUS
 from metanlp.stages.common import Stage, Workspace, params_slice, write_json
 from metanlp.stages.meta_train import BEST, train_model, with_overrides
@@ -92,9 +92,11 @@ def run(params: PipelineParams, root: Path, show_progress: bool = True, worker: 
         shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
         print(f"tune: trial {trial.number + 1} of {tune.trials} ({shown})", flush=True)
         config = with_overrides(start, values)
+        # A trial is one process (its pruning reports each validation); tuning scales out with workers.
         config = config.model_copy(update={"train": config.train.model_copy(update={
             "episodes": tune.episodes, "val_every": tune.val_every, "val_episodes": tune.val_episodes,
-            "warmup_episodes": min(config.train.warmup_episodes, tune.episodes // 2)})})
+            "warmup_episodes": min(config.train.warmup_episodes, tune.episodes // 2),
+            "distributed": DistributedConfig()})})
 
         def report(step: int, accuracy: float) -> None:
             fault_point("tune.validation")  # crash tests: a worker killed in the middle of a trial
