@@ -134,7 +134,11 @@ def test_a_prefect_worker_runs_the_retraining_deployment_of_a_work_pool(tiny_pro
                 time.sleep(2)
         finally:
             os.killpg(worker.pid, 15)
-            worker.wait(timeout=60)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # a worker may wait out its polling before it heeds SIGTERM
+                os.killpg(worker.pid, 9)
+                worker.wait(timeout=30)
         assert state is not None and state["type"] == "COMPLETED", f"{state}\n{log.read_text()[-4000:]}"
 
     registry = MlflowClient(tracking_uri=tracking_uri(None, tiny_project))
