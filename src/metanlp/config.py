@@ -309,9 +309,21 @@ class LeopardConfig(GradientConfig):
     first_order: bool = True
 
 
+class LSTMConfig(GradientConfig):
+    """Optimizer learning (Ravi & Larochelle, 2017; "recurrent meta-learning"): the inner steps are taken by a
+    small LSTM shared coordinate-wise over the adapted tensors, meta-trained through the inner loop."""
+
+    kind: Literal["lstm"] = "lstm"
+    # The network runs once per adapted coordinate and step: the head (classes x dim) by default; `top` on a
+    # MiniLM layer pair is ~3.5M coordinates, hidden_size x 4 gates each.
+    adapt: Literal["head", "top", "all", "lora"] = "head"
+    hidden_size: int = Field(20, ge=1)
+    vmap_tasks: Literal[False] = False  # the vmapped head loop takes plain SGD steps, not this rule's
+
+
 LearnerConfig = Annotated[
     ProtoNetConfig | FrozenConfig | FineTuneConfig | LogRegConfig | SetFitConfig | MAMLConfig | FOMAMLConfig
-    | ANILConfig | MetaSGDConfig | ReptileConfig | LeopardConfig,
+    | ANILConfig | MetaSGDConfig | ReptileConfig | LeopardConfig | LSTMConfig,
     Field(discriminator="kind"),
 ]
 LEARNER_KINDS = tuple(spec.model_fields["kind"].default for spec in get_args(get_args(LearnerConfig)[0]))

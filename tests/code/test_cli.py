@@ -101,7 +101,7 @@ def test_evaluating_on_trained_classes_warns(tiny_model, tmp_path):
     assert "classes of" in result.output and "were meta-trained on" in result.output
 
 
-@pytest.mark.parametrize("learner", ["maml", "fomaml", "anil", "metasgd", "reptile", "leopard"])
+@pytest.mark.parametrize("learner", ["maml", "fomaml", "anil", "metasgd", "reptile", "leopard", "lstm"])
 def test_every_gradient_learner_trains_and_evaluates_from_the_cli(learner, tmp_path):
     out = tmp_path / learner
     extra = ["--adapt", "lora"] if learner == "maml" else []

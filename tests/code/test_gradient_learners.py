@@ -274,3 +274,55 @@ def test_stacked_tasks_need_same_shaped_episodes(corpus):
     on_cpu = _setup(corpus, "maml", batch_tasks="auto")[0]
     assert not on_cpu.execution.applies(on_cpu, EpisodeSampler(corpus, 3, 2, 2).take(2))
     assert isinstance(_setup(corpus, "maml", batch_tasks="never")[0].execution, TaskLoop)
+
+
+def _randomise_update_network(learner, seed: int = 1, scale: float = 0.3):
+    """The LSTM optimizer starts with a zero output layer (SGD); give it a random one so its weights matter."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in learner.update_network.parameters():
+            p.copy_(scale * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+
+
+@pytest.mark.parametrize("adapt", ["head", "top"])
+def test_the_lstm_optimizer_with_its_output_fixed_to_sgd_takes_sgd_steps(corpus, adapt):
+    """Output layer at zero: each step is -rate * grad (its learned step scale is 1 and it shrinks nothing), so the
+    inner loop is MAML's, whatever the rest of the network holds."""
+    lstm, tokens, episode = _setup(corpus, "lstm", adapt=adapt, top_layers=1)
+    _randomise_update_network(lstm)
+    with torch.no_grad():
+        lstm.update_network.out.weight.zero_()
+        lstm.update_network.out.bias.zero_()
+    maml, _, _ = _setup(corpus, "maml", adapt=adapt, top_layers=1)
+    maml.load_state_dict({k: v for k, v in lstm.state_dict().items() if not k.startswith("update_network.")})
+    support, targets = tokens.batch(episode.support), torch.as_tensor(episode.support_labels)
+    for track_meta in (True, False):
+        learned = lstm.inner_loop(support, targets, 3, create_graph=False, track_meta=track_meta)
+        sgd = maml.inner_loop(support, targets, 3, create_graph=False, track_meta=track_meta)
+        assert learned.keys() == sgd.keys() and len(learned) == len(lstm.adapted) + 2
+        for name in sgd:
+            torch.testing.assert_close(learned[name], sgd[name], rtol=0, atol=1e-12, msg=name)
+    torch.testing.assert_close(lstm.episode_loss(tokens, episode)[0], maml.episode_loss(tokens, episode)[0])
+
+    _randomise_update_network(lstm)  # a trained-looking network takes other steps
+    learned = lstm.inner_loop(support, targets, 3, create_graph=False, track_meta=False)
+    assert not torch.allclose(learned["head.weight"], sgd["head.weight"])
+
+
+def test_the_lstm_learners_meta_gradient_matches_finite_differences(corpus):
+    """Second order: the meta-gradient of the query loss, for the LSTM's weights and the encoder's, is the
+    derivative a finite difference measures."""
+    learner, tokens, episode = _setup(corpus, "lstm", adapt="head")
+    _randomise_update_network(learner)
+    direction = _direction(learner)
+    # log|grad| in the network's input is strongly curved where a gradient is small: a smaller step than MAML's
+    # (1e-5 there moves some head gradients by as much as they are, and the difference is off by 4x)
+    numeric = _directional(learner, tokens, episode, direction, eps=1e-7)
+    analytic = _analytic(learner, tokens, episode, direction)
+    assert analytic == pytest.approx(numeric, rel=1e-4, abs=1e-8)
+    # ... and the LSTM alone gets its share (the direction restricted to its weights)
+    only_lstm = [v if n.startswith("update_network.") else torch.zeros_like(v) for (n, _), v in
+                 zip(((n, p) for n, p in learner.named_parameters() if p.requires_grad), direction, strict=True)]
+    lstm_part = _analytic(learner, tokens, episode, only_lstm)
+    assert lstm_part != 0 and lstm_part == pytest.approx(_directional(learner, tokens, episode, only_lstm, eps=1e-7),
+                                                          rel=1e-4, abs=1e-8)

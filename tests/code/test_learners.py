@@ -150,7 +150,8 @@ def test_an_episode_leaves_the_callers_random_stream_alone(corpus, tiny_encoder_
     assert run_episode(learner, episode, tokens, tokens, seed=7).accuracy == first
 
 
-@pytest.mark.parametrize("kind", ["protonet", "frozen", "logreg", "maml", "anil", "metasgd", "leopard", "reptile"])
+@pytest.mark.parametrize("kind", ["protonet", "frozen", "logreg", "maml", "anil", "metasgd", "leopard", "reptile",
+                                  "lstm"])
 def test_a_classifier_rebuilt_from_its_state_predicts_what_adapt_did(tiny_encoder_config, kind):
     """What a served task saves (safetensors) and restores after a restart: the same scores, no adapting."""
     from safetensors.torch import load, save

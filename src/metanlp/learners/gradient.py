@@ -5,7 +5,8 @@
   `fomaml` (first order), `anil` (head only, Raghu et al., 2020) and `metasgd` (learned rates, Li et al.,
   2017) are MAML with the options their specs fix;
 - `reptile`: its own outer step, the weights move toward the adapted ones (Nichol et al., 2018);
-- `leopard`: the head is generated from the support set, then refined (Bansal et al., 2020).
+- `leopard`: the head is generated from the support set, then refined (Bansal et al., 2020);
+- `lstm`: the inner steps are taken by a learned, coordinate-wise LSTM optimizer (Ravi & Larochelle, 2017).
 
 The head is a linear layer on unit-norm features, initialised from the support prototypes (Proto-MAML).
 """
@@ -19,14 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metanlp.config import GradientConfig, LeopardConfig, MAMLConfig, Provenance, ReptileConfig
+from metanlp.config import GradientConfig, LeopardConfig, LSTMConfig, MAMLConfig, Provenance, ReptileConfig
 from metanlp.data.episodes import Episode
 from metanlp.encoder import TextEncoder, TokenBatch, TokenizedTexts
 from metanlp.learners.base import Classifier, Learner, check_state, logits_in_chunks, support_targets
 from metanlp.learners.encoder_split import EncoderSplit
 from metanlp.learners.inner_loop import (
     HEAD,
+    CoordinateLSTM,
     InnerRule,
+    LearnedRule,
     adapt_fast_weights,
     adapted_parameter_names,
     add_lora_adapters,
@@ -134,6 +137,18 @@ class Leopard(MAML):
         weight, bias = super().initial_head(h, targets, n_classes)  # residual on the Proto-MAML head
         generated = prototypes(self.generator(h), targets, n_classes)
         return weight + generated[..., :-1], bias + generated[..., -1]
+
+
+class LearnedOptimizer(MAML):
+    """Optimizer learning: MAML whose inner steps a `CoordinateLSTM` takes (`inner_loop.LearnedRule`), from the
+    preprocessed gradient and loss of each coordinate. It starts as MAML's SGD with the configured rates and is
+    meta-trained with the rest, first or second order."""
+
+    def __init__(self, encoder: TextEncoder, config: LSTMConfig | None = None,
+                 provenance: Provenance | None = None) -> None:
+        super().__init__(encoder, config or LSTMConfig(), provenance)
+        self.update_network = CoordinateLSTM(self.config.hidden_size)
+        self.rule = LearnedRule(self.config, self.rule.adapted, self.log_inner_lrs, self.update_network)
 
 
 class Reptile(MAML):

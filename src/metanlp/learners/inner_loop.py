@@ -1,5 +1,6 @@
 """The inner-step rule of the gradient meta-learners: which tensors adapt, how far each step moves them
-(fixed rates, or Meta-SGD's learned ones), and whether the meta-gradient goes through the steps (order).
+(fixed rates, Meta-SGD's learned ones, or a learned optimizer's updates), and whether the meta-gradient goes
+through the steps (order).
 
 `adapt_fast_weights` is the inner loop itself. It never copies modules: it keeps a dict of "fast" tensors
 that the caller's feature function runs the encoder with. How a meta-batch of such loops is executed (task
@@ -70,7 +71,7 @@ def learned_rates(config: GradientConfig, adapted: list[str]) -> nn.ParameterDic
 
 
 class InnerRule:
-    """Which encoder tensors adapt, and the step size of each (head tensors included)."""
+    """Which encoder tensors adapt, the step size of each (head tensors included), and the step: SGD."""
 
     def __init__(self, config: GradientConfig, adapted: list[str], log_rates: nn.ParameterDict) -> None:
         self.config, self.adapted, self.log_rates = config, adapted, log_rates
@@ -79,6 +80,58 @@ class InnerRule:
         if self.config.learn_inner_lr:
             return self.log_rates[_key(name)].exp()
         return self.config.head_inner_lr if name in HEAD else self.config.inner_lr
+
+    def step(self, name: str, value: torch.Tensor, grad: torch.Tensor, loss: torch.Tensor,
+             memory: dict) -> torch.Tensor:
+        """`value` after one inner step. `memory`: what a recurrent rule keeps between the steps of one loop."""
+        return value - self.rate(name) * grad
+
+
+def preprocess(x: torch.Tensor, p: float = 10.0) -> torch.Tensor:
+    """The input scaling of learned optimizers (Andrychowicz et al., 2016; Ravi & Larochelle, 2017): each value
+    becomes (log|x| / p, sign x) when |x| >= e^-p, else (-1, e^p x), so gradients of any magnitude reach the
+    network on a similar scale. [..., 2]."""
+    small = math.exp(-p)
+    big = x.abs() >= small
+    magnitude = torch.where(big, x.abs().clamp_min(small).log() / p, torch.full_like(x, -1.0))
+    sign = torch.where(big, torch.sign(x), x / small)
+    return torch.stack([magnitude, sign], dim=-1)
+
+
+class CoordinateLSTM(nn.Module):
+    """The learned optimizer's network (Ravi & Larochelle, 2017): one small LSTM shared by every coordinate of
+    every adapted tensor. Per coordinate and step it reads the preprocessed gradient and loss and emits two
+    numbers: how much to scale the step (a learned, per-coordinate learning rate) and how much to shrink the
+    value (their forget gate). Its output layer starts at zero: the first meta-training step is plain SGD."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.cell = nn.LSTMCell(4, hidden_size)
+        self.out = nn.Linear(hidden_size, 2)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, grad: torch.Tensor, loss: torch.Tensor, state):
+        inputs = torch.cat([preprocess(grad), preprocess(loss).expand(*grad.shape, 2)], dim=-1)
+        hidden, cell = self.cell(inputs.reshape(-1, 4).to(self.out.weight.dtype), state)
+        gates = self.out(hidden).view(*grad.shape, 2)
+        return gates[..., 0], gates[..., 1], (hidden, cell)
+
+
+class LearnedRule(InnerRule):
+    """Inner steps taken by a `CoordinateLSTM`: value - rate * 2 sigmoid(a) * grad - decay * tanh(b) * value,
+    where (a, b) is the network's output for that coordinate (0 at the start: SGD with the configured rates)."""
+
+    DECAY = 0.1  # the most a step may shrink a value toward zero
+
+    def __init__(self, config: GradientConfig, adapted: list[str], log_rates: nn.ParameterDict,
+                 network: CoordinateLSTM) -> None:
+        super().__init__(config, adapted, log_rates)
+        self.network = network
+
+    def step(self, name, value, grad, loss, memory):
+        scale, shrink, memory[name] = self.network(grad, loss, memory.get(name))
+        return value - self.rate(name) * 2 * torch.sigmoid(scale) * grad - self.DECAY * torch.tanh(shrink) * value
 
 
 def support_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -113,6 +166,7 @@ def adapt_fast_weights(rule: InnerRule, start: dict[str, torch.Tensor], features
         weight, bias, h = weight.detach().requires_grad_(), bias.detach().requires_grad_(), h.detach()
     fast.update({HEAD[0]: weight, HEAD[1]: bias})
     first_order_meta = track_meta and not create_graph
+    memory: dict = {}  # a recurrent rule's state, per tensor, across the steps
     for step in range(steps):
         probe = fast
         if first_order_meta and step > 0:
@@ -127,7 +181,9 @@ def adapt_fast_weights(rule: InnerRule, start: dict[str, torch.Tensor], features
         # retain_graph: the outer loss still needs the graph from the meta-parameters to the start.
         grads = torch.autograd.grad(loss, [probe[n] for n in names], create_graph=create_graph,
                                     retain_graph=track_meta and probe is fast, allow_unused=True)
-        fast = {n: fast[n] if g is None else fast[n] - rule.rate(n) * g for n, g in zip(names, grads, strict=True)}
+        seen = loss if create_graph else loss.detach()  # first order: the step's inputs are constants
+        fast = {n: fast[n] if g is None else rule.step(n, fast[n], g, seen, memory)
+                for n, g in zip(names, grads, strict=True)}
         if not track_meta:  # adaptation at test time: plain SGD on leaf tensors
             fast = {n: t.detach().requires_grad_() for n, t in fast.items()}
     return fast

@@ -6,7 +6,7 @@ from metanlp.config import EncoderConfig, LearnerConfig, Provenance, learner_con
 from metanlp.encoder import TextEncoder
 from metanlp.learners.base import Learner
 from metanlp.learners.finetune import FineTune
-from metanlp.learners.gradient import MAML, Leopard, Reptile
+from metanlp.learners.gradient import MAML, LearnedOptimizer, Leopard, Reptile
 from metanlp.learners.logreg import LogisticRegressionHead
 from metanlp.learners.protonet import FrozenEncoder, ProtoNet
 from metanlp.learners.setfit_peer import SetFitPeer
@@ -17,7 +17,7 @@ LEARNERS: dict[str, type[Learner]] = {
     "setfit": SetFitPeer,
     # FOMAML, ANIL and Meta-SGD are MAML with the options their specs fix (first order, head only, learned rates).
     "maml": MAML, "fomaml": MAML, "anil": MAML, "metasgd": MAML,
-    "reptile": Reptile, "leopard": Leopard,
+    "reptile": Reptile, "leopard": Leopard, "lstm": LearnedOptimizer,
 }
 
 
