@@ -121,8 +121,10 @@ class Leopard(MAML):
     """LEOPARD-style (Bansal et al., 2020): each task's head is generated from its support set, then refined
     by inner steps with learned learning rates.
 
-    A small network maps every support feature to a (weight, bias) pair; a class's head row is the mean over
-    its examples. It is residual with a zero-initialised last layer, so training starts from Proto-MAML.
+    A small network maps every support feature h to a correction (dh, b); a class's head row is the learned
+    scale times the unit direction of the mean of h + dh over its examples, its bias the mean of b. The
+    network only turns the rows (their length is the learned temperature, as in Proto-MAML), so a generator
+    that learns fast cannot blow up the logits. Its last layer starts at zero: training starts from Proto-MAML.
     """
 
     def __init__(self, encoder: TextEncoder, config: LeopardConfig | None = None,
@@ -134,9 +136,10 @@ class Leopard(MAML):
         nn.init.zeros_(self.generator[2].bias)
 
     def initial_head(self, h: torch.Tensor, targets: torch.Tensor, n_classes: int):
-        weight, bias = super().initial_head(h, targets, n_classes)  # residual on the Proto-MAML head
-        generated = prototypes(self.generator(h), targets, n_classes)
-        return weight + generated[..., :-1], bias + generated[..., -1]
+        generated = self.generator(h)
+        corrected = prototypes(h + generated[..., :-1], targets, n_classes)
+        weight = self.log_scale.exp() * F.normalize(corrected, dim=-1)
+        return weight, prototypes(generated[..., -1:], targets, n_classes).squeeze(-1)
 
 
 class LearnedOptimizer(MAML):
