@@ -33,7 +33,7 @@ def train_args(learner: str, steps: int, tasks: int, val_every: int, val_episode
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--learners", default="protonet,fomaml,anil,metasgd,reptile,leopard,maml")
+    parser.add_argument("--learners", default="protonet,fomaml,anil,metasgd,reptile,leopard,lstm,maml")
     parser.add_argument("--train-steps", type=int, default=150)
     parser.add_argument("--tasks-per-step", type=int, default=4)
     parser.add_argument("--episodes", type=int, default=200)

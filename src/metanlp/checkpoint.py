@@ -1,9 +1,9 @@
 """Resumable meta-training: everything a run needs to continue to the same result, without pickle.
 
 A checkpoint folder holds `weights.safetensors` (the learner now), `best.safetensors` (the best weights so
-far), `optimizer.safetensors` (the optimizer's tensors and torch's RNG state, one per process of a
-distributed run) and `state.json` (step,
-history, optimizer hyperparameters, the episode sampler's RNG state, and a fingerprint of the settings).
+far), `optimizer.safetensors` (the optimizer's tensors and torch's RNG state, one per process of a distributed
+run) and `state.json` (step, history, optimizer hyperparameters, the episode sampler's RNG state, and a
+fingerprint of the settings).
 It is written whole or not at all, and only resumed by a run with the same fingerprint.
 """
 

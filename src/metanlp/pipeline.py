@@ -175,10 +175,10 @@ def deployment(job: str, name: str, cron: str, timezone: str, parameters: dict, 
     if job not in flows:
         raise DataError(f"--job {job!r}: choose from {list(flows)}")
     build, description = flows[job]
-    if pool is None:
-        return build().to_deployment(name=name, schedules=[schedule], parameters=parameters, description=description)
+    # a worker loads the flow by module path: metanlp installed is enough, no copy of this folder
+    on_pool = {} if pool is None else {"work_pool_name": pool, "entrypoint_type": EntrypointType.MODULE_PATH}
     return build().to_deployment(name=name, schedules=[schedule], parameters=parameters, description=description,
-                                 work_pool_name=pool, entrypoint_type=EntrypointType.MODULE_PATH)
+                                 **on_pool)
 
 
 def ensure_work_pool(name: str) -> bool:

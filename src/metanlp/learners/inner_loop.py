@@ -184,6 +184,7 @@ def adapt_fast_weights(rule: InnerRule, start: dict[str, torch.Tensor], features
         seen = loss if create_graph else loss.detach()  # first order: the step's inputs are constants
         fast = {n: fast[n] if g is None else rule.step(n, fast[n], g, seen, memory)
                 for n, g in zip(names, grads, strict=True)}
-        if not track_meta:  # adaptation at test time: plain SGD on leaf tensors
+        if not track_meta:  # adaptation at test time: each step on leaf tensors, no graph kept
             fast = {n: t.detach().requires_grad_() for n, t in fast.items()}
+            memory = {n: tuple(t.detach() for t in kept) for n, kept in memory.items()}
     return fast
