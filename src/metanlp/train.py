@@ -105,8 +105,9 @@ def _meta_train(learner: Learner, train_data: LabelledTexts, val_data: LabelledT
     val_episodes = EpisodeSampler(val_data, v.ways, v.shots, v.queries, seed=config.seed + 1,
                                   spaces=val_spaces).take(config.val_episodes)
 
-    encoder_params = [p for p in encoder.parameters() if p.requires_grad]
-    other_params = [p for n, p in learner.named_parameters() if not n.startswith("encoder.") and p.requires_grad]
+    at_encoder_rate = ("encoder.", *(f"{name}." for name in learner.encoder_rate_modules))
+    encoder_params = [p for n, p in learner.named_parameters() if n.startswith(at_encoder_rate) and p.requires_grad]
+    other_params = [p for n, p in learner.named_parameters() if not n.startswith(at_encoder_rate) and p.requires_grad]
     optimizer = torch.optim.AdamW([
         {"params": encoder_params, "lr": config.lr, "weight_decay": config.weight_decay},
         {"params": other_params, "lr": config.scale_lr, "weight_decay": 0.0},

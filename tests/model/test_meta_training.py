@@ -120,3 +120,24 @@ def test_starting_weights_are_kept_when_no_validation_beats_them(corpus, tiny_en
                         show_progress=False)
     assert result.best_episode == 0 and result.episodes_run == 4
     assert all(torch.equal(v, start[k]) for k, v in learner.state_dict().items())
+
+
+def test_leopards_generator_learns_at_the_encoders_rate_not_the_temperatures(corpus, tiny_encoder_config, tmp_path):
+    """A network (LEOPARD's head generator) takes the encoder's learning rate; the temperature the fast one."""
+    from safetensors.torch import load_file
+
+    from metanlp.train import TrainingInterrupted
+
+    split = split_classes(corpus, SplitConfig(by="random", sizes=(30, 6, 6), seed=0))
+    learner = build_learner("leopard", tiny_encoder_config)
+    start = {k: v.clone() for k, v in learner.state_dict().items()}
+    config = TrainConfig(episodes=3, val_every=1, val_episodes=2, lr=1e-9, scale_lr=0.1, warmup_episodes=0,
+                         episode=EpisodeConfig(ways=3, shots=2, queries=2), val_episode=EpisodeConfig(ways=3, shots=1,
+                                                                                                       queries=2))
+    with pytest.raises(TrainingInterrupted):
+        meta_train(learner, corpus.with_classes(split.train), corpus.with_classes(split.val), config,
+                   show_progress=False, checkpoint_dir=tmp_path / "checkpoint", stop_after=1)
+    after = load_file(tmp_path / "checkpoint" / "weights.safetensors")
+    moved = {k: (after[k] - start[k]).abs().max().item() for k in after}
+    assert max(v for k, v in moved.items() if k.startswith("generator.")) < 1e-8
+    assert moved["log_scale"] > 1e-2

@@ -98,6 +98,9 @@ class Learner(nn.Module):
     """
 
     meta_trainable: bool = False
+    # Submodules meta-trained at the encoder's learning rate: networks, unlike a temperature or inner rates,
+    # which take the faster `scale_lr`.
+    encoder_rate_modules: tuple[str, ...] = ()
 
     def __init__(self, encoder: TextEncoder, config, provenance: Provenance | None = None) -> None:
         super().__init__()

@@ -127,6 +127,8 @@ class Leopard(MAML):
     that learns fast cannot blow up the logits. Its last layer starts at zero: training starts from Proto-MAML.
     """
 
+    encoder_rate_modules = ("generator",)
+
     def __init__(self, encoder: TextEncoder, config: LeopardConfig | None = None,
                  provenance: Provenance | None = None) -> None:
         super().__init__(encoder, config or LeopardConfig(), provenance)
