@@ -50,19 +50,35 @@ def server(command: list[str], health: str, env: dict, log: Path, timeout: float
         process.wait(timeout=30)
 
 
-@pytest.mark.slow
-def test_flow_against_real_mlflow_and_prefect_servers(tiny_project, tmp_path):
-    mlflow_port, prefect_port = free_port(), free_port()
+def server_env(tmp_path: Path) -> dict:
+    """The servers' and their clients' environment: a temporary Prefect home, no UI, no telemetry, and no
+    Prefect server named yet."""
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_UI_ENABLED": "false",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("PREFECT_API_URL", None)
-    mlflow_url, prefect_api = f"http://127.0.0.1:{mlflow_port}", f"http://127.0.0.1:{prefect_port}/api"
+    return env
+
+
+@contextmanager
+def prefect_server(env: dict, log: Path) -> Iterator[str]:
+    """A real `prefect server start` on a free port of 127.0.0.1; yields its API URL."""
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    with server([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                f"{api}/health", env, log):
+        yield api
+
+
+@pytest.mark.slow
+def test_flow_against_real_mlflow_and_prefect_servers(tiny_project, tmp_path):
+    mlflow_port = free_port()
+    env = server_env(tmp_path)
+    mlflow_url = f"http://127.0.0.1:{mlflow_port}"
     with server([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
                  "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
                  "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
                 f"{mlflow_url}/health", env, tmp_path / "mlflow.log"), \
-         server([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
-                f"{prefect_api}/health", env, tmp_path / "prefect.log"):
+         prefect_server(env, tmp_path / "prefect.log") as prefect_api:
         client_env = {**env, "PREFECT_API_URL": prefect_api, "MLFLOW_TRACKING_URI": mlflow_url}
         params = str(tiny_project / "params.yaml")
         done = subprocess.run([str(BIN / "metanlp"), "run", "--params", params], env=client_env,
@@ -102,13 +118,8 @@ def test_flow_against_real_mlflow_and_prefect_servers(tiny_project, tmp_path):
 def test_a_prefect_worker_runs_the_retraining_deployment_of_a_work_pool(tiny_project, tmp_path):
     from metanlp.tracking import tracking_uri
 
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_UI_ENABLED": "false",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    env.pop("PREFECT_API_URL", None)
-    api = f"http://127.0.0.1:{port}/api"
-    with server([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                f"{api}/health", env, tmp_path / "prefect.log"):
+    env = server_env(tmp_path)
+    with prefect_server(env, tmp_path / "prefect.log") as api:
         client_env = {**env, "PREFECT_API_URL": api}
         scheduled = subprocess.run([str(BIN / "metanlp"), "schedule", "--pool", "metanlp-pool", "--params",
                                     str(tiny_project / "params.yaml")], env=client_env, capture_output=True,

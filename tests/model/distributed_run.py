@@ -29,7 +29,8 @@ from metanlp.train import TrainingInterrupted, meta_train
 CONFIG = TrainConfig(episodes=6, tasks_per_step=4, val_every=3, val_episodes=4, warmup_episodes=0, lr=1e-3,
                      patience=10, seed=3, device="cpu", episode=EpisodeConfig(ways=3, shots=2, queries=2),
                      val_episode=EpisodeConfig(ways=3, shots=1, queries=2))
-WRITING = ("os.mkdir", "os.rename", "os.replace", "os.remove", "os.rmdir", "shutil.rmtree", "shutil.move")
+# audit events that change the file tree (shutil.move and copies end in these or in "open")
+WRITING = ("os.mkdir", "os.rename", "os.replace", "os.remove", "os.rmdir", "shutil.rmtree")
 
 
 def tiny_learner():
