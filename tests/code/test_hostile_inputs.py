@@ -154,6 +154,8 @@ PARAMS = [
     ("meta_train.train.val_episode.ways", 1, "meta_train.train.val_episode.ways"),
     ("meta_train.train.tasks_per_step", 0, "meta_train.train.tasks_per_step"),
     ("meta_train.train.val_every", 0, "meta_train.train.val_every"),
+    ("meta_train.train.distributed.processes", 0, "meta_train.train.distributed.processes"),
+    ("meta_train.train.distributed.processes", 2, "tasks_per_step >= 2"),
     ("meta_train.train.device", "tpu", "device"),
     ("meta_train.train.seed", "x", "meta_train.train.seed"),
     ("meta_train.train.episodes", "many", "meta_train.train.episodes"),
