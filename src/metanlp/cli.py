@@ -19,10 +19,12 @@ from metanlp.config import (
     DEFAULT_ENCODER,
     EMBEDDED_SPLIT,
     LEARNER_KINDS,
+    DistilConfig,
     DistributedConfig,
     EncoderConfig,
     EpisodeConfig,
     LearnerSpec,
+    MemoryConfig,
     Provenance,
     SplitConfig,
     TrainConfig,
@@ -75,13 +77,13 @@ def _csv(value: str | None) -> list[str]:
     return [part.strip() for part in (value or "").split(",") if part.strip()]
 
 
-def _ints(value: str, option: str) -> list[int]:
+def _ints(value: str, option: str, least: int = 1) -> list[int]:
     try:
         numbers = [int(part) for part in _csv(value)]
     except ValueError as err:
         raise DataError(f"{option} takes comma-separated integers, got {value!r}") from err
-    if not numbers or min(numbers) < 1:
-        raise DataError(f"{option} takes positive integers, got {value!r}")
+    if not numbers or min(numbers) < least:
+        raise DataError(f"{option} takes integers from {least}, got {value!r}")
     return numbers
 
 
@@ -472,6 +474,110 @@ def adapt(
     save_learner(adapted, out, provenance=learner.provenance.model_copy(update={"adapted": record}), force=force)
     typer.echo(json.dumps(summary.__dict__, default=str))
     typer.echo(f"adapted model written to {out} ({len(support_set)} support examples)")
+
+
+@app.command()
+@cli_errors
+def memory(
+    model: Annotated[Path, typer.Option(help="a metanlp model (its encoder keys the memory; a memory model "
+                                             "keeps what it remembers and adds to it)")],
+    out: Annotated[Path, typer.Option(help="directory for the memory model (may be --model: replaced whole)")],
+    data: Annotated[list[str] | None, typer.Option(
+        help="labelled examples of past tasks (repeatable; each file is a task, or each value of --task-column)")
+    ] = None,
+    pool: Annotated[Path | None, typer.Option(help="a task pool: its meta_train datasets' label spaces are the "
+                                                   "past tasks")] = None,
+    text_column: TextColumnOpt = "text",
+    label_column: LabelColumnOpt = "label",
+    task_column: Annotated[str | None, typer.Option(help="--data: a column naming each row's task")] = None,
+    capacity: Annotated[int, typer.Option(min=1, help="rows kept; over it the largest (task, label) groups lose "
+                                                      "their oldest rows first")] = MemoryConfig().capacity,
+    neighbours: Annotated[int, typer.Option(min=0, help="memory rows borrowed per support class (same label)")
+                          ] = MemoryConfig().neighbours,
+    weight: Annotated[float, typer.Option(min=0, help="a borrowed row's weight in its prototype (support: 1)")
+                      ] = MemoryConfig().weight,
+    min_similarity: Annotated[float, typer.Option(min=-1, max=1, help="least cosine of a borrowed row to its "
+                                                                     "class's support mean")
+                              ] = MemoryConfig().min_similarity,
+    local_steps: Annotated[int, typer.Option(min=0, help="MbPA local adaptation: head steps per query (0: off)")
+                           ] = MemoryConfig().local_steps,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    force: Annotated[bool, typer.Option(help="replace --out even if it is not a metanlp model")] = False,
+) -> None:
+    """Give a model an episodic memory of past tasks' labelled examples: adapting to a new task then borrows
+    the nearest remembered examples of the same labels (and, with --local-steps, adapts locally per query)."""
+    from metanlp.atomic import check_replaceable
+    from metanlp.encoder import resolve_device
+    from metanlp.learners import load_learner, save_learner
+    from metanlp.learners.memory import with_memory
+    from metanlp.learners.persistence import SPEC_FILE
+
+    if out.resolve() != model.resolve():
+        check_replaceable(out, SPEC_FILE, force)
+    if not data and pool is None:
+        raise DataError("give the past tasks: --data FILE (repeatable) or --pool POOL")
+    tasks: list[tuple[str, LabelledTexts]] = []
+    if pool is not None:
+        from metanlp.data.pool import load_spaces, read_pool
+
+        task_pool, root = read_pool(pool)
+        tasks += [(s.name, s.data) for e in task_pool.tasks if e.role == "meta_train" for s in load_spaces(e, root)]
+    for path in data or []:
+        rows = load_labelled(path, text_column=text_column, label_column=label_column,
+                             domain_column=task_column or "domain")
+        if task_column and rows.domains is None:
+            raise DataError(f"{path}: has no task column {task_column!r}")
+        name = Path(path).stem
+        tasks += ([(f"{name}/{t}", rows.select([i for i, d in enumerate(rows.domains) if d == t]))
+                   for t in sorted(set(rows.domains))] if task_column else [(name, rows)])
+    config = MemoryConfig(capacity=capacity, neighbours=neighbours, weight=weight, min_similarity=min_similarity,
+                          local_steps=local_steps)
+    learner = with_memory(load_learner(model).to(resolve_device(device)), config)
+    for name, rows in tasks:
+        learner.remember(rows.texts, rows.labels, [name] * len(rows))
+    save_learner(learner, out, force=force or out.resolve() == model.resolve())
+    kept = len({(t, lab) for t, lab in zip(learner.memory.tasks, learner.memory.labels, strict=True)})
+    typer.echo(f"memory of {len(learner.memory)} rows ({kept} task labels, capacity {capacity}) from "
+               f"{len(tasks)} tasks; model written to {out}")
+
+
+@app.command()
+@cli_errors
+def distil(
+    teacher: Annotated[Path, typer.Option(help="the metanlp model to compress")],
+    text: Annotated[list[str], typer.Option(help="unlabeled text: .txt (one per line), JSONL/CSV text column, or "
+                                                  "'default' (repeatable); keep the datasets you will score out")],
+    out: Annotated[Path, typer.Option(help="directory for the student model")],
+    layers: Annotated[str | None, typer.Option(help="teacher layers the student keeps, e.g. 1,3,5 (default: "
+                                                    "every other one, ending with the top)")] = None,
+    steps: Annotated[int, typer.Option(min=1, help="distillation steps")] = DistilConfig().steps,
+    lr: Annotated[float, typer.Option(min=0, help="learning rate")] = DistilConfig().lr,
+    batch_size: Annotated[int, typer.Option(min=2, help="texts per step")] = DistilConfig().batch_size,
+    similarity_weight: Annotated[float, typer.Option(min=0, help="weight of the pairwise-similarity term")
+                                 ] = DistilConfig().similarity_weight,
+    seed: Annotated[int, typer.Option(help="seed of the batches and dropout")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    force: Annotated[bool, typer.Option(help="replace --out even if it is not an output of this command")] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Distil a model into a student with fewer encoder layers, trained on unlabeled text to give the teacher's
+    embeddings; the student is a normal model for predict, evaluate, benchmark and serve."""
+    from metanlp.atomic import check_replaceable
+    from metanlp.distillation import distil as distil_model
+    from metanlp.learners import load_learner, save_learner
+    from metanlp.learners.persistence import SPEC_FILE
+    from metanlp.pretrain import unlabeled_sentences
+
+    check_replaceable(out, SPEC_FILE, force)
+    config = DistilConfig(layers=_ints(layers, "--layers", least=0) if layers else None, steps=steps, lr=lr,
+                          batch_size=batch_size, similarity_weight=similarity_weight, seed=seed)
+    model = load_learner(teacher)
+    student, summary = distil_model(model, unlabeled_sentences(text), config, device, not quiet)
+    record = {"teacher": str(teacher), "text": text, **summary}
+    save_learner(student, out, provenance=model.provenance.model_copy(update={"distilled": record}), force=force)
+    typer.echo(f"student with layers {summary['layers']} of {summary['teacher_layers']}: distillation loss "
+               f"{summary['loss_first']:.4f} -> {summary['loss_last20']:.4f} in {summary['seconds']:.0f} s; "
+               f"written to {out}")
 
 
 def _model_option(value: str) -> tuple[str, Path]:

@@ -321,9 +321,27 @@ class LSTMConfig(GradientConfig):
     vmap_tasks: Literal[False] = False  # the vmapped head loop takes plain SGD steps, not this rule's
 
 
+class MemoryConfig(ProtoNetConfig):
+    """Memory-augmented adaptation (`metanlp.learners.memory`): ProtoNet's rule, with label-matched neighbours
+    from an episodic memory of past tasks counted in the prototypes, and optional MbPA-style local adaptation
+    per query. Built from a trained model by `metanlp memory`, not meta-trained."""
+
+    kind: Literal["memory"] = "memory"
+    capacity: int = Field(20000, ge=1)  # rows kept; see the module for the eviction rule
+    neighbours: int = Field(8, ge=0)  # memory rows borrowed per support class
+    weight: float = Field(0.5, ge=0)  # of a borrowed row in its prototype (a support row counts 1)
+    min_similarity: float = Field(0.5, ge=-1, le=1)  # cosine to the class's support mean
+    local_steps: int = Field(0, ge=0)  # MbPA: head steps per query; 0 = off
+    local_neighbours: int = Field(16, ge=1)
+    local_lr: float = Field(0.5, gt=0)
+    local_l2: float = Field(1.0, ge=0)
+
+    meta_trainable: ClassVar[bool] = False
+
+
 LearnerConfig = Annotated[
     ProtoNetConfig | FrozenConfig | FineTuneConfig | LogRegConfig | SetFitConfig | MAMLConfig | FOMAMLConfig
-    | ANILConfig | MetaSGDConfig | ReptileConfig | LeopardConfig | LSTMConfig,
+    | ANILConfig | MetaSGDConfig | ReptileConfig | LeopardConfig | LSTMConfig | MemoryConfig,
     Field(discriminator="kind"),
 ]
 LEARNER_KINDS = tuple(spec.model_fields["kind"].default for spec in get_args(get_args(LearnerConfig)[0]))
@@ -346,6 +364,7 @@ class Provenance(_Strict):
     classes: dict[str, list[str]] | None = None  # the class lists the split produced
     train_data: str | None = None
     adapted: dict | None = None  # domain adaptation applied after meta-training (metanlp adapt)
+    distilled: dict | None = None  # the teacher and recipe of a distilled student (metanlp distil)
     pool: TaskPool | None = None  # the task pool meta-training drew from (its eval datasets were held out)
 
 
@@ -440,6 +459,25 @@ class PretrainParams(_Strict):
     hybrid: bool = False
     smlmt_fraction: float = Field(0.5, ge=0, le=1)
     seed: int = 0
+
+
+class DistilConfig(_Strict):
+    """Distillation of a model into a student that keeps some of its encoder's layers, trained to give the
+    teacher's embeddings and their pairwise similarities on unlabeled text."""
+
+    layers: list[int] | None = None  # teacher layers the student keeps (0 = bottom); None: every other one
+    steps: int = Field(1000, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(32, ge=2)
+    similarity_weight: float = Field(1.0, ge=0)  # of the pairwise-cosine term beside the embedding term
+    seed: int = 0
+
+    @field_validator("layers")
+    @classmethod
+    def _distinct_increasing(cls, layers):
+        if layers is not None and (not layers or layers != sorted(set(layers)) or layers[0] < 0):
+            raise ValueError(f"layers {layers}: give distinct layer numbers from 0, in increasing order")
+        return layers
 
 
 class TuneParams(_Strict):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -136,6 +137,12 @@ class Learner(nn.Module):
         loss, logits = self.batch_loss(tokens, episodes)
         loss.backward()
         return loss.detach(), [lg.detach() for lg in logits]
+
+    def save_extra(self, directory: Path) -> None:
+        """Write what the learner keeps beside its weights (e.g. an episodic memory) into the model folder."""
+
+    def load_extra(self, directory: Path) -> None:
+        """Read back what `save_extra` wrote, after the weights are loaded."""
 
     def spec(self) -> LearnerSpec:
         return LearnerSpec(learner=self.config, encoder=self.encoder.config, provenance=self.provenance)

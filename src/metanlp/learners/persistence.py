@@ -1,5 +1,6 @@
 """Saved learners: `learner.json` (the spec: what it is and where it came from) + `model.safetensors` (its
-weights) + `encoder/` (architecture and tokenizer, no weights). Nothing is ever unpickled.
+weights) + `encoder/` (architecture and tokenizer, no weights) + what the learner keeps beside them
+(`save_extra`: the memory learner's `memory/`). Nothing is ever unpickled.
 
 learner.json files of the first format (a learner name with its options in a family section) are read and
 upgraded; one whose options the learner's kind no longer accepts is refused with what to change.
@@ -36,6 +37,7 @@ def save_learner(learner: Learner, directory: str | Path, provenance: Provenance
         (staging / SPEC_FILE).write_text(spec.model_dump_json(indent=2))
         save_model(learner, str(staging / WEIGHTS_FILE))
         learner.encoder.save_architecture(staging / ENCODER_DIR)
+        learner.save_extra(staging)
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text, encoding="utf-8")
 
@@ -76,4 +78,5 @@ def load_learner(directory: str | Path, attn_implementation: str | None = None) 
     if missing or unexpected:
         raise DataError(f"{directory / WEIGHTS_FILE}: weights do not match the {spec.learner.kind!r} learner "
                         f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    learner.load_extra(directory)
     return learner.eval()

@@ -8,6 +8,7 @@ from metanlp.learners.base import Learner
 from metanlp.learners.finetune import FineTune
 from metanlp.learners.gradient import MAML, LearnedOptimizer, Leopard, Reptile
 from metanlp.learners.logreg import LogisticRegressionHead
+from metanlp.learners.memory import MemoryAugmented
 from metanlp.learners.protonet import FrozenEncoder, ProtoNet
 from metanlp.learners.setfit_peer import SetFitPeer
 from metanlp.runtime import seeded
@@ -17,7 +18,7 @@ LEARNERS: dict[str, type[Learner]] = {
     "setfit": SetFitPeer,
     # FOMAML, ANIL and Meta-SGD are MAML with the options their specs fix (first order, head only, learned rates).
     "maml": MAML, "fomaml": MAML, "anil": MAML, "metasgd": MAML,
-    "reptile": Reptile, "leopard": Leopard, "lstm": LearnedOptimizer,
+    "reptile": Reptile, "leopard": Leopard, "lstm": LearnedOptimizer, "memory": MemoryAugmented,
 }
 
 

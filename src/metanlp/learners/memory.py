@@ -1,0 +1,260 @@
+"""Memory-augmented adaptation: an episodic memory of labelled examples from past tasks, used when a new task
+is adapted.
+
+The memory holds (key, text, label, task) rows: the key is the encoder's embedding of the text. At adaptation
+the learner (`MemoryAugmented`, ProtoNet's rule) looks up, for each support class, the memory rows with the
+same label whose keys are nearest the class's support mean (at least `min_similarity` cosine), and counts them
+in the prototype at `weight` each: a new domain of a known kind (a product area of sentiment, a new bank's
+intents) borrows examples from the old ones. With `local_steps`, it then adapts locally as MbPA does
+(Sprechmann et al., 2018): for each query, a few gradient steps of the cosine head on the query's nearest
+labelled rows (support and retrieved memory), pulled toward the prototypes by an L2 term, before predicting.
+A label the memory has never seen falls back to the support set alone.
+
+Bound and eviction: at most `capacity` rows. When an addition goes over it, rows are evicted from the largest
+(task, label) groups first, oldest first: every group larger than a common cap is cut to it, keeping its newest
+rows, the cap being the largest that fits (slots left over go one each to the groups cut, those added to most
+recently first). So one big past task cannot push the others out, and a full memory keeps what is recent.
+
+Saved beside the model in `memory/`: `keys.safetensors` (keys and insertion order), `entries.parquet` (text,
+label, task) and `memory.json` (capacity, the digest of the encoder weights the keys were computed with).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from metanlp.config import MemoryConfig, Provenance
+from metanlp.data.load import DataError
+from metanlp.encoder import TextEncoder, TokenizedTexts
+from metanlp.learners.base import Classifier, Learner, support_targets
+from metanlp.learners.protonet import ProtoNet, prototype_logits
+
+MEMORY_DIR = "memory"
+KEYS_FILE, ENTRIES_FILE, META_FILE = "keys.safetensors", "entries.parquet", "memory.json"
+
+
+def encoder_digest(encoder: TextEncoder) -> str:
+    """sha256 of the encoder's weights: memory keys are only valid for the weights that computed them."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(encoder.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def eviction_keep(groups: np.ndarray, order: np.ndarray, capacity: int) -> np.ndarray:
+    """Rows kept (sorted indices) when `capacity` rows of these (group id, insertion order) rows fit: groups
+    above a common cap are cut to it, newest rows kept; leftover slots go to the cut groups, most recent first."""
+    if len(groups) <= capacity:
+        return np.arange(len(groups))
+    names, group_of, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    cap = 0
+    while np.minimum(counts, cap + 1).sum() <= capacity:
+        cap += 1
+    quota = np.minimum(counts, cap)
+    cut = np.flatnonzero(counts > cap)
+    newest = np.array([order[group_of == g].max() for g in cut])
+    for g in cut[np.argsort(-newest, kind="stable")][: capacity - int(quota.sum())]:
+        quota[g] += 1
+    keep = []
+    for g in range(len(names)):
+        rows = np.flatnonzero(group_of == g)
+        keep.extend(rows[np.argsort(-order[rows], kind="stable")][: quota[g]].tolist())
+    return np.sort(np.asarray(keep, dtype=np.int64))
+
+
+@dataclass
+class EpisodicMemory:
+    """Labelled rows from past tasks, keyed by their embeddings; at most `capacity` of them."""
+
+    capacity: int
+    keys: torch.Tensor  # [rows, dim] embeddings as the encoder gives them
+    texts: list[str]
+    labels: list[str]
+    tasks: list[str]
+    order: np.ndarray  # insertion counter of each row: eviction drops the oldest of a group first
+    encoder_sha256: str | None = None
+
+    @classmethod
+    def empty(cls, capacity: int, dim: int) -> EpisodicMemory:
+        return cls(capacity, torch.empty(0, dim), [], [], [], np.empty(0, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def add(self, keys: torch.Tensor, texts: list[str], labels: list[str], tasks: list[str]) -> None:
+        """Append rows (then evict down to the capacity, see the module's doc)."""
+        if not len(texts) == len(labels) == len(tasks) == keys.shape[0]:
+            raise ValueError("memory rows: keys, texts, labels and tasks differ in length")
+        start = int(self.order.max()) + 1 if len(self.order) else 0
+        self.keys = torch.cat([self.keys, keys.detach().float().cpu()])
+        self.texts, self.labels = self.texts + list(texts), self.labels + list(labels)
+        self.tasks = self.tasks + list(tasks)
+        self.order = np.concatenate([self.order, np.arange(start, start + len(texts))])
+        groups = np.array([f"{t}\x00{lab}" for t, lab in zip(self.tasks, self.labels, strict=True)])
+        keep = eviction_keep(groups, self.order, self.capacity)
+        if len(keep) < len(self.texts):
+            self.keys = self.keys[torch.as_tensor(keep)]
+            self.texts, self.labels, self.tasks = ([values[i] for i in keep]
+                                                   for values in (self.texts, self.labels, self.tasks))
+            self.order = self.order[keep]
+
+    def nearest(self, queries: torch.Tensor, k: int, labels: list[str] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices and cosine similarities of the k rows nearest each query, best first, among the rows whose
+        label is in `labels` (all rows when None); fewer columns when fewer rows qualify."""
+        allowed = (torch.ones(len(self), dtype=torch.bool) if labels is None
+                   else torch.tensor([label in set(labels) for label in self.labels], dtype=torch.bool))
+        k = min(k, int(allowed.sum()))
+        if k == 0:
+            return torch.empty(len(queries), 0, dtype=torch.long), torch.empty(len(queries), 0)
+        similarity = F.normalize(queries.float(), dim=-1) @ F.normalize(self.keys, dim=-1).T
+        similarity = similarity.masked_fill(~allowed, float("-inf"))
+        values, indices = similarity.topk(k, dim=-1)
+        return indices, values
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({"keys": self.keys.contiguous(), "order": torch.as_tensor(self.order, dtype=torch.int64)},
+                  str(directory / KEYS_FILE))
+        pd.DataFrame({"text": self.texts, "label": self.labels, "task": self.tasks}).to_parquet(
+            directory / ENTRIES_FILE, index=False)
+        (directory / META_FILE).write_text(json.dumps({
+            "capacity": self.capacity, "rows": len(self), "dim": int(self.keys.shape[1]),
+            "encoder_sha256": self.encoder_sha256,
+            "eviction": "largest (task, label) groups first, oldest first"}, indent=2))
+
+    @classmethod
+    def load(cls, directory: Path, dim: int) -> EpisodicMemory:
+        try:
+            meta = json.loads((directory / META_FILE).read_text())
+            tensors = load_file(str(directory / KEYS_FILE))
+            entries = pd.read_parquet(directory / ENTRIES_FILE)
+        except (OSError, ValueError, SafetensorError) as err:
+            raise DataError(f"{directory}: not a readable episodic memory ({err})") from err
+        keys, order = tensors.get("keys"), tensors.get("order")
+        columns_ok = {"text", "label", "task"} <= set(entries.columns)
+        if keys is None or order is None or not columns_ok or keys.ndim != 2 or keys.shape[1] != dim \
+                or not keys.shape[0] == len(order) == len(entries):
+            raise DataError(f"{directory}: its keys, order and entries do not agree (or are not {dim}-dimensional)")
+        return cls(int(meta["capacity"]), keys.float(), entries["text"].astype(str).tolist(),
+                   entries["label"].astype(str).tolist(), entries["task"].astype(str).tolist(),
+                   order.numpy().astype(np.int64), meta.get("encoder_sha256"))
+
+
+class MemoryAugmented(ProtoNet):
+    """ProtoNet whose prototypes borrow label-matched neighbours from an episodic memory (and, with
+    `local_steps`, MbPA-style local adaptation per query). Built from a trained model by `metanlp memory`."""
+
+    meta_trainable = False
+
+    def __init__(self, encoder: TextEncoder, config: MemoryConfig | None = None,
+                 provenance: Provenance | None = None) -> None:
+        super().__init__(encoder, config or MemoryConfig(), provenance)
+        self.memory = EpisodicMemory.empty(self.config.capacity, encoder.dim)
+
+    def remember(self, texts: list[str], labels: list[str], tasks: list[str], batch_size: int = 128) -> None:
+        """Add labelled rows of past tasks, keyed by this encoder."""
+        keys = self.encoder.embed(self.encoder.tokenize(list(texts)), batch_size=batch_size)
+        self.memory.add(keys, list(texts), list(labels), list(tasks))
+        self.memory.encoder_sha256 = encoder_digest(self.encoder)
+
+    def save_extra(self, directory: Path) -> None:
+        self.memory.save(directory / MEMORY_DIR)
+
+    def load_extra(self, directory: Path) -> None:
+        folder = directory / MEMORY_DIR
+        if not folder.is_dir():
+            return  # a memory learner with nothing remembered yet
+        memory = EpisodicMemory.load(folder, self.encoder.dim)
+        if memory.encoder_sha256 != encoder_digest(self.encoder):
+            raise DataError(f"{folder}: its keys were computed by other encoder weights than this model's; "
+                            "rebuild it with `metanlp memory`")
+        memory.capacity = self.config.capacity
+        self.memory = memory
+
+    def _neighbours(self, support: torch.Tensor, targets: torch.Tensor, classes: list[str]):
+        """Memory rows for each class: the `neighbours` nearest its support mean, same label, similar enough."""
+        keys, rows = [], []
+        if not len(self.memory) or not self.config.neighbours:
+            return torch.empty(0, support.shape[1]), torch.empty(0, dtype=torch.long)
+        means = torch.stack([support[targets == c].mean(dim=0) for c in range(len(classes))])
+        for c, name in enumerate(classes):
+            indices, similarity = self.memory.nearest(means[c : c + 1], self.config.neighbours, [name])
+            chosen = indices[0][similarity[0] >= self.config.min_similarity]
+            keys.append(self.memory.keys[chosen])
+            rows.append(torch.full((len(chosen),), c, dtype=torch.long))
+        return torch.cat(keys), torch.cat(rows)
+
+    def adapt(self, support, labels) -> Classifier:
+        classes, targets = support_targets(list(labels))
+        embedded = self.encoder.embed(self.tokens(support))
+        borrowed, borrowed_targets = self._neighbours(embedded, targets, classes)
+        weights = torch.cat([torch.ones(len(targets)), torch.full((len(borrowed_targets),), self.config.weight)])
+        context, context_targets = torch.cat([embedded, borrowed]), torch.cat([targets, borrowed_targets])
+        members = F.one_hot(context_targets, len(classes)).T.float() * weights
+        protos = (members @ context) / members.sum(dim=1, keepdim=True)
+        return self.restore(classes, {"prototypes": protos, "scale": self.log_scale.detach().exp().cpu(),
+                                      "context": context, "context_targets": context_targets})
+
+    def restore(self, classes: list[str], state: dict[str, torch.Tensor]) -> Classifier:
+        expected = {"prototypes", "scale", "context", "context_targets"}
+        if set(state) != expected or tuple(state["prototypes"].shape) != (len(classes), self.encoder.dim) \
+                or state["context"].ndim != 2 or state["context"].shape[0] != state["context_targets"].shape[0]:
+            raise DataError(f"adapted state: not a memory learner's {sorted(expected)} for {len(classes)} classes")
+        protos, scale = state["prototypes"].float(), state["scale"].float()
+        context, context_targets = state["context"].float(), state["context_targets"].long()
+        config = self.config
+
+        def logits(queries: TokenizedTexts) -> torch.Tensor:
+            embedded = self.encoder.embed(queries)
+            if not config.local_steps:
+                return prototype_logits(embedded, protos, config.distance, scale)
+            return torch.cat([local_adaptation_logits(chunk, protos, context, context_targets, scale, config)
+                              for chunk in embedded.split(256)])
+
+        return Classifier(classes, self.encoder, logits, state)
+
+
+def local_adaptation_logits(queries: torch.Tensor, protos: torch.Tensor, context: torch.Tensor,
+                            context_targets: torch.Tensor, scale: torch.Tensor, config: MemoryConfig) -> torch.Tensor:
+    """MbPA on the cosine head: per query, `local_steps` of gradient descent on its `local_neighbours` nearest
+    context rows, with an L2 pull of weight `local_l2` toward the prototypes; then the query's logits."""
+    with torch.enable_grad():
+        unit_context = F.normalize(context, dim=-1)
+        unit_queries = F.normalize(queries, dim=-1)
+        k = min(config.local_neighbours, len(context))
+        nearest = (unit_queries @ unit_context.T).topk(k, dim=-1).indices  # [queries, k]
+        rows, targets = unit_context[nearest], context_targets[nearest]  # [queries, k, dim], [queries, k]
+        start = F.normalize(protos, dim=-1).expand(len(queries), -1, -1)  # [queries, classes, dim]
+        head = start.clone().requires_grad_()
+        for _ in range(config.local_steps):
+            local = scale * torch.einsum("qkd,qcd->qkc", rows, head)
+            loss = F.cross_entropy(local.reshape(-1, local.shape[-1]), targets.reshape(-1), reduction="sum") / k
+            loss = loss + 0.5 * config.local_l2 * (head - start).pow(2).sum()
+            (grad,) = torch.autograd.grad(loss, head)
+            head = (head - config.local_lr * grad).detach().requires_grad_()
+    return (scale * torch.einsum("qd,qcd->qc", unit_queries, head)).detach()
+
+
+def with_memory(learner: ProtoNet | Learner, config: MemoryConfig) -> MemoryAugmented:
+    """A memory learner on `learner`'s encoder (and its temperature, when it has one); a memory learner keeps
+    its memory under the new options (capacity applied now)."""
+    augmented = MemoryAugmented(learner.encoder, config, learner.provenance)
+    if isinstance(getattr(learner, "log_scale", None), torch.Tensor):
+        augmented.log_scale.data.copy_(learner.log_scale.detach())
+    if isinstance(learner, MemoryAugmented):
+        augmented.memory = learner.memory
+        augmented.memory.capacity = config.capacity
+        augmented.memory.add(torch.empty(0, learner.encoder.dim), [], [], [])  # evict to the new capacity
+    return augmented
