@@ -514,8 +514,10 @@ def memory(
 
     if out.resolve() != model.resolve():
         check_replaceable(out, SPEC_FILE, force)
-    if not data and pool is None:
-        raise DataError("give the past tasks: --data FILE (repeatable) or --pool POOL")
+    loaded = load_learner(model)
+    if not data and pool is None and loaded.config.kind != "memory":
+        raise DataError("give the past tasks: --data FILE (repeatable) or --pool POOL (a memory model needs "
+                        "neither to change only its options)")
     tasks: list[tuple[str, LabelledTexts]] = []
     if pool is not None:
         from metanlp.data.pool import load_spaces, read_pool
@@ -532,7 +534,7 @@ def memory(
                    for t in sorted(set(rows.domains))] if task_column else [(name, rows)])
     config = MemoryConfig(capacity=capacity, neighbours=neighbours, weight=weight, min_similarity=min_similarity,
                           local_steps=local_steps)
-    learner = with_memory(load_learner(model).to(resolve_device(device)), config)
+    learner = with_memory(loaded.to(resolve_device(device)), config)
     for name, rows in tasks:
         learner.remember(rows.texts, rows.labels, [name] * len(rows))
     save_learner(learner, out, force=force or out.resolve() == model.resolve())
@@ -587,17 +589,21 @@ def _model_option(value: str) -> tuple[str, Path]:
     return (name or Path(path).name), Path(path)
 
 
-def _seen_datasets(model: Path, pool, root: Path) -> list[str]:
+def _seen_datasets(model: Path, pool, root: Path, scored_classes: dict[str, set[str]]) -> list[str]:
     """The pool's eval datasets whose rows the model may have meta-trained or validated on: the same file, with
-    row and class filters that do not keep the two apart (ARSC's source and target tasks share a file)."""
+    row and class filters that do not keep the two apart (ARSC's source and target tasks share a file); for a
+    model trained on a class split, the same file with classes in common (`scored_classes`: dataset -> the
+    classes the suite scores)."""
     from metanlp.data.pool import dataset_path
     from metanlp.learners import read_spec
 
     provenance = read_spec(model).provenance
     if provenance.pool is None:
         trained = {Path(provenance.train_data).resolve()} if provenance.train_data else set()
+        used = set((provenance.classes or {}).get("train", [])) | set((provenance.classes or {}).get("val", []))
         return [e.name for e in pool.tasks if e.role == "eval"
-                and Path(dataset_path(e, root, "train")).resolve() in trained]
+                and Path(dataset_path(e, root, "train")).resolve() in trained
+                and (not provenance.classes or used & scored_classes.get(e.name, set()))]
     model_root = Path(provenance.train_data or ".").resolve().parent
 
     def apart(a, b) -> bool:
@@ -619,7 +625,8 @@ def benchmark(
     pool: Annotated[Path, typer.Option(help="task pool whose `eval` datasets are scored (train file: supports, "
                                             "test file: queries)")],
     model: Annotated[list[str] | None, typer.Option(
-        help="NAME=DIR of a metanlp model (repeatable): rows NAME (its own adaptation) and NAME+logreg")] = None,
+        help="NAME=DIR of a metanlp model (repeatable): rows NAME (its own adaptation) and NAME+logreg (unless "
+             "--no-model-logreg)")] = None,
     methods: Annotated[str, typer.Option(help="baselines on the base encoder: frozen, logreg, finetune, setfit "
                                               "(setfit needs the peers extra)")] = "frozen,logreg,finetune",
     shots: Annotated[str, typer.Option(help="K values (2- and 3-class sets also get 16)")] = "5,10",
@@ -635,6 +642,8 @@ def benchmark(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     out: Annotated[Path, typer.Option(help="results path; .json, .md and .png are written")] = Path(
         "results/suite.json"),
+    model_logreg: Annotated[bool, typer.Option(help="also score each --model's encoder with a logistic-regression "
+                                                    "head (rows NAME+logreg)")] = True,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """The benchmark suite: every method on the same supports and queries of the pool's eval datasets; accuracy
@@ -659,8 +668,11 @@ def benchmark(
     notes = [f"supports from each eval dataset's train file, K per class (a class with fewer gives all it has: "
              f"'short'), {draws} draws (a fixed support such as ARSC's is drawn once); queries: at most "
              f"{max_queries} test rows, the same for every method"]
+    scored_classes: dict[str, set[str]] = {}
+    for item in sets:
+        scored_classes.setdefault(item.dataset, set()).update(item.support.classes)
     for name, directory in models.items():
-        seen = sorted(_seen_datasets(directory, task_pool, root))
+        seen = sorted(_seen_datasets(directory, task_pool, root, scored_classes))
         if seen:
             report("warning", f"model {name} was meta-trained on eval datasets {seen}: not held out")
             notes.append(f"{name} was meta-trained on {seen}: those rows are not transfer")
@@ -688,7 +700,8 @@ def benchmark(
             return loaded["model"]
 
         factories[name] = own
-        factories[f"{name}+logreg"] = lambda own=own: build_learner("logreg", own().encoder)
+        if model_logreg:
+            factories[f"{name}+logreg"] = lambda own=own: build_learner("logreg", own().encoder)
     previous = None
     if reuse is not None:
         import json as _json

@@ -121,5 +121,10 @@ def test_memory_command_builds_a_model_that_predicts_and_refuses_bad_input(tmp_p
     assert learner.config.kind == "memory" and len(learner.memory) == 5
     assert set(learner.memory.tasks) <= {"past/shop0", "past/shop1"}
     assert learner.adapt(SUPPORT, LABELS).predict(QUERIES).labels[0] in {"garden", "pets"}
+    retuned = runner.invoke(app, ["memory", "--model", str(tmp_path / "mem"), "--local-steps", "3",
+                                  "--out", str(tmp_path / "mbpa")])
+    assert retuned.exit_code == 0, retuned.output
+    mbpa = load_learner(tmp_path / "mbpa")
+    assert mbpa.config.local_steps == 3 and mbpa.memory.texts == learner.memory.texts
     refused = runner.invoke(app, ["memory", "--model", str(tmp_path / "base"), "--out", str(tmp_path / "none")])
     assert refused.exit_code != 0 and "--data" in refused.output and not (tmp_path / "none").exists()

@@ -87,6 +87,24 @@ def test_a_model_trained_on_an_eval_dataset_is_flagged(suite_pool, tmp_path):
     assert methods == {"frozen", "mine", "mine+logreg"}
 
 
+@pytest.mark.parametrize(("trained_classes", "flagged"), [(["a", "q"], True), (["q"], False)])
+def test_a_model_of_a_class_split_is_flagged_only_when_it_trained_on_scored_classes(
+        suite_pool, tmp_path, tiny_encoder_config, trained_classes, flagged):
+    from metanlp.config import Provenance
+    from metanlp.learners import build_learner, save_learner
+
+    provenance = Provenance(train_data=str(tmp_path / "fruit_train.jsonl"),
+                            classes={"train": trained_classes, "val": ["r"], "test": ["a", "b", "c"]})
+    save_learner(build_learner("protonet", tiny_encoder_config), tmp_path / "split", provenance=provenance)
+    result = CliRunner().invoke(app, ["benchmark", "--pool", str(suite_pool), "--model", f"split={tmp_path / 'split'}",
+                                      "--methods", "frozen", "--encoder", "tiny-random-bert", "--shots", "5",
+                                      "--draws", "1", "--datasets", "fruit", "--no-model-logreg",
+                                      "--out", str(tmp_path / "s.json"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert ("meta-trained on eval datasets ['fruit']" in " ".join(result.output.split())) == flagged
+    assert {r["method"] for r in json.loads((tmp_path / "s.json").read_text())["rows"]} == {"frozen", "split"}
+
+
 def test_logistic_regression_head_solves_scikit_learns_objective():
     sklearn = pytest.importorskip("sklearn.linear_model")
     from metanlp.learners.logreg import fit_logistic_regression
