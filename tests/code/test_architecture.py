@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("encoder", ("metanlp.encoder",)),
     ("learners", ("metanlp.learners",)),
     ("training and evaluation", ("metanlp.train", "metanlp.distributed", "metanlp.checkpoint", "metanlp.evaluation",
-                                 "metanlp.pretrain", "metanlp.adaptation", "metanlp.suite")),
+                                 "metanlp.pretrain", "metanlp.adaptation", "metanlp.suite", "metanlp.distillation")),
     ("reporting and serving", ("metanlp.reporting", "metanlp.tracking", "metanlp.tasks", "metanlp.serving",
                                "metanlp.service", "metanlp.mlflow_model", "metanlp.scoring")),
     ("stages", ("metanlp.stages",)),
