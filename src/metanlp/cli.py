@@ -526,7 +526,7 @@ def memory(
         tasks += [(s.name, s.data) for e in task_pool.tasks if e.role == "meta_train" for s in load_spaces(e, root)]
     for path in data or []:
         rows = load_labelled(path, text_column=text_column, label_column=label_column,
-                             domain_column=task_column or "domain")
+                             domain_column=task_column or "domain", separate_tasks=bool(task_column))
         if task_column and rows.domains is None:
             raise DataError(f"{path}: has no task column {task_column!r}")
         name = Path(path).stem

@@ -146,3 +146,17 @@ def test_every_learner_meta_trains_on_episodes_of_varying_ways(pool_file, tmp_pa
     model = load_learner(out)
     assert [t.name for t in model.provenance.pool.tasks] == ["sentiment", "topics", "tasks", "held"]
     assert model.adapt(["great one", "awful one"], ["pos", "neg"]).predict(["great two"]).scores.shape == (1, 2)
+
+
+def test_a_text_may_have_another_label_in_another_task_but_not_in_the_same_one(tmp_path):
+    # ARSC: a 4-star review is positive at threshold 2 and negative at threshold 5.
+    rows = [{"text": f"review {i}", "label": "pos" if i % 2 else "neg", "task": "t2"} for i in range(6)]
+    rows += [{"text": f"review {i}", "label": "neg" if i % 2 else "pos", "task": "t5"} for i in range(6)]
+    write_jsonl(tmp_path / "reviews.jsonl", rows)
+    pool = {"tasks": [{"name": "reviews", "path": "reviews.jsonl", "role": "meta_train", "task_column": "task"}]}
+    (tmp_path / "pool.yaml").write_text(yaml.safe_dump(pool))
+    data, _ = role_set(*read_pool(tmp_path / "pool.yaml"), "meta_train")
+    assert len(data) == 12
+    write_jsonl(tmp_path / "reviews.jsonl", rows + [{"text": "review 1", "label": "neg", "task": "t2"}])
+    with pytest.raises(DataError, match="the same text as line 2 with another label"):
+        role_set(*read_pool(tmp_path / "pool.yaml"), "meta_train")

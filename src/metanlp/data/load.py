@@ -252,9 +252,12 @@ def load_labelled(
     domain_column: str = "domain",
     hf_split: str = "train",
     rows_where: dict[str, str | list[str]] | None = None,
+    separate_tasks: bool = False,
 ) -> LabelledTexts:
     """Load labelled texts from a file, the embedded default corpus ("default") or a HF dataset name.
-    `rows_where`: keep only the rows whose column holds the given value, or one of the given values."""
+    `rows_where`: keep only the rows whose column holds the given value, or one of the given values.
+    `separate_tasks`: the domain column names tasks with label spaces of their own, so one text may have
+    another label in another task (ARSC: a 4-star review is positive at threshold 2, negative at 5)."""
     if str(source) == DEFAULT_CORPUS:
         source = default_corpus_path()
     path = Path(source)
@@ -278,13 +281,16 @@ def load_labelled(
         if column not in frame.columns:
             raise DataError(f"{where}: no {role} column {quote(column, 60)}; the columns are {quote(columns)}")
     lines = frame["_line"].tolist()
+    tasks = (frame[domain_column].astype(str).tolist() if separate_tasks and domain_column in frame.columns
+             else [""] * len(frame))
     texts, labels, first_seen = [], [], {}
-    for line, text, label in zip(lines, frame[text_column].tolist(), frame[label_column].tolist(), strict=True):
+    for line, text, label, task in zip(lines, frame[text_column].tolist(), frame[label_column].tolist(), tasks,
+                                       strict=True):
         problem = row_problem(text, label)
         if problem:
             raise DataError(f"{where}:{line}: {problem}")
         text, label = text.strip(), str(label).strip()
-        earlier = first_seen.setdefault(normalised(text), (line, label))
+        earlier = first_seen.setdefault((task, normalised(text)), (line, label))
         if earlier[1] != label:
             raise DataError(f"{where}:{line}: the same text as line {earlier[0]} with another label "
                             f"({quote(label, 60)}, there {quote(earlier[1], 60)}): {quote(text, 80)}")
