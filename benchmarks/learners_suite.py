@@ -59,6 +59,9 @@ def main() -> None:
     parser.add_argument("--max-queries", type=int, default=500)
     parser.add_argument("--datasets", default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "learners")
+    parser.add_argument("--reuse", type=Path, default=None,
+                        help="an earlier suite.json of the same supports: rows of --reuse-methods are taken from it")
+    parser.add_argument("--reuse-methods", default="frozen,protonet,lstm,leopard,memory,memory+mbpa")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     pools = ROOT / "benchmarks" / "pools"
@@ -102,6 +105,8 @@ def main() -> None:
     command += [a for name, path in models.items() for a in ("--model", f"{name}={path}")]
     if args.datasets:
         command += ["--datasets", args.datasets]
+    if args.reuse:
+        command += ["--reuse", str(args.reuse), "--reuse-methods", args.reuse_methods]
     metanlp(command)
     snips = [json.loads(line)["text"] for line in (SHARED / "snips" / "test.jsonl").read_text().splitlines()]
     speed = {name: throughput(models[name], snips[: 100 if args.quick else 700], 1 if args.quick else 3)
