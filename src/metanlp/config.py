@@ -132,6 +132,8 @@ class PoolDataset(_Strict):
     label_column: str = "label"
     # eval datasets: the suite's shots for this set (e.g. ARSC's fixed 5-shot supports); default the suite's own
     shots: list[int] | None = None
+    # a text given two labels (label noise of real sets): refuse the file, or drop every row of that text
+    conflicting_labels: Literal["refuse", "drop"] = "refuse"
 
 
 class TaskPool(_Strict):

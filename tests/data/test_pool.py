@@ -160,3 +160,17 @@ def test_a_text_may_have_another_label_in_another_task_but_not_in_the_same_one(t
     write_jsonl(tmp_path / "reviews.jsonl", rows + [{"text": "review 1", "label": "neg", "task": "t2"}])
     with pytest.raises(DataError, match="the same text as line 2 with another label"):
         role_set(*read_pool(tmp_path / "pool.yaml"), "meta_train")
+
+
+def test_conflicting_labels_drop_removes_every_row_of_a_text_given_two_labels(tmp_path, caplog):
+    rows = [{"text": f"noisy {i}", "label": "pos" if i % 2 else "neg"} for i in range(8)]
+    rows.append({"text": "noisy 1", "label": "neg"})  # line 2 said pos
+    write_jsonl(tmp_path / "noisy.jsonl", rows)
+    entry = {"name": "noisy", "path": "noisy.jsonl", "role": "meta_train"}
+    (tmp_path / "pool.yaml").write_text(yaml.safe_dump({"tasks": [entry]}))
+    with pytest.raises(DataError, match="noisy.jsonl:9: the same text as line 2"):
+        role_set(*read_pool(tmp_path / "pool.yaml"), "meta_train")
+    (tmp_path / "pool.yaml").write_text(yaml.safe_dump({"tasks": [{**entry, "conflicting_labels": "drop"}]}))
+    data, _ = role_set(*read_pool(tmp_path / "pool.yaml"), "meta_train")
+    assert len(data) == 7 and "noisy 1" not in data.texts
+    assert "1 texts have two labels; their 2 rows are dropped" in caplog.text

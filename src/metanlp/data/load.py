@@ -7,6 +7,7 @@ Hugging Face datasets name when the user is online. Every problem is reported wi
 from __future__ import annotations
 
 import json
+import logging
 import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -253,11 +254,14 @@ def load_labelled(
     hf_split: str = "train",
     rows_where: dict[str, str | list[str]] | None = None,
     separate_tasks: bool = False,
+    conflicting_labels: str = "refuse",
 ) -> LabelledTexts:
     """Load labelled texts from a file, the embedded default corpus ("default") or a HF dataset name.
     `rows_where`: keep only the rows whose column holds the given value, or one of the given values.
     `separate_tasks`: the domain column names tasks with label spaces of their own, so one text may have
-    another label in another task (ARSC: a 4-star review is positive at threshold 2, negative at 5)."""
+    another label in another task (ARSC: a 4-star review is positive at threshold 2, negative at 5).
+    `conflicting_labels`: "refuse" a text given two labels, or "drop" every row of such a text (a warning
+    says how many)."""
     if str(source) == DEFAULT_CORPUS:
         source = default_corpus_path()
     path = Path(source)
@@ -283,19 +287,29 @@ def load_labelled(
     lines = frame["_line"].tolist()
     tasks = (frame[domain_column].astype(str).tolist() if separate_tasks and domain_column in frame.columns
              else [""] * len(frame))
-    texts, labels, first_seen = [], [], {}
+    texts, labels, keys, first_seen, conflicting = [], [], [], {}, set()
     for line, text, label, task in zip(lines, frame[text_column].tolist(), frame[label_column].tolist(), tasks,
                                        strict=True):
         problem = row_problem(text, label)
         if problem:
             raise DataError(f"{where}:{line}: {problem}")
         text, label = text.strip(), str(label).strip()
-        earlier = first_seen.setdefault((task, normalised(text)), (line, label))
+        key = (task, normalised(text))
+        earlier = first_seen.setdefault(key, (line, label))
         if earlier[1] != label:
-            raise DataError(f"{where}:{line}: the same text as line {earlier[0]} with another label "
-                            f"({quote(label, 60)}, there {quote(earlier[1], 60)}): {quote(text, 80)}")
+            if conflicting_labels != "drop":
+                raise DataError(f"{where}:{line}: the same text as line {earlier[0]} with another label "
+                                f"({quote(label, 60)}, there {quote(earlier[1], 60)}): {quote(text, 80)}")
+            conflicting.add(key)
         texts.append(text)
         labels.append(label)
+        keys.append(key)
+    if conflicting:
+        keep = [i for i, key in enumerate(keys) if key not in conflicting]
+        logging.getLogger(__name__).warning("%s: %d texts have two labels; their %d rows are dropped", where,
+                                            len(conflicting), len(texts) - len(keep))
+        frame, lines = frame.iloc[keep], [lines[i] for i in keep]
+        texts, labels = [texts[i] for i in keep], [labels[i] for i in keep]
     same = texts_that_are_labels(texts, labels)
     if len(same) > MOST_TEXTS_ARE_LABELS * len(texts):
         raise DataError(f"{where}: {len(same)} of {len(texts)} rows have their label as text (e.g. line "

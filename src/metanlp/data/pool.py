@@ -37,7 +37,8 @@ def load_spaces(entry: PoolDataset, root: Path, split: str = "train") -> list[La
     """The label spaces of one pool entry, with its class filter and row filter applied."""
     data = load_labelled(dataset_path(entry, root, split), text_column=entry.text_column,
                          label_column=entry.label_column, domain_column=entry.task_column or "domain",
-                         rows_where=entry.where, separate_tasks=bool(entry.task_column))
+                         rows_where=entry.where, separate_tasks=bool(entry.task_column),
+                         conflicting_labels=entry.conflicting_labels)
     if entry.classes:
         missing = sorted(set(entry.classes) - set(data.classes))
         if missing:
