@@ -74,6 +74,11 @@ def test_a_memory_model_round_trips_and_a_memory_of_other_weights_is_refused(tmp
         load_learner(tmp_path / "model")
 
 
+def test_a_memory_learner_with_nothing_remembered_saves_and_loads(tmp_path, tiny_encoder_config):
+    save_learner(build_learner("memory", tiny_encoder_config), tmp_path / "empty")
+    assert len(load_learner(tmp_path / "empty").memory) == 0
+
+
 def test_borrowed_rows_move_only_the_prototypes_of_labels_the_memory_knows(tiny_encoder_config):
     base = build_learner("protonet", tiny_encoder_config)
     plain = base.adapt(SUPPORT, LABELS).state["prototypes"]

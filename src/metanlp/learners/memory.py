@@ -177,7 +177,7 @@ class MemoryAugmented(ProtoNet):
         if not folder.is_dir():
             return  # a memory learner with nothing remembered yet
         memory = EpisodicMemory.load(folder, self.encoder.dim)
-        if memory.encoder_sha256 != encoder_digest(self.encoder):
+        if len(memory) and memory.encoder_sha256 != encoder_digest(self.encoder):
             raise DataError(f"{folder}: its keys were computed by other encoder weights than this model's; "
                             "rebuild it with `metanlp memory`")
         memory.capacity = self.config.capacity
