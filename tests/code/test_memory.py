@@ -9,12 +9,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import write_jsonl
 from metanlp.cli import app
 from metanlp.config import MemoryConfig
 from metanlp.data.load import DataError
 from metanlp.learners import build_learner, load_learner, save_learner
 from metanlp.learners.memory import EpisodicMemory, eviction_keep, local_adaptation_logits, with_memory
-from tests.conftest import write_jsonl
 
 runner = CliRunner()
 SUPPORT = ["water the tomatoes", "my dog is sick", "water the roses daily", "book the vet for my cat"]
