@@ -509,13 +509,13 @@ def memory(
     from metanlp.atomic import check_replaceable
     from metanlp.encoder import resolve_device
     from metanlp.learners import load_learner, save_learner
-    from metanlp.learners.memory import with_memory
+    from metanlp.learners.memory import MemoryAugmented, with_memory
     from metanlp.learners.persistence import SPEC_FILE
 
     if out.resolve() != model.resolve():
         check_replaceable(out, SPEC_FILE, force)
     loaded = load_learner(model)
-    if not data and pool is None and loaded.config.kind != "memory":
+    if not data and pool is None and not isinstance(loaded, MemoryAugmented):
         raise DataError("give the past tasks: --data FILE (repeatable) or --pool POOL (a memory model needs "
                         "neither to change only its options)")
     tasks: list[tuple[str, LabelledTexts]] = []
