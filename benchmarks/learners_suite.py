@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--distil-steps", type=int, default=2000)
     parser.add_argument("--shots", default="5,10")
     parser.add_argument("--draws", type=int, default=2)
-    parser.add_argument("--max-queries", type=int, default=500)
+    parser.add_argument("--max-queries", type=int, default=300)
     parser.add_argument("--datasets", default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "learners")
     parser.add_argument("--reuse", type=Path, default=None,
