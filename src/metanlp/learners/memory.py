@@ -101,27 +101,42 @@ class EpisodicMemory:
         self.texts, self.labels = self.texts + list(texts), self.labels + list(labels)
         self.tasks = self.tasks + list(tasks)
         self.order = np.concatenate([self.order, np.arange(start, start + len(texts))])
+        self.resize(self.capacity)
+
+    def resize(self, capacity: int) -> None:
+        """Set the bound and evict down to it (see the module's doc)."""
+        self.capacity = capacity
         groups = np.array([f"{t}\x00{lab}" for t, lab in zip(self.tasks, self.labels, strict=True)])
-        keep = eviction_keep(groups, self.order, self.capacity)
+        keep = eviction_keep(groups, self.order, capacity)
         if len(keep) < len(self.texts):
             self.keys = self.keys[torch.as_tensor(keep)]
             self.texts, self.labels, self.tasks = ([values[i] for i in keep]
                                                    for values in (self.texts, self.labels, self.tasks))
             self.order = self.order[keep]
 
+    def _top(self, queries: torch.Tensor, k: int, allowed: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k rows most cosine-similar to each query among its `allowed` ones ([rows] or [queries, rows]);
+        -inf where fewer qualify."""
+        similarity = F.normalize(queries.float(), dim=-1) @ F.normalize(self.keys, dim=-1).T
+        similarity = similarity.masked_fill(~torch.as_tensor(allowed), float("-inf"))  # broadcasts over queries
+        values, indices = similarity.topk(min(k, len(self)), dim=-1)
+        return indices, values
+
     def nearest(self, queries: torch.Tensor, k: int, labels: list[str] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices and cosine similarities of the k rows nearest each query, best first, among the rows whose
         label is in `labels` (all rows when None); fewer columns when fewer rows qualify."""
-        allowed = (torch.ones(len(self), dtype=torch.bool) if labels is None
-                   else torch.tensor([label in set(labels) for label in self.labels], dtype=torch.bool))
+        allowed = np.ones(len(self), dtype=bool) if labels is None else np.isin(self.labels, list(labels))
         k = min(k, int(allowed.sum()))
         if k == 0:
             return torch.empty(len(queries), 0, dtype=torch.long), torch.empty(len(queries), 0)
-        similarity = F.normalize(queries.float(), dim=-1) @ F.normalize(self.keys, dim=-1).T
-        similarity = similarity.masked_fill(~allowed, float("-inf"))
-        values, indices = similarity.topk(k, dim=-1)
-        return indices, values
+        return self._top(queries, k, allowed)
+
+    def nearest_of_label(self, queries: torch.Tensor, labels: list[str], k: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row i: the k rows labelled `labels[i]` nearest `queries[i]`, best first; one similarity pass for all
+        queries. A row's similarity is -inf where fewer than k rows have its label."""
+        return self._top(queries, k, np.asarray(self.labels)[None, :] == np.asarray(labels)[:, None])
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -167,9 +182,11 @@ class MemoryAugmented(ProtoNet):
         """Add labelled rows of past tasks, keyed by this encoder."""
         keys = self.encoder.embed(self.encoder.tokenize(list(texts)), batch_size=batch_size)
         self.memory.add(keys, list(texts), list(labels), list(tasks))
-        self.memory.encoder_sha256 = encoder_digest(self.encoder)
 
     def save_extra(self, directory: Path) -> None:
+        # The keys are written with the weights that computed them (the encoder is not trained while it has a
+        # memory): their digest is taken once here, not at every `remember`.
+        self.memory.encoder_sha256 = encoder_digest(self.encoder) if len(self.memory) else None
         self.memory.save(directory / MEMORY_DIR)
 
     def load_extra(self, directory: Path) -> None:
@@ -180,21 +197,17 @@ class MemoryAugmented(ProtoNet):
         if len(memory) and memory.encoder_sha256 != encoder_digest(self.encoder):
             raise DataError(f"{folder}: its keys were computed by other encoder weights than this model's; "
                             "rebuild it with `metanlp memory`")
-        memory.capacity = self.config.capacity
+        memory.resize(self.config.capacity)
         self.memory = memory
 
     def _neighbours(self, support: torch.Tensor, targets: torch.Tensor, classes: list[str]):
         """Memory rows for each class: the `neighbours` nearest its support mean, same label, similar enough."""
-        keys, rows = [], []
         if not len(self.memory) or not self.config.neighbours:
             return torch.empty(0, support.shape[1]), torch.empty(0, dtype=torch.long)
         means = torch.stack([support[targets == c].mean(dim=0) for c in range(len(classes))])
-        for c, name in enumerate(classes):
-            indices, similarity = self.memory.nearest(means[c : c + 1], self.config.neighbours, [name])
-            chosen = indices[0][similarity[0] >= self.config.min_similarity]
-            keys.append(self.memory.keys[chosen])
-            rows.append(torch.full((len(chosen),), c, dtype=torch.long))
-        return torch.cat(keys), torch.cat(rows)
+        indices, similarity = self.memory.nearest_of_label(means, classes, self.config.neighbours)
+        chosen = similarity >= self.config.min_similarity  # also drops the -inf of a class with too few rows
+        return self.memory.keys[indices[chosen]], chosen.nonzero()[:, 0]
 
     def adapt(self, support, labels) -> Classifier:
         classes, targets = support_targets(list(labels))
@@ -255,6 +268,5 @@ def with_memory(learner: ProtoNet | Learner, config: MemoryConfig) -> MemoryAugm
         augmented.log_scale.data.copy_(learner.log_scale.detach())
     if isinstance(learner, MemoryAugmented):
         augmented.memory = learner.memory
-        augmented.memory.capacity = config.capacity
-        augmented.memory.add(torch.empty(0, learner.encoder.dim), [], [], [])  # evict to the new capacity
+        augmented.memory.resize(config.capacity)
     return augmented
