@@ -87,12 +87,12 @@ def write_params(root: Path, **overrides) -> Path:
 
 @pytest.fixture
 def tiny_project(tmp_path: Path) -> Path:
-    """A project folder with the embedded corpus as data/intents.jsonl and a tiny params.yaml."""
+    """A project folder with the embedded corpus as data/corpus.jsonl and a tiny params.yaml."""
     from metanlp.data.load import default_corpus_path
 
     root = tmp_path / "project"
     (root / "data").mkdir(parents=True)
-    (root / "data" / "intents.jsonl").write_bytes(default_corpus_path().read_bytes())
+    (root / "data" / "corpus.jsonl").write_bytes(default_corpus_path().read_bytes())
     write_params(root)
     return root
 

@@ -140,6 +140,9 @@ def train(
     test_domains: Annotated[str | None, typer.Option(help="comma-separated domains held out for testing")] = None,
     split_sizes: Annotated[str | None, typer.Option(help="TRAIN,VAL,TEST class counts (random split)")] = None,
     exclude_labels: Annotated[str | None, typer.Option(help="labels left out of every split, e.g. oos")] = None,
+    label_spaces: Annotated[Literal["split", "domain"] | None, typer.Option(
+        help="domain: an episode's classes come from one domain (ways = min(N, its classes)); split: from the "
+             "whole split (default: domain for the embedded corpus, else split)")] = None,
     episodes: Annotated[int, typer.Option(help="meta-training steps")] = TrainConfig().episodes,
     tasks_per_step: Annotated[int, typer.Option(help="episodes per meta-batch")] = 1,
     inner_steps: Annotated[int | None, typer.Option(help="gradient learners: inner-loop steps")] = None,
@@ -200,6 +203,10 @@ def train(
         train_set, val_set = corpus.with_classes(classes.train), validation.with_classes(classes.val)
         if len(val_set) == 0:
             raise DataError(f"{validation.source}: has none of the validation classes {classes.val[:5]}")
+        if (label_spaces or ("domain" if data == DEFAULT_CORPUS else "split")) == "domain":
+            from metanlp.data.pool import domain_weights
+
+            spaces = {"train_spaces": domain_weights(train_set), "val_spaces": domain_weights(val_set)}
         if leaked := shared_texts(train_set, val_set):
             raise DataError(f"{len(leaked)} texts are both in the training classes and in the validation ones "
                             f"(e.g. {quote(leaked[0], 80)}): validation would not be on unseen examples")
@@ -338,7 +345,7 @@ def evaluate(
 @cli_errors
 def predict(
     model: Annotated[str, typer.Option(help="a metanlp model folder, or a registry URI such as "
-                                            "models:/metanlp-intents@champion")],
+                                            "models:/metanlp-classifier@champion")],
     support: Annotated[str, typer.Option(help="labelled examples (JSONL/CSV/Parquet with text, label)")],
     text: Annotated[list[str] | None, typer.Option(help="a text to classify (repeatable)")] = None,
     texts: Annotated[Path | None, typer.Option(help="file of texts: .txt one per line, or JSONL/CSV/Parquet")] = None,
@@ -726,7 +733,7 @@ def benchmark(
 @cli_errors
 def serve(
     model: Annotated[str, typer.Option(help="a metanlp model folder, or a registry URI such as "
-                                            "models:/metanlp-intents@champion")],
+                                            "models:/metanlp-classifier@champion")],
     host: Annotated[str, typer.Option(help="interface to bind (loopback by default)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="port to listen on")] = 8000,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI for models:/ (default: "

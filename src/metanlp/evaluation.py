@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,29 +72,35 @@ def mean_ci(values: np.ndarray, student: bool = False) -> tuple[float, float]:
 
 @dataclass
 class Setting:
-    """One evaluation setting: a protocol, a number of ways and shots."""
+    """One evaluation setting: a protocol, a number of ways and shots, on the test classes or on a named dataset."""
 
     ways: int | str  # an int, or "all" for the full label space
     shots: int
     episodes: list[Episode] = field(default_factory=list)
+    dataset: str | None = None  # None: the test classes of the corpus
 
     @property
     def name(self) -> str:
-        return f"all-way {self.shots}-shot" if self.ways == "all" else f"{self.ways}-way {self.shots}-shot"
+        protocol = f"all-way {self.shots}-shot" if self.ways == "all" else f"{self.ways}-way {self.shots}-shot"
+        return protocol if self.dataset is None else f"{self.dataset}: {protocol}"
 
 
 def build_settings(data: LabelledTexts, ways: int | str, shots: list[int], queries: int, episodes: int,
-                   repeats: int, support_data: LabelledTexts | None, seed: int) -> list[Setting]:
+                   repeats: int, support_data: LabelledTexts | None, seed: int,
+                   spaces: dict[str, float] | None = None, dataset: str | None = None) -> list[Setting]:
+    """`spaces`: the data's domains are label spaces with these weights; an episode's classes come from one
+    (ways = min(N, its classes)). `dataset` names the settings of a dataset other than the test classes."""
     settings = []
     for k in shots:
-        setting = Setting(ways, k)
+        setting = Setting(ways, k, dataset=dataset)
         if ways == "all":
             setting.episodes = [full_label_space_episode(support_data or data, data if support_data else None,
                                                          k, seed + r) for r in range(repeats)]
         else:
             if support_data is not None:
                 raise DataError("--support-data is for the full label space (--ways all)")
-            setting.episodes = EpisodeSampler(data, int(ways), k, queries, seed=seed + 1000 * k).take(episodes)
+            setting.episodes = EpisodeSampler(data, int(ways), k, queries, seed=seed + 1000 * k,
+                                              spaces=spaces).take(episodes)
         settings.append(setting)
     return settings
 
@@ -112,6 +119,8 @@ def evaluate_methods(methods: dict[str, Learner], data: LabelledTexts, settings:
     for setting in settings:
         entry = {"setting": setting.name, "ways": setting.ways, "shots": setting.shots,
                  "episodes": len(setting.episodes), "methods": {}}
+        if setting.dataset is not None:
+            entry["dataset"] = setting.dataset
         for name, learner in methods.items():
             learner.eval()
             key = (id(learner.encoder.tokenizer), learner.encoder.config.max_length)
@@ -172,13 +181,18 @@ def build_methods(model: Path | None, encoder: str, names: list[str], device: st
 def evaluate_model(model: Path | None, data: LabelledTexts, settings: list[Setting], methods: list[str],
                    support_data: LabelledTexts | None = None, encoder: str = "default", device: str = "auto",
                    extra: dict[str, Learner] | None = None, seed: int = 0, show_progress: bool = True,
-                   episode_limits: dict[str, int] | None = None) -> dict:
+                   episode_limits: dict[str, int] | None = None,
+                   also: Sequence[tuple[LabelledTexts, list[Setting]]] = ()) -> dict:
     """The one evaluation path (`metanlp evaluate` and the pipeline's evaluate stage): the model's learner and
-    the baselines in `methods` (plus `extra` learners, e.g. domain-adapted variants) on `settings`' episodes."""
+    the baselines in `methods` (plus `extra` learners, e.g. domain-adapted variants) on `settings`' episodes,
+    then on the settings of each further dataset in `also` (their rows follow in the same result)."""
     learners = build_methods(model, encoder, methods, device)
     for name, learner in (extra or {}).items():
         learners[name] = learner.to(next(iter(learners.values())).encoder.device) if learners else learner
     results = evaluate_methods(learners, data, settings, support_data, seed, show_progress, episode_limits)
+    for more_data, more_settings in also:
+        results["settings"] += evaluate_methods(learners, more_data, more_settings, None, seed, show_progress,
+                                                episode_limits)["settings"]
     if model is not None:
         results["learner"] = read_spec(model).learner.kind
     return results

@@ -58,7 +58,7 @@ def test_a_stage_reading_its_own_successor_is_a_loop():
 def test_dvc_repro_runs_then_is_up_to_date_then_records_a_new_data_version(tmp_path):
     root = tmp_path / "repo"
     (root / "data").mkdir(parents=True)
-    shutil.copy(default_corpus_path(), root / "data" / "intents.jsonl")
+    shutil.copy(default_corpus_path(), root / "data" / "corpus.jsonl")
     shutil.copytree(REPO / "src" / "metanlp", root / "src" / "metanlp",
                     ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
@@ -79,7 +79,7 @@ def test_dvc_repro_runs_then_is_up_to_date_then_records_a_new_data_version(tmp_p
     assert (root / "dvc.lock").exists()
     assert "Data and pipelines are up to date" in dvc(root, "repro")
 
-    corpus = root / "data" / "intents.jsonl"
+    corpus = root / "data" / "corpus.jsonl"
     lines = corpus.read_text().splitlines()
     corpus.write_text("\n".join(lines[:-3]) + "\n")  # a new corpus version: 3 rows of a test class fewer
     dvc(root, "add", "-q", "data")

@@ -64,3 +64,20 @@ def test_full_label_space_settings(corpus):
     assert all(len(e.query) == len(queries) for e in settings[0].episodes)
     with pytest.raises(DataError, match="--support-data is for the full label space"):
         build_settings(corpus, 5, [1], queries=1, episodes=1, repeats=1, support_data=corpus, seed=0)
+
+
+def test_domain_label_spaces_keep_each_episode_in_one_domain(corpus):
+    from metanlp.data.pool import domain_weights
+
+    data = corpus.with_classes([c for c, d in corpus.domain_of_class().items()
+                                if d in {"real_estate", "reviews_movies", "ticket_urgency"}])
+    (setting,) = build_settings(data, 5, [2], queries=3, episodes=60, repeats=1, support_data=None, seed=0,
+                                spaces=domain_weights(data), dataset="mixed")
+    domain_of = data.domain_of_class()
+    domains = [{domain_of[c] for c in e.classes} for e in setting.episodes]
+    assert all(len(d) == 1 for d in domains)
+    ways = {next(iter(d)): len(e.classes) for d, e in zip(domains, setting.episodes, strict=True)}
+    assert ways == {"real_estate": 5, "reviews_movies": 2, "ticket_urgency": 3}  # ways = min(N, its classes)
+    assert setting.name == "mixed: 5-way 2-shot"
+    mixed = build_settings(data, 5, [2], queries=3, episodes=60, repeats=1, support_data=None, seed=0)[0]
+    assert any(len({domain_of[c] for c in e.classes}) > 1 for e in mixed.episodes)  # without spaces they mix

@@ -125,7 +125,7 @@ def test_the_same_file_passes_the_loader_and_the_pipelines_validation_or_fails_b
     from metanlp.stages import load_params
 
     params = load_params(tiny_project / "params.yaml")
-    rows = [json.loads(line) for line in (tiny_project / "data" / "intents.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tiny_project / "data" / "corpus.jsonl").read_text().splitlines()]
     bom = tmp_path / "bom.csv"
     bom.write_bytes("\ufefftext,label,domain\n".encode() + "".join(
         f'"{r["text"]}",{r["label"]},{r["domain"]}\n' for r in rows).encode())

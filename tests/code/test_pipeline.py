@@ -27,7 +27,7 @@ def train_flow():
 
 def registry(root: Path) -> tuple[MlflowClient, str]:
     # an explicit client: setting MLflow's global URI would leak into the next test through the environment
-    return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"), "metanlp-intents"
+    return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"), "metanlp-classifier"
 
 
 def versions(root: Path) -> list[str]:
@@ -56,6 +56,9 @@ def test_flow_registers_caches_and_reruns_only_what_a_param_feeds(train_flow, ti
     assert "evaluation/results.png" in artifacts
     summary = (tiny_project / "artifacts" / "summary.md").read_text()
     assert summary == first["summary"]["text"] and "v1 is champion" in summary
+    # the held-out task kind params.yaml names (evaluate.datasets) has its own rows, episodes within its domain
+    assert "| emotion | 5-way 1-shot |" in summary and "| test classes | 5-way 5-shot |" in summary
+    assert "emotion.5-way_1-shot.protonet.gain_vs_frozen" in run_data.metrics
     assert "summary.md" in {a.path for a in client.list_artifacts(first["register"]["run_id"])}
 
     outputs = {stage: tiny_project / "artifacts" / path for stage, path in
@@ -102,7 +105,7 @@ def test_a_second_run_in_the_same_project_refuses_and_names_the_first(train_flow
 def test_corrupt_corpus_stops_before_training_and_keeps_the_champion(train_flow, tiny_project):
     run(train_flow, tiny_project)
     model_stamp = (tiny_project / "artifacts" / "model" / "training.json").stat().st_mtime_ns
-    corpus = tiny_project / "data" / "intents.jsonl"
+    corpus = tiny_project / "data" / "corpus.jsonl"
     rows = [json.loads(line) for line in corpus.read_text().splitlines()]
     rows[3]["text"] = ""
     corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -156,11 +159,15 @@ def test_the_summary_is_made_from_the_runs_own_results(tmp_path):
 
     results = {"learner": "protonet", "settings": [{"setting": "5-way 1-shot", "methods": {
         "protonet": {"accuracy": 0.81, "ci95": 0.02, "diff_vs_frozen": 0.05, "diff_ci95": 0.01, "adapt_ms": 12.0},
-        "frozen": {"accuracy": 0.76, "ci95": 0.02, "adapt_ms": 11.0}}}]}
+        "frozen": {"accuracy": 0.76, "ci95": 0.02, "adapt_ms": 11.0}}}, {
+        "setting": "emotion: 5-way 1-shot", "dataset": "emotion", "methods": {
+            "protonet": {"accuracy": 0.48, "ci95": 0.03, "diff_vs_frozen": 0.05, "diff_ci95": 0.012, "adapt_ms": 9.0},
+            "frozen": {"accuracy": 0.43, "ci95": 0.03, "adapt_ms": 8.0}}}]}
     record = {"model_name": "m", "version": "2", "promoted": False, "champion_version": "1", "reason": "no gain",
               "run_id": "abc", "tracking_uri": "sqlite:///x.db"}
     text = summary_text(results, record, tmp_path)
-    assert "| 5-way 1-shot | 81.0 ± 2.0 | 76.0 ± 2.0 | +5.0 ± 1.0 | 12 |" in text
+    assert "| test classes | 5-way 1-shot | 81.0 ± 2.0 | 76.0 ± 2.0 | +5.0 ± 1.0 | 12 |" in text
+    assert "| emotion | 5-way 1-shot | 48.0 ± 3.0 | 43.0 ± 3.0 | +5.0 ± 1.2 | 9 |" in text
     assert "v2 is challenger (champion stays v1): no gain" in text and "metanlp predict --model" in text
     results["settings"][0]["methods"]["protonet"]["accuracy"] = 0.9
     assert "| 5-way 1-shot | 90.0 ± 2.0 |" in summary_text(results, record, tmp_path)
@@ -171,12 +178,12 @@ def test_the_scoring_flow_labels_a_file_with_the_registered_champion(train_flow,
     from metanlp.pipeline import build_scoring_flow
 
     run(train_flow, tiny_project)
-    rows = [json.loads(line) for line in (tiny_project / "data" / "intents.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tiny_project / "data" / "corpus.jsonl").read_text().splitlines()]
     labels = sorted({r["label"] for r in rows})[:3]
     support = [r for r in rows if r["label"] in labels][:30]
     (tiny_project / "support.jsonl").write_text("".join(json.dumps(r) + "\n" for r in support))
     (tiny_project / "texts.txt").write_text("\n".join(r["text"] for r in rows[:40]))
-    summary = build_scoring_flow()(model="models:/metanlp-intents@champion",
+    summary = build_scoring_flow()(model="models:/metanlp-classifier@champion",
                                    support=str(tiny_project / "support.jsonl"),
                                    texts=str(tiny_project / "texts.txt"), out=str(tiny_project / "scores.csv"),
                                    tracking_uri=f"sqlite:///{tiny_project / 'mlflow' / 'mlflow.db'}")

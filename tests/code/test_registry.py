@@ -26,7 +26,7 @@ def registered(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("registered")
     (root / "data").mkdir()
-    (root / "data" / "intents.jsonl").write_bytes(default_corpus_path().read_bytes())
+    (root / "data" / "corpus.jsonl").write_bytes(default_corpus_path().read_bytes())
     write_params(root, tune={"enabled": False})
     params = load_params(root / "params.yaml")
     for stage in stages().values():
@@ -46,7 +46,7 @@ def test_pyfunc_classifies_queries_from_a_support_set(registered):
     import mlflow
 
     with tracking(None, registered, "metanlp"):
-        model = mlflow.pyfunc.load_model("models:/metanlp-intents@champion")
+        model = mlflow.pyfunc.load_model("models:/metanlp-classifier@champion")
     request = example_request()
     answer = model.predict(request)
     queries = request[request["label"] == ""]["text"].tolist()
@@ -59,9 +59,9 @@ def test_pyfunc_classifies_queries_from_a_support_set(registered):
 
 def test_manual_promotion_and_unknown_version(registered):
     params = str(registered / "params.yaml")
-    ok = runner.invoke(app, ["promote", "metanlp-intents", "1", "--params", params])
+    ok = runner.invoke(app, ["promote", "metanlp-classifier", "1", "--params", params])
     assert ok.exit_code == 0 and "v1 is now champion" in ok.output
-    bad = runner.invoke(app, ["promote", "metanlp-intents", "7", "--params", params])
+    bad = runner.invoke(app, ["promote", "metanlp-classifier", "7", "--params", params])
     assert bad.exit_code == 2 and "no version '7'" in bad.output
 
 
@@ -104,17 +104,17 @@ def test_concurrent_promotions_leave_one_champion_and_say_which(registered):
 
     with tracking(None, registered, "metanlp"):
         client = MlflowClient()
-        first = client.get_model_version("metanlp-intents", "1")
-        versions = client.search_model_versions("name='metanlp-intents'")
+        first = client.get_model_version("metanlp-classifier", "1")
+        versions = client.search_model_versions("name='metanlp-classifier'")
         if len(versions) < 2:
-            client.create_model_version("metanlp-intents", first.source, first.run_id)
-    command = [sys.executable, "-m", "metanlp.cli", "promote", "metanlp-intents"]
+            client.create_model_version("metanlp-classifier", first.source, first.run_id)
+    command = [sys.executable, "-m", "metanlp.cli", "promote", "metanlp-classifier"]
     runs = [subprocess.Popen([*command, version, "--params", str(registered / "params.yaml")],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for version in ("1", "2")]
     # both start at once; the project lock lets one promote (and read back) while the other waits
     outputs = [run.communicate(timeout=300)[0] for run in runs]
     assert all(run.returncode == 0 for run in runs), outputs
     with tracking(None, registered, "metanlp"):
-        champion = str(MlflowClient().get_model_version_by_alias("metanlp-intents", "champion").version)
+        champion = str(MlflowClient().get_model_version_by_alias("metanlp-classifier", "champion").version)
     other = "1" if champion == "2" else "2"
     assert f"v{champion} is now champion (was v{other})" in "".join(outputs)  # the second in turn says so

@@ -87,7 +87,7 @@ def test_flow_against_real_mlflow_and_prefect_servers(tiny_project, tmp_path):
         assert "v1 is champion" in done.stdout and f"at `{mlflow_url}`" in done.stdout  # the closing summary
 
         registry = MlflowClient(tracking_uri=mlflow_url)
-        champion = registry.get_model_version_by_alias("metanlp-intents", "champion")
+        champion = registry.get_model_version_by_alias("metanlp-classifier", "champion")
         assert str(champion.version) == "1"
         assert not (tiny_project / "mlflow" / "mlflow.db").exists()  # nothing went to the local default
 
@@ -103,15 +103,15 @@ def test_flow_against_real_mlflow_and_prefect_servers(tiny_project, tmp_path):
         assert deployment["parameters"]["params_file"] == params
 
         scoring = subprocess.run([str(BIN / "metanlp"), "schedule", "--job", "score", "--cron", "0 6 * * *",
-                                  "--no-serve", "--params", params, "--model", "models:/metanlp-intents@champion",
-                                  "--support", str(tiny_project / "data" / "intents.jsonl"),
-                                  "--texts", str(tiny_project / "data" / "intents.jsonl"),
+                                  "--no-serve", "--params", params, "--model", "models:/metanlp-classifier@champion",
+                                  "--support", str(tiny_project / "data" / "corpus.jsonl"),
+                                  "--texts", str(tiny_project / "data" / "corpus.jsonl"),
                                   "--out", str(tmp_path / "scores.jsonl")],
                                  env=client_env, capture_output=True, text=True, timeout=300)
         assert scoring.returncode == 0, scoring.stderr[-3000:]
         deployment = httpx.get(f"{prefect_api}/deployments/name/metanlp-score/score").json()
         assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 6 * * *"]
-        assert deployment["parameters"]["model"] == "models:/metanlp-intents@champion"
+        assert deployment["parameters"]["model"] == "models:/metanlp-classifier@champion"
 
 
 @pytest.mark.slow
@@ -153,4 +153,4 @@ def test_a_prefect_worker_runs_the_retraining_deployment_of_a_work_pool(tiny_pro
         assert state is not None and state["type"] == "COMPLETED", f"{state}\n{log.read_text()[-4000:]}"
 
     registry = MlflowClient(tracking_uri=tracking_uri(None, tiny_project))
-    assert str(registry.get_model_version_by_alias("metanlp-intents", "champion").version) == "1"
+    assert str(registry.get_model_version_by_alias("metanlp-classifier", "champion").version) == "1"

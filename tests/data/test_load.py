@@ -14,10 +14,10 @@ from metanlp.data.load import DataError, default_corpus_path, load_labelled, rea
 
 def test_embedded_corpus_is_multi_domain_and_balanced(corpus):
     per_class = Counter(corpus.labels)
-    assert len(per_class) >= 40
-    assert len(set(corpus.domains)) >= 6
+    assert len(per_class) >= 120
+    assert len(set(corpus.domains)) >= 20
     assert min(per_class.values()) >= 20
-    assert len({t.lower() for t in corpus.texts}) == len(corpus.texts), "duplicate utterances in the corpus"
+    assert len({t.lower() for t in corpus.texts}) == len(corpus.texts), "duplicate texts in the corpus"
     assert default_corpus_path().is_file()
 
 

@@ -35,8 +35,8 @@ def test_random_split_is_seeded_and_disjoint(corpus):
 def test_split_errors_name_the_problem(corpus):
     with pytest.raises(DataError, match=r"test domains \['space'\] are not in the data"):
         split_classes(corpus, DOMAIN_SPLIT.model_copy(update={"test_domains": ["space"]}))
-    with pytest.raises(DataError, match="need 60 classes, the data has 42"):
-        split_classes(corpus, SplitConfig(by="random", sizes=(20, 20, 20)))
+    with pytest.raises(DataError, match="need 150 classes, the data has 126"):
+        split_classes(corpus, SplitConfig(by="random", sizes=(50, 50, 50)))
     with pytest.raises(ValueError, match="named in two splits"):
         SplitConfig(train_domains=["a"], val_domains=["a"], test_domains=["b"])
     no_domains = LabelledTexts(["a", "b"], ["x", "y"])

@@ -15,11 +15,11 @@ from metanlp.stages import validate as validate_stage
 
 
 def rows(root: Path) -> list[dict]:
-    return [json.loads(line) for line in (root / "data" / "intents.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (root / "data" / "corpus.jsonl").read_text().splitlines()]
 
 
 def write_rows(root: Path, data: list[dict]) -> None:
-    (root / "data" / "intents.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    (root / "data" / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
 
 
 def failed_rules(root: Path) -> tuple[str, dict]:
@@ -79,7 +79,7 @@ def test_missing_label_column(tiny_project):
 
 
 def test_invalid_utf8_and_broken_json(tiny_project):
-    path = tiny_project / "data" / "intents.jsonl"
+    path = tiny_project / "data" / "corpus.jsonl"
     lines = path.read_bytes().splitlines()
     lines[2] = lines[2].replace(b"e", b"\xff", 1)
     lines[7] = b"{not json"

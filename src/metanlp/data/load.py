@@ -135,7 +135,7 @@ def shared_texts(first: LabelledTexts, second: LabelledTexts) -> list[str]:
 
 
 def default_corpus_path() -> Path:
-    return Path(str(resources.files("metanlp.data") / "default_corpus" / "intents.jsonl"))
+    return Path(str(resources.files("metanlp.data") / "default_corpus" / "corpus.jsonl"))
 
 
 def _text_lines(path: Path) -> Iterator[tuple[int, str]]:

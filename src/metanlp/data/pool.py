@@ -9,6 +9,7 @@ episode from that space, with ways = min(N, the space's classes).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +83,29 @@ def space_weights(pool: TaskPool, spaces: list[LabelSpace]) -> dict[str, float]:
         weight = entries[dataset].weight if entries[dataset].weight is not None else rows ** pool.size_exponent
         weights.update({s.name: weight / len(members) for s in members})
     return weights
+
+
+def domain_weights(data: LabelledTexts, exponent: float = 0.5) -> dict[str, float]:
+    """Each domain of `data` as a label space with weight rows ** exponent (a corpus with
+    `data.label_spaces: domain`, or a pool's joined set whose domains are its spaces)."""
+    data.domain_of_class()  # names a set without domains
+    return {domain: n ** exponent for domain, n in Counter(data.domains).items()}
+
+
+def load_held_out(entry: PoolDataset, root: Path, trained_classes: set[str], corpus: Path | None = None
+                  ) -> LabelledTexts:
+    """An eval dataset (`evaluate.datasets`) read at its test split, its label spaces joined (domain = space).
+    Read from the corpus file itself, it must not hold a class the model meta-trains or validates on: it
+    would not be held out."""
+    spaces = load_spaces(entry, root, "test")
+    path = dataset_path(entry, root, "test")
+    if corpus is not None and path != "default" and Path(path).resolve() == corpus.resolve():
+        seen = sorted({label for space in spaces for label in space.data.classes} & trained_classes)
+        if seen:
+            raise DataError(f"evaluate.datasets {entry.name!r}: classes {seen[:5]} are in the corpus's training or "
+                            "validation split, so the dataset is not held out; filter it with `where` or `classes`, "
+                            "or change data.split")
+    return joined(spaces, source=f"{entry.name} ({path})")
 
 
 def read_pool(path: str | Path) -> tuple[TaskPool, Path]:

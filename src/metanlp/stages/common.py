@@ -12,7 +12,7 @@ import yaml
 from pydantic import ValidationError
 
 from metanlp.atomic import write_text_atomic
-from metanlp.config import PipelineParams, describe_validation_error
+from metanlp.config import EvaluateParams, PipelineParams, describe_validation_error
 from metanlp.data.load import DataError
 
 SOURCE_DIR = "src/metanlp"  # every stage depends on the code; Prefect hashes it, DVC lists it
@@ -66,6 +66,19 @@ class Workspace:
 def corpus_file(params: PipelineParams, root: Path) -> list[Path]:
     """The raw corpus params.yaml names (an input of the stages that read it, wherever it lies)."""
     return [Workspace(root).source(params)]
+
+
+def dataset_files(evaluate: EvaluateParams, root: Path) -> list[Path]:
+    """The files of evaluate.datasets, read at their test split ('default', the embedded corpus, is none)."""
+    from metanlp.data.pool import dataset_path
+
+    files = [dataset_path(entry, root, "test") for entry in evaluate.datasets]
+    return sorted({Path(f).resolve() for f in files if f != "default"})
+
+
+def eval_dataset_files(params: PipelineParams, root: Path) -> list[Path]:
+    """The stage inputs that evaluate.datasets names (hashed into the Prefect cache key)."""
+    return dataset_files(params.evaluate, root)
 
 
 def load_params(path: str | Path) -> PipelineParams:

@@ -1,5 +1,6 @@
-"""Meta-trained model -> evaluation on the unseen test classes: the model and the frozen encoder on the
-same seeded episodes (artifacts/evaluation/results.{json,md,png}), and metrics.json for DVC.
+"""Meta-trained model -> evaluation on the unseen test classes and on the datasets `evaluate.datasets` names (a
+held-out task kind, a held-out set): the model and the frozen encoder on the same seeded episodes
+(artifacts/evaluation/results.{json,md,png}), and metrics.json for DVC.
 
 `episodes_id` hashes the test file and the evaluation params: two evaluations with the same id saw the
 same episodes, so their per-episode accuracies can be paired (the promotion guard relies on it).
@@ -13,10 +14,11 @@ from pathlib import Path
 
 from metanlp.atomic import file_digest
 from metanlp.config import EvaluateParams, PipelineParams
-from metanlp.evaluation import BASELINE, build_settings, evaluate_model
+from metanlp.data.load import LabelledTexts
+from metanlp.evaluation import BASELINE, Setting, build_settings, evaluate_model
 from metanlp.reporting import write_report
-from metanlp.stages.build_corpus import CORPUS, load_split
-from metanlp.stages.common import Stage, write_json
+from metanlp.stages.build_corpus import CORPUS, MANIFEST, load_split
+from metanlp.stages.common import Stage, dataset_files, eval_dataset_files, read_json, write_json
 from metanlp.stages.meta_train import MODEL
 
 EVALUATION = "artifacts/evaluation"
@@ -24,25 +26,50 @@ RESULTS, METRICS = f"{EVALUATION}/results.json", f"{EVALUATION}/metrics.json"
 TEST = f"{CORPUS}/test.jsonl"
 
 
-def episodes_id(test_file: Path, params: EvaluateParams) -> str:
+def episodes_id(test_file: Path, params: EvaluateParams, label_spaces: str = "split",
+                dataset_files: list[Path] = ()) -> str:
     payload = {"test": file_digest(test_file), "evaluate": params.model_dump(mode="json")}
+    if label_spaces != "split" or dataset_files:  # keeps the ids of earlier single-corpus evaluations
+        payload |= {"label_spaces": label_spaces, "datasets": [file_digest(f) for f in dataset_files]}
     return hashlib.md5(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def dataset_settings(params: EvaluateParams, root: Path, trained_classes: set[str], corpus: Path | None
+                     ) -> list[tuple[LabelledTexts, list[Setting]]]:
+    """Each named dataset with its settings: episodes from one label space at a time, ways = min(N, its
+    classes), the same shots, queries and episode count as the test classes."""
+    from metanlp.data.pool import domain_weights, load_held_out
+
+    out = []
+    for entry in params.datasets:
+        data = load_held_out(entry, root, trained_classes, corpus)
+        out.append((data, build_settings(data, params.ways, params.shots, params.queries, params.episodes, 1, None,
+                                         params.seed, spaces=domain_weights(data), dataset=entry.name)))
+    return out
+
+
 def evaluate_on_test(model_dir: Path, root: Path, params: EvaluateParams, methods: list[str] | None = None,
-                     show_progress: bool = True) -> dict:
-    """Score the model (and the baselines in `methods`) on the evaluation episodes of the test classes."""
+                     show_progress: bool = True, label_spaces: str = "split", corpus: Path | None = None) -> dict:
+    """Score the model (and the baselines in `methods`) on the evaluation episodes of the test classes and of
+    evaluate.datasets. `label_spaces="domain"`: a test episode's classes come from one domain."""
+    from metanlp.data.pool import domain_weights
     from metanlp.learners import read_spec
 
     names = [read_spec(model_dir).learner.kind, *(methods if methods is not None else [BASELINE])]
     test = load_split(root, "test")
+    spaces = domain_weights(test) if label_spaces == "domain" else None
     settings = build_settings(test, params.ways, params.shots, params.queries, params.episodes, 1, None,
-                              params.seed)
+                              params.seed, spaces=spaces)
     if params.full_label_space_shots:
         settings += build_settings(test, "all", params.full_label_space_shots, params.queries, params.episodes,
                                    params.repeats, None, params.seed)
-    results = evaluate_model(model_dir, test, settings, names, seed=params.seed, show_progress=show_progress)
-    results["episodes_id"] = episodes_id(root / TEST, params)
+    more = []
+    if params.datasets:
+        classes = read_json(root / MANIFEST, "build_corpus")["classes"]
+        more = dataset_settings(params, root, set(classes["train"]) | set(classes["val"]), corpus)
+    results = evaluate_model(model_dir, test, settings, names, seed=params.seed, show_progress=show_progress,
+                             also=more)
+    results["episodes_id"] = episodes_id(root / TEST, params, label_spaces, dataset_files(params, root))
     return results
 
 
@@ -50,7 +77,7 @@ def primary_metrics(results: dict, primary: str) -> dict[str, float]:
     """Flat metrics for DVC and MLflow: accuracy, CI and paired gain of every method in every setting."""
     metrics = {}
     for entry in results["settings"]:
-        key = entry["setting"].replace(" ", "_")
+        key = entry["setting"].replace(": ", ".").replace(" ", "_")  # emotion: 5-way 1-shot -> emotion.5-way_1-shot
         for name, m in entry["methods"].items():
             metrics[f"{key}.{name}.accuracy"] = m["accuracy"]
             metrics[f"{key}.{name}.ci95"] = m["ci95"]
@@ -63,7 +90,8 @@ def primary_metrics(results: dict, primary: str) -> dict[str, float]:
 
 
 def run(params: PipelineParams, root: Path, show_progress: bool = True) -> dict:
-    results = evaluate_on_test(root / MODEL, root, params.evaluate, show_progress=show_progress)
+    results = evaluate_on_test(root / MODEL, root, params.evaluate, show_progress=show_progress,
+                               label_spaces=params.data.label_spaces, corpus=root / params.data.corpus)
     results["primary"] = params.evaluate.primary
     write_report(results, root / RESULTS, title="test classes")
     metrics = primary_metrics(results, params.evaluate.primary)
@@ -72,6 +100,6 @@ def run(params: PipelineParams, root: Path, show_progress: bool = True) -> dict:
             "episodes_id": results["episodes_id"]}
 
 
-STAGE = Stage(name="evaluate", run=run, params=("evaluate",), deps=(TEST, MODEL),
+STAGE = Stage(name="evaluate", run=run, params=("evaluate", "data.label_spaces"), deps=("data", TEST, MODEL),
               outs=(RESULTS, f"{EVALUATION}/results.md", f"{EVALUATION}/results.png"), done=(RESULTS, METRICS),
-              metrics=(METRICS,), plots=(f"{EVALUATION}/results.png",))
+              metrics=(METRICS,), plots=(f"{EVALUATION}/results.png",), inputs=eval_dataset_files)

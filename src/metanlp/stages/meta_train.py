@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from metanlp.config import LearnerSpec, MetaTrainParams, PipelineParams, Provenance
+from metanlp.config import DataParams, LearnerSpec, MetaTrainParams, PipelineParams, Provenance
 from metanlp.stages.build_corpus import CORPUS, MANIFEST, load_split
 from metanlp.stages.common import Stage, read_json, write_json
 from metanlp.stages.pretrain import PRETRAINED, starting_encoder
@@ -27,16 +27,21 @@ def with_overrides(base: MetaTrainParams, overrides: dict[str, float | int]) -> 
     return MetaTrainParams.model_validate(data)
 
 
-def train_model(params: MetaTrainParams, root: Path, split, out_dir: Path | None, show_progress: bool = True,
-                on_validation=None, checkpoint_dir: Path | None = None):
+def train_model(params: MetaTrainParams, root: Path, data: DataParams, out_dir: Path | None,
+                show_progress: bool = True, on_validation=None, checkpoint_dir: Path | None = None):
     """Meta-train the learner `params` name on the corpus files (the tune stage's trials use this too)."""
+    from metanlp.data.pool import domain_weights
     from metanlp.train import train_learner
 
     manifest = read_json(root / MANIFEST, "build_corpus")
     spec = LearnerSpec(learner=params.learner, encoder=params.encoder,
-                       provenance=Provenance(split=split, classes=manifest["classes"], train_data=manifest["source"]))
-    return train_learner(spec, load_split(root, "train"), load_split(root, "val"), params.train, out_dir,
-                         show_progress, checkpoint_dir=checkpoint_dir, on_validation=on_validation)
+                       provenance=Provenance(split=data.split, classes=manifest["classes"],
+                                             train_data=manifest["source"]))
+    train, val = load_split(root, "train"), load_split(root, "val")
+    spaces = ({"train_spaces": domain_weights(train), "val_spaces": domain_weights(val)}
+              if data.label_spaces == "domain" else {})
+    return train_learner(spec, train, val, params.train, out_dir, show_progress, checkpoint_dir=checkpoint_dir,
+                         on_validation=on_validation, **spaces)
 
 
 def run(params: PipelineParams, root: Path, show_progress: bool = True) -> dict:
@@ -46,7 +51,7 @@ def run(params: PipelineParams, root: Path, show_progress: bool = True) -> dict:
     config = with_overrides(starting_encoder(params, root), tuned["overrides"])
     # A checkpoint beside the output lets a retried or preempted run resume where it stopped.
     checkpoint = root / "artifacts" / "model.checkpoint"
-    result = train_model(config, root, params.data.split, root / MODEL, show_progress, checkpoint_dir=checkpoint)
+    result = train_model(config, root, params.data, root / MODEL, show_progress, checkpoint_dir=checkpoint)
     write_training_report(root / MODEL)
     summary = {"best_val_accuracy": result.best_val_accuracy, "best_episode": result.best_episode,
                "episodes_run": result.episodes_run, "stopped_early": result.stopped_early,
@@ -55,5 +60,6 @@ def run(params: PipelineParams, root: Path, show_progress: bool = True) -> dict:
     return {"model": str(root / MODEL), **{k: v for k, v in summary.items() if k != "config"}}
 
 
-STAGE = Stage(name="meta_train", run=run, params=("meta_train",), deps=(CORPUS, BEST, PRETRAINED), outs=(MODEL,),
+STAGE = Stage(name="meta_train", run=run, params=("meta_train", "data.label_spaces"),
+              deps=(CORPUS, BEST, PRETRAINED), outs=(MODEL,),
               done=(TRAINING,), plots=(f"{MODEL}/learning_curve.png",))

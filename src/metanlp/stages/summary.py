@@ -23,14 +23,15 @@ def summary_text(results: dict, record: dict, root: Path) -> str:
     """The summary, made from the run's own results (nothing here is measured again)."""
     learner = results["learner"]
     lines = ["# metanlp run summary", "",
-             f"Model `{learner}` evaluated on the test classes (never meta-trained on), same episodes for every "
-             "method:", "",
-             f"| setting | {learner} % (95% CI) | frozen % (95% CI) | paired gain, pp (95% CI) | adapt ms |",
-             "|---|---|---|---|---|"]
+             f"Model `{learner}` evaluated on data it never meta-trained on (the test classes, and each dataset "
+             "evaluate.datasets names), same episodes for every method:", "",
+             f"| data | setting | {learner} % (95% CI) | frozen % (95% CI) | paired gain, pp (95% CI) | adapt ms |",
+             "|---|---|---|---|---|---|"]
     for entry in results["settings"]:
         mine, base = entry["methods"][learner], entry["methods"].get(BASELINE, {})
         paired = gain(mine["diff_vs_frozen"], mine["diff_ci95"]) if "diff_vs_frozen" in mine else "n/a"
-        lines.append(f"| {entry['setting']} | {percent(mine['accuracy'])} ± {percent(mine['ci95'])} | "
+        data, setting = entry.get("dataset", "test classes"), entry["setting"].split(": ")[-1]
+        lines.append(f"| {data} | {setting} | {percent(mine['accuracy'])} ± {percent(mine['ci95'])} | "
                      f"{percent(base.get('accuracy'))} ± {percent(base.get('ci95'))} | {paired} | "
                      f"{mine['adapt_ms']:.0f} |")
     name, version = record["model_name"], record["version"]

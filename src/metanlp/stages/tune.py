@@ -23,7 +23,7 @@ from metanlp.stages.meta_train import BEST, train_model, with_overrides
 from metanlp.stages.pretrain import PRETRAINED, starting_encoder
 from metanlp.tracking import tracking
 
-PARAMS = ("meta_train", "tune")
+PARAMS = ("meta_train", "tune", "data.label_spaces")
 
 
 def study_name(params: PipelineParams, root: Path) -> str:
@@ -104,7 +104,7 @@ def run(params: PipelineParams, root: Path, show_progress: bool = True, worker: 
             if trial.should_prune():
                 raise optuna.TrialPruned(f"validation accuracy {accuracy:.3f} at step {step} is below the median")
 
-        return train_model(config, root, params.data.split, None, show_progress, on_validation=report
+        return train_model(config, root, params.data, None, show_progress, on_validation=report
                            ).best_val_accuracy
 
     with tracking(params.register_.tracking_uri, root, params.register_.experiment) as experiment_id:

@@ -10,7 +10,7 @@ from pathlib import Path
 from metanlp.atomic import write_text_atomic
 from metanlp.config import PipelineParams
 from metanlp.data.validation import CorpusInvalid, markdown_report, validate_corpus
-from metanlp.stages.common import Stage, Workspace, corpus_file, write_json
+from metanlp.stages.common import Stage, Workspace, corpus_file, eval_dataset_files, write_json
 
 REPORT = "artifacts/validation/report.json"
 
@@ -19,6 +19,8 @@ def run(params: PipelineParams, root: Path) -> dict:
     workspace = Workspace(root)
     report = validate_corpus(workspace.source(params), params.validate_, params.data.split,
                              params.min_examples_per_class(), name=params.data.corpus)
+    if report["success"]:
+        report["datasets"] = held_out_datasets(params, root, workspace.source(params))
     write_json(root / REPORT, report)
     write_text_atomic(root / REPORT.replace(".json", ".md"), markdown_report(report))
     if not report["success"]:
@@ -26,7 +28,29 @@ def run(params: PipelineParams, root: Path) -> dict:
     return {"report": str(root / REPORT), "rows": report["rows"], "classes": report["classes"]}
 
 
+def held_out_datasets(params: PipelineParams, root: Path, source: Path) -> dict[str, dict]:
+    """Every dataset evaluate.datasets names loads under the loader's rules, has label spaces of 2+ classes,
+    and shares no class with the corpus's training or validation split (else a DataError names it)."""
+    from metanlp.data.load import load_labelled
+    from metanlp.data.pool import load_held_out
+    from metanlp.data.splits import split_classes
+
+    if not params.evaluate.datasets:
+        return {}
+    split = split_classes(load_labelled(source), params.data.split)
+    seen = set(split.train) | set(split.val)
+    out = {}
+    for entry in params.evaluate.datasets:
+        data = load_held_out(entry, root, seen, source)
+        out[entry.name] = {"rows": len(data), "classes": len(data.classes), "label_spaces": len(set(data.domains))}
+    return out
+
+
+def inputs(params: PipelineParams, root: Path) -> list[Path]:
+    return corpus_file(params, root) + eval_dataset_files(params, root)
+
+
 STAGE = Stage(name="validate", run=run, params=("data", "validate", "meta_train.train.episode", "evaluate.shots",
-                                                "evaluate.queries"),
+                                                "evaluate.queries", "evaluate.datasets"),
               deps=("data",), outs=("artifacts/validation",), done=(REPORT,),
-              inputs=corpus_file)
+              inputs=inputs)
