@@ -286,6 +286,9 @@ def evaluate(
         help="full label space: draw the K shots per class from this file, score every row of --data")] = None,
     repeats: Annotated[int, typer.Option(min=1, help="support draws in the full label space")] = 3,
     exclude_labels: Annotated[str | None, typer.Option(help="labels to leave out, e.g. oos")] = None,
+    label_spaces: Annotated[Literal["split", "domain"], typer.Option(
+        help="domain: an episode's classes come from one domain of --data (ways = min(N, its classes)), as the "
+             "pipeline's evaluate stage does with data.label_spaces: domain; split: from all its classes")] = "split",
     finetune_episodes: Annotated[int | None, typer.Option(
         min=1, help="run finetune on only the first N of the same episodes (seconds an episode on CPU)")] = None,
     adapt: Annotated[list[str] | None, typer.Option(
@@ -315,7 +318,13 @@ def evaluate(
     if support_data is not None:
         support_set = load_labelled(support_data, text_column=text_column, label_column=label_column
                                     ).with_classes(set(query_set.classes))
-    settings = build_settings(query_set, ways_value, shot_list, queries, episodes, repeats, support_set, seed)
+    spaces = None
+    if label_spaces == "domain" and ways_value != "all":
+        from metanlp.data.pool import domain_weights
+
+        spaces = domain_weights(query_set)
+    settings = build_settings(query_set, ways_value, shot_list, queries, episodes, repeats, support_set, seed,
+                              spaces=spaces)
     extra = {}
     if adapt:
         from metanlp.adaptation import DomainAdaptedLearner

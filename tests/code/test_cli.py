@@ -44,6 +44,17 @@ def test_evaluate_on_the_models_test_split(tiny_model, tmp_path):
     assert out.with_suffix(".md").is_file() and out.with_suffix(".png").is_file()
 
 
+def test_evaluate_with_domain_label_spaces_keeps_episodes_in_one_domain(tiny_model, tmp_path):
+    out = tmp_path / "eval.json"
+    result = runner.invoke(app, ["evaluate", "--model", str(tiny_model), "--data", "default", "--split", "test",
+                                 "--shots", "1", "--episodes", "4", "--label-spaces", "domain", "--out", str(out),
+                                 "--quiet"])
+    assert result.exit_code == 0, result.output
+    (setting,) = json.loads(out.read_text())["settings"]
+    assert setting["setting"] == "5-way 1-shot" and setting["methods"]["protonet"]["episodes"] == 4
+    assert "--label-spaces" in runner.invoke(app, ["train", "--help"]).output
+
+
 def test_evaluate_any_jsonl_full_label_space(tiny_model, small_jsonl, tmp_path):
     out = tmp_path / "eval.json"
     result = runner.invoke(app, ["evaluate", "--model", str(tiny_model), "--data", str(small_jsonl), "--ways", "all",
