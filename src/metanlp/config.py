@@ -180,6 +180,9 @@ class ProtoNetConfig(_Strict):
     distance: Literal["cosine", "euclidean"] = "cosine"
     init_scale: float = Field(10.0, gt=0)  # logits = scale * similarity; the scale is learned
     learn_scale: bool = True
+    # Label semantics: a class whose label is a name ("card_arrival" -> "card arrival") counts its embedded
+    # name as this many support examples in its prototype; 0 is off, and ids ("0", "17", "t4") never count.
+    label_names: float = Field(0.0, ge=0)
 
     meta_trainable: ClassVar[bool] = True
 

@@ -171,6 +171,12 @@ def test_the_summary_is_made_from_the_runs_own_results(tmp_path):
     assert "v2 is challenger (champion stays v1): no gain" in text and "metanlp predict --model" in text
     results["settings"][0]["methods"]["protonet"]["accuracy"] = 0.9
     assert "| 5-way 1-shot | 90.0 ± 2.0 |" in summary_text(results, record, tmp_path)
+    # a model that counts label names is shown beside the frozen encoder counting them too
+    results["settings"][0]["methods"]["frozen_with_names"] = {"accuracy": 0.85, "ci95": 0.02, "diff_vs_frozen": 0.09,
+                                                              "diff_ci95": 0.015, "adapt_ms": 13.0}
+    text = summary_text(results, record, tmp_path)
+    assert "| frozen_with_names % (95% CI) | its gain over frozen, pp |" in text
+    assert "| 12 | 85.0 ± 2.0 | +9.0 ± 1.5 |" in text and "| 9 | n/a ± n/a | n/a |" in text
 
 
 def test_the_scoring_flow_labels_a_file_with_the_registered_champion(train_flow, tiny_project):

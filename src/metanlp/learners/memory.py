@@ -217,6 +217,8 @@ class MemoryAugmented(ProtoNet):
         context, context_targets = torch.cat([embedded, borrowed]), torch.cat([targets, borrowed_targets])
         members = F.one_hot(context_targets, len(classes)).T.float() * weights
         protos = (members @ context) / members.sum(dim=1, keepdim=True)
+        if self.config.label_names > 0:
+            protos = self.with_label_names(protos, classes, members.sum(dim=1), embedded.norm(dim=-1).mean())
         return self.restore(classes, {"prototypes": protos, "scale": self.log_scale.detach().exp().cpu(),
                                       "context": context, "context_targets": context_targets})
 

@@ -7,6 +7,7 @@ fine-tunes the encoder (and a temperature) so that this nearest-prototype rule w
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,17 @@ def prototypes(embeddings: torch.Tensor, targets: torch.Tensor, n_classes: int) 
     classes = torch.arange(n_classes, device=embeddings.device)[:, None]
     members = (targets.to(embeddings.device)[..., None, :] == classes).to(embeddings.dtype)
     return (members @ embeddings) / members.sum(dim=-1, keepdim=True)
+
+
+LABEL_SEPARATORS = re.compile(r"[_\-./:]+")
+NAME_WORD = re.compile(r"[^\W\d_]{2,}")  # two letters in a row: "card arrival" or "joy", not "17" or "t4"
+
+
+def label_text(label: str) -> str | None:
+    """A label's name as text ("card_arrival" -> "card arrival", a pool's "snips::PlayMusic" -> "PlayMusic"), or
+    None when the label is an id that says nothing about its class ("0", "17", "t4")."""
+    text = LABEL_SEPARATORS.sub(" ", label.rsplit("::", 1)[-1]).strip()
+    return text if NAME_WORD.search(text) else None
 
 
 def prototype_logits(queries: torch.Tensor, protos: torch.Tensor, distance: str, scale: torch.Tensor):
@@ -54,8 +66,41 @@ class ProtoNet(Learner):
 
     def adapt(self, support, labels) -> Classifier:
         classes, targets = support_targets(list(labels))
-        protos = prototypes(self.encoder.embed(self.tokens(support)), targets, len(classes))
+        embedded = self.encoder.embed(self.tokens(support))
+        protos = prototypes(embedded, targets, len(classes))
+        if self.config.label_names > 0:
+            protos = self.with_label_names(protos, classes, torch.bincount(targets, minlength=len(classes)),
+                                           embedded.norm(dim=-1).mean())
         return self.restore(classes, {"prototypes": protos, "scale": self.log_scale.detach().exp().cpu()})
+
+    def name_embeddings(self, names: list[str], norm: torch.Tensor | float) -> torch.Tensor:
+        """The embedded label names, scaled to `norm` (the support's mean length) so a name weighs as an example."""
+        return F.normalize(self.encoder.embed(self.tokens(names)), dim=-1) * norm
+
+    def with_label_names(self, protos: torch.Tensor, classes: list[str], counts: torch.Tensor,
+                         norm: torch.Tensor) -> torch.Tensor:
+        """Each named class's prototype moved toward its embedded name, which counts as `label_names` examples;
+        classes whose labels are ids keep their support mean."""
+        names = [label_text(c) for c in classes]
+        named = [i for i, name in enumerate(names) if name is not None]
+        if not named:
+            return protos
+        weight, counted = self.config.label_names, counts[named, None].to(protos.dtype)
+        mixed = protos.clone()
+        mixed[named] = (counted * protos[named] + weight * self.name_embeddings([names[i] for i in named], norm)
+                        ) / (counted + weight)
+        return mixed
+
+    def zero_shot(self, classes: list[str]) -> Classifier:
+        """A classifier from the label names alone (no examples): each prototype is its embedded name."""
+        names = [label_text(c) for c in classes]
+        ids = [c for c, name in zip(classes, names, strict=True) if name is None]
+        if ids:
+            raise ValueError(f"zero-shot needs label names; {ids[:5]} are ids")
+        protos = self.name_embeddings(names, 1.0)
+        # ProtoNet's own rule, also for subclasses whose adapted state holds more (a memory's context)
+        return ProtoNet.restore(self, list(classes), {"prototypes": protos,
+                                                      "scale": self.log_scale.detach().exp().cpu()})
 
     def restore(self, classes: list[str], state: dict[str, torch.Tensor]) -> Classifier:
         check_state(state, {"prototypes": (len(classes), self.encoder.dim), "scale": ()})

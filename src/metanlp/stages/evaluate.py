@@ -34,6 +34,19 @@ def episodes_id(test_file: Path, params: EvaluateParams, label_spaces: str = "sp
     return hashlib.md5(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+NAMES_BASELINE = "frozen_with_names"  # the frozen encoder with the model's label-name weight: what names alone give
+
+
+def frozen_with_label_names(spec):
+    """The frozen encoder counting label names as the model does, so a table tells what meta-training adds
+    beyond the names."""
+    from metanlp.config import FrozenConfig
+    from metanlp.learners import build_learner
+
+    base = spec.encoder.model_copy(update={"attn_implementation": "sdpa"})
+    return build_learner(FrozenConfig(label_names=spec.learner.label_names), base)
+
+
 def dataset_settings(params: EvaluateParams, root: Path, trained_classes: set[str], corpus: Path | None
                      ) -> list[tuple[LabelledTexts, list[Setting]]]:
     """Each named dataset with its settings: episodes from one label space at a time, ways = min(N, its
@@ -55,7 +68,11 @@ def evaluate_on_test(model_dir: Path, root: Path, params: EvaluateParams, method
     from metanlp.data.pool import domain_weights
     from metanlp.learners import read_spec
 
-    names = [read_spec(model_dir).learner.kind, *(methods if methods is not None else [BASELINE])]
+    spec = read_spec(model_dir)
+    names = [spec.learner.kind, *(methods if methods is not None else [BASELINE])]
+    extra = {}
+    if methods is None and getattr(spec.learner, "label_names", 0) > 0:
+        extra[NAMES_BASELINE] = frozen_with_label_names(spec)
     test = load_split(root, "test")
     spaces = domain_weights(test) if label_spaces == "domain" else None
     settings = build_settings(test, params.ways, params.shots, params.queries, params.episodes, 1, None,
@@ -68,7 +85,7 @@ def evaluate_on_test(model_dir: Path, root: Path, params: EvaluateParams, method
         classes = read_json(root / MANIFEST, "build_corpus")["classes"]
         more = dataset_settings(params, root, set(classes["train"]) | set(classes["val"]), corpus)
     results = evaluate_model(model_dir, test, settings, names, seed=params.seed, show_progress=show_progress,
-                             also=more)
+                             extra=extra, also=more)
     results["episodes_id"] = episodes_id(root / TEST, params, label_spaces, dataset_files(params, root))
     return results
 

@@ -91,7 +91,8 @@ def champion_scores(client, name: str, champion, challenger: dict, params: Pipel
         model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@{CHAMPION}", dst_path=tmp))
         flavor = yaml.safe_load((model_dir / "MLmodel").read_text())["flavors"]["python_function"]
         results = evaluate_on_test(model_dir / flavor["artifacts"]["model"]["path"], root, params.evaluate,
-                                 methods=[], show_progress=False)
+                                   methods=[], show_progress=False, label_spaces=params.data.label_spaces,
+                                   corpus=root / params.data.corpus)
         return _primary_per_episode(results, params.evaluate.primary), "re-evaluated on these episodes"
 
 

@@ -11,7 +11,7 @@ from metanlp.config import PipelineParams
 from metanlp.evaluation import BASELINE
 from metanlp.reporting import gain, percent
 from metanlp.stages.common import Stage, read_json
-from metanlp.stages.evaluate import RESULTS
+from metanlp.stages.evaluate import NAMES_BASELINE, RESULTS
 from metanlp.stages.meta_train import MODEL
 from metanlp.stages.register import RECORD
 from metanlp.tracking import tracking
@@ -19,21 +19,30 @@ from metanlp.tracking import tracking
 SUMMARY = "artifacts/summary.md"
 
 
+def paired_gain(method: dict) -> str:
+    return gain(method["diff_vs_frozen"], method["diff_ci95"]) if "diff_vs_frozen" in method else "n/a"
+
+
 def summary_text(results: dict, record: dict, root: Path) -> str:
     """The summary, made from the run's own results (nothing here is measured again)."""
     learner = results["learner"]
+    named = any(NAMES_BASELINE in entry["methods"] for entry in results["settings"])
+    names_header = f" {NAMES_BASELINE} % (95% CI) | its gain over frozen, pp |" if named else ""
     lines = ["# metanlp run summary", "",
              f"Model `{learner}` evaluated on data it never meta-trained on (the test classes, and each dataset "
              "evaluate.datasets names), same episodes for every method:", "",
-             f"| data | setting | {learner} % (95% CI) | frozen % (95% CI) | paired gain, pp (95% CI) | adapt ms |",
-             "|---|---|---|---|---|---|"]
+             f"| data | setting | {learner} % (95% CI) | frozen % (95% CI) | paired gain, pp (95% CI) | adapt ms |"
+             + names_header, "|---|---|---|---|---|---|" + ("---|---|" if named else "")]
     for entry in results["settings"]:
         mine, base = entry["methods"][learner], entry["methods"].get(BASELINE, {})
-        paired = gain(mine["diff_vs_frozen"], mine["diff_ci95"]) if "diff_vs_frozen" in mine else "n/a"
         data, setting = entry.get("dataset", "test classes"), entry["setting"].split(": ")[-1]
-        lines.append(f"| {data} | {setting} | {percent(mine['accuracy'])} ± {percent(mine['ci95'])} | "
-                     f"{percent(base.get('accuracy'))} ± {percent(base.get('ci95'))} | {paired} | "
-                     f"{mine['adapt_ms']:.0f} |")
+        row = (f"| {data} | {setting} | {percent(mine['accuracy'])} ± {percent(mine['ci95'])} | "
+               f"{percent(base.get('accuracy'))} ± {percent(base.get('ci95'))} | {paired_gain(mine)} | "
+               f"{mine['adapt_ms']:.0f} |")
+        if named:
+            names = entry["methods"].get(NAMES_BASELINE, {})
+            row += (f" {percent(names.get('accuracy'))} ± {percent(names.get('ci95'))} | {paired_gain(names)} |")
+        lines.append(row)
     name, version = record["model_name"], record["version"]
     champion = "champion" if record["promoted"] else f"challenger (champion stays v{record['champion_version']})"
     uri = record["tracking_uri"]

@@ -1,0 +1,74 @@
+"""Code tests: label semantics in ProtoNet's prototypes. A label that is a name counts, embedded, as
+`label_names` support examples; ids fall back to the examples alone; it is off unless asked; zero-shot works
+from the names and refuses ids."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metanlp.config import FrozenConfig, ProtoNetConfig
+from metanlp.learners import build_learner
+from metanlp.learners.protonet import label_text
+
+SUPPORT = ["water the ferns", "when to water roses", "aphids on my kale", "slugs ate the lettuce",
+           "prune the apple tree", "cut back the hedge"]
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_encoder_config):
+    from metanlp.encoder import TextEncoder
+
+    return TextEncoder.from_config(tiny_encoder_config)
+
+
+def protos(learner, labels):
+    return learner.adapt(SUPPORT, labels).state["prototypes"]
+
+
+@pytest.mark.parametrize(("label", "text"), [
+    ("card_arrival", "card arrival"), ("joy", "joy"), ("snips::PlayMusic", "PlayMusic"),
+    ("book-a.table", "book a table"), ("0", None), ("17", None), ("t4", None), ("__", None), ("arsc/t2::1", None)])
+def test_label_text_reads_names_and_refuses_ids(label, text):
+    assert label_text(label) == text
+
+
+def test_off_by_default_and_ids_fall_back_to_the_examples(encoder):
+    assert ProtoNetConfig().label_names == 0 and FrozenConfig().label_names == 0
+    plain = build_learner(FrozenConfig(), encoder)
+    named = build_learner(FrozenConfig(label_names=2.0), encoder)
+    ids = ["0", "0", "1", "1", "2", "2"]
+    assert torch.equal(protos(plain, ids), protos(named, ids))
+    names = ["a_watering", "a_watering", "b_pests", "b_pests", "c_pruning", "c_pruning"]  # sorted as the ids
+    assert not torch.allclose(protos(plain, names), protos(named, names))
+    assert torch.equal(protos(plain, names), protos(plain, ids))  # off: the names change nothing
+
+
+def test_a_named_prototype_is_the_weighted_mean_with_its_embedded_name(encoder):
+    learner = build_learner(FrozenConfig(label_names=3.0), encoder)
+    labels = ["water_plants", "water_plants", "17", "17", "pruning", "pruning"]
+    got = protos(learner, labels)
+    embedded = encoder.embed(encoder.tokenize(SUPPORT))
+    norm = embedded.norm(dim=-1).mean()
+    classes = ["17", "pruning", "water_plants"]  # sorted, as the classifier orders them
+    assert learner.adapt(SUPPORT, labels).classes == classes
+    for i, label in enumerate(classes):
+        rows = [j for j, lab in enumerate(labels) if lab == label]
+        mean = embedded[rows].mean(dim=0)
+        if label == "17":
+            expected = mean
+        else:
+            name = F.normalize(encoder.embed(encoder.tokenize([label_text(label)]))[0], dim=0) * norm
+            expected = (len(rows) * mean + 3.0 * name) / (len(rows) + 3.0)
+        torch.testing.assert_close(got[i], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_zero_shot_uses_the_names_alone_and_refuses_ids(encoder):
+    learner = build_learner(ProtoNetConfig(), encoder)
+    classifier = learner.zero_shot(["water_plants", "pruning"])
+    names = F.normalize(encoder.embed(encoder.tokenize(["water plants", "pruning"])), dim=-1)
+    torch.testing.assert_close(classifier.state["prototypes"], names)
+    assert set(classifier.predict(["water the ferns"]).labels) <= {"water_plants", "pruning"}
+    with pytest.raises(ValueError, match=r"zero-shot needs label names; \['0'\] are ids"):
+        learner.zero_shot(["0", "pruning"])
