@@ -37,6 +37,9 @@ def apply_environment_defaults(project_root: Path | None = None) -> None:
         os.environ.setdefault("PREFECT_HOME", str(home))
         os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(home / "storage"))
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        # ...but the flow's and tasks' own lines (stage N of 8, tune: trial i of N; printed with log_prints) show
+        for logger in ("FLOW_RUNS", "TASK_RUNS"):
+            os.environ.setdefault(f"PREFECT_LOGGING_LOGGERS_PREFECT_{logger}_LEVEL", "INFO")
 
 
 @contextmanager

@@ -198,3 +198,36 @@ def test_the_scoring_flow_labels_a_file_with_the_registered_champion(train_flow,
 
     scored = pd.read_csv(tiny_project / "scores.csv")
     assert len(scored) == 40 and set(scored["label"]) <= set(labels)
+
+
+def test_progress_lines_reach_the_console_while_prefects_own_chatter_stays_quiet(tmp_path):
+    """`metanlp run` sets Prefect's log level to WARNING, yet the stage and trial lines (printed inside the flow
+    and its tasks, log_prints) must show on the console: a fresh interpreter with the project's defaults."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        from metanlp.runtime import apply_environment_defaults
+        apply_environment_defaults(Path({str(tmp_path)!r}))
+        from prefect import flow, task
+        import logging
+
+        @task
+        def trial():
+            print("tune: trial 1 of 4")
+
+        @flow(log_prints=True)
+        def run():
+            print("stage 1 of 8: validate")
+            trial()
+            logging.getLogger("prefect.engine").info("engine chatter")
+
+        run()
+    """)
+    shown = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    console = shown.stdout + shown.stderr
+    assert "stage 1 of 8: validate" in console and "tune: trial 1 of 4" in console
+    assert "engine chatter" not in console
