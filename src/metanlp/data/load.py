@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-DEFAULT_CORPUS = "default"  # the intent corpus shipped inside the package
+DEFAULT_CORPUS = "default"  # the multi-kind corpus shipped inside the package (data/corpus.jsonl)
 
 
 class DataError(ValueError):
