@@ -203,10 +203,11 @@ def train(
         train_set, val_set = corpus.with_classes(classes.train), validation.with_classes(classes.val)
         if len(val_set) == 0:
             raise DataError(f"{validation.source}: has none of the validation classes {classes.val[:5]}")
-        if (label_spaces or ("domain" if data == DEFAULT_CORPUS else "split")) == "domain":
-            from metanlp.data.pool import domain_weights
+        from metanlp.data.pool import label_space_weights
 
-            spaces = {"train_spaces": domain_weights(train_set), "val_spaces": domain_weights(val_set)}
+        mode = label_spaces or ("domain" if data == DEFAULT_CORPUS else "split")
+        spaces = {"train_spaces": label_space_weights(train_set, mode),
+                  "val_spaces": label_space_weights(val_set, mode)}
         if leaked := shared_texts(train_set, val_set):
             raise DataError(f"{len(leaked)} texts are both in the training classes and in the validation ones "
                             f"(e.g. {quote(leaked[0], 80)}): validation would not be on unseen examples")
@@ -318,13 +319,10 @@ def evaluate(
     if support_data is not None:
         support_set = load_labelled(support_data, text_column=text_column, label_column=label_column
                                     ).with_classes(set(query_set.classes))
-    spaces = None
-    if label_spaces == "domain" and ways_value != "all":
-        from metanlp.data.pool import domain_weights
+    from metanlp.data.pool import label_space_weights
 
-        spaces = domain_weights(query_set)
     settings = build_settings(query_set, ways_value, shot_list, queries, episodes, repeats, support_set, seed,
-                              spaces=spaces)
+                              spaces=label_space_weights(query_set, label_spaces))
     extra = {}
     if adapt:
         from metanlp.adaptation import DomainAdaptedLearner

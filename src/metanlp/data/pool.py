@@ -92,6 +92,12 @@ def domain_weights(data: LabelledTexts, exponent: float = 0.5) -> dict[str, floa
     return {domain: n ** exponent for domain, n in Counter(data.domains).items()}
 
 
+def label_space_weights(data: LabelledTexts, label_spaces: str) -> dict[str, float] | None:
+    """The episode sampler's `spaces` for `data.label_spaces`: each domain's weight under "domain", None (classes
+    of the whole set mix) under "split"."""
+    return domain_weights(data) if label_spaces == "domain" else None
+
+
 def load_held_out(entry: PoolDataset, root: Path, trained_classes: set[str], corpus: Path | None = None
                   ) -> LabelledTexts:
     """An eval dataset (`evaluate.datasets`) read at its test split, its label spaces joined (domain = space).

@@ -27,10 +27,10 @@ TEST = f"{CORPUS}/test.jsonl"
 
 
 def episodes_id(test_file: Path, params: EvaluateParams, label_spaces: str = "split",
-                dataset_files: list[Path] = ()) -> str:
+                eval_files: list[Path] = ()) -> str:
     payload = {"test": file_digest(test_file), "evaluate": params.model_dump(mode="json")}
-    if label_spaces != "split" or dataset_files:  # keeps the ids of earlier single-corpus evaluations
-        payload |= {"label_spaces": label_spaces, "datasets": [file_digest(f) for f in dataset_files]}
+    if label_spaces != "split" or eval_files:  # keeps the ids of earlier single-corpus evaluations
+        payload |= {"label_spaces": label_spaces, "datasets": [file_digest(f) for f in eval_files]}
     return hashlib.md5(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -65,7 +65,7 @@ def evaluate_on_test(model_dir: Path, root: Path, params: EvaluateParams, method
                      show_progress: bool = True, label_spaces: str = "split", corpus: Path | None = None) -> dict:
     """Score the model (and the baselines in `methods`) on the evaluation episodes of the test classes and of
     evaluate.datasets. `label_spaces="domain"`: a test episode's classes come from one domain."""
-    from metanlp.data.pool import domain_weights
+    from metanlp.data.pool import label_space_weights
     from metanlp.learners import read_spec
 
     spec = read_spec(model_dir)
@@ -74,9 +74,8 @@ def evaluate_on_test(model_dir: Path, root: Path, params: EvaluateParams, method
     if methods is None and getattr(spec.learner, "label_names", 0) > 0:
         extra[NAMES_BASELINE] = frozen_with_label_names(spec)
     test = load_split(root, "test")
-    spaces = domain_weights(test) if label_spaces == "domain" else None
     settings = build_settings(test, params.ways, params.shots, params.queries, params.episodes, 1, None,
-                              params.seed, spaces=spaces)
+                              params.seed, spaces=label_space_weights(test, label_spaces))
     if params.full_label_space_shots:
         settings += build_settings(test, "all", params.full_label_space_shots, params.queries, params.episodes,
                                    params.repeats, None, params.seed)

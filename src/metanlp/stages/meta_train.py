@@ -30,7 +30,7 @@ def with_overrides(base: MetaTrainParams, overrides: dict[str, float | int]) -> 
 def train_model(params: MetaTrainParams, root: Path, data: DataParams, out_dir: Path | None,
                 show_progress: bool = True, on_validation=None, checkpoint_dir: Path | None = None):
     """Meta-train the learner `params` name on the corpus files (the tune stage's trials use this too)."""
-    from metanlp.data.pool import domain_weights
+    from metanlp.data.pool import label_space_weights
     from metanlp.train import train_learner
 
     manifest = read_json(root / MANIFEST, "build_corpus")
@@ -38,10 +38,9 @@ def train_model(params: MetaTrainParams, root: Path, data: DataParams, out_dir: 
                        provenance=Provenance(split=data.split, classes=manifest["classes"],
                                              train_data=manifest["source"]))
     train, val = load_split(root, "train"), load_split(root, "val")
-    spaces = ({"train_spaces": domain_weights(train), "val_spaces": domain_weights(val)}
-              if data.label_spaces == "domain" else {})
     return train_learner(spec, train, val, params.train, out_dir, show_progress, checkpoint_dir=checkpoint_dir,
-                         on_validation=on_validation, **spaces)
+                         on_validation=on_validation, train_spaces=label_space_weights(train, data.label_spaces),
+                         val_spaces=label_space_weights(val, data.label_spaces))
 
 
 def run(params: PipelineParams, root: Path, show_progress: bool = True) -> dict:
