@@ -1,6 +1,7 @@
 """The Prefect flows. Training (`metanlp-train`): validate -> build_corpus -> pretrain -> tune -> meta_train ->
 evaluate -> register -> summary, each a cached, retried task around the plain stage function of
-`metanlp.stages`. Scoring (`metanlp-score`): `metanlp.scoring.score_file` as a retried task.
+`metanlp.stages`; in a DVC project the flow ends by committing the outputs to DVC, as `dvc repro` would
+have. Scoring (`metanlp-score`): `metanlp.scoring.score_file` as a retried task.
 
 Caching is by content: a stage's key hashes its slice of params.yaml, the bytes of the files it reads and
 the metanlp source code, so a re-run with nothing changed takes every stage from the cache, and a change
@@ -81,6 +82,25 @@ def ensure_raw_data(params_file: Path, root: Path) -> None:
         repo.pull(targets=[str(root / "data.dvc")])
 
 
+def record_in_dvc(root: Path) -> str:
+    """What `dvc commit` does after stages run outside `dvc repro`: their outputs go to the DVC cache and
+    dvc.lock records them, so DVC agrees with this run (`dvc status` up to date; an output equal to what
+    dvc.lock names leaves it as it was). Only the pipeline's stages: a raw corpus edited without `dvc add` is
+    not versioned behind the user's back. A folder that is not a DVC project is left alone."""
+    if not (root / "dvc.yaml").exists() or not (root / ".dvc").is_dir():
+        return "not a DVC project: nothing recorded"
+    import subprocess
+    import sys
+
+    # DVC's command, in the project: its API resolves the run cache against the working directory
+    done = subprocess.run([sys.executable, "-m", "dvc", "commit", "--force", "--quiet", "dvc.yaml"], cwd=root,
+                          capture_output=True, text=True)
+    if done.returncode:  # e.g. a `dvc repro` holding DVC's lock: the run's results stand
+        reason = (done.stderr or done.stdout).strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+        return f"outputs not recorded in DVC ({reason[0]}); `dvc commit dvc.yaml` records them"
+    return "outputs recorded in dvc.lock and the DVC cache (`dvc status` is up to date)"
+
+
 def retried(function, **options):
     """`function` as a Prefect task retried with exponential backoff, on transient failures only."""
     from prefect import task
@@ -119,6 +139,8 @@ def build_flow():
             results[name] = state.result()  # raises the stage's error
             if state.name == "Cached":
                 print(f"stage {name}: cached (its params, inputs and code are unchanged)")
+        results["dvc"] = record_in_dvc(root_path)
+        print(f"dvc: {results['dvc']}")
         return results
 
     return train_flow

@@ -33,14 +33,19 @@ def gain(diff: float, ci95: float | None) -> str:
 
 
 def markdown_table(results: dict) -> str:
-    lines = ["| setting | method | accuracy % (95% CI) | Δ vs frozen, pp (95% CI) | adapt ms/episode | episodes |",
-             "|---|---|---|---|---|---|"]
+    """One row per setting and method; the adaptation time column only when the results carry timings (the
+    pipeline keeps them apart, in its run record)."""
+    timed = any("adapt_ms" in m for entry in results["settings"] for m in entry["methods"].values())
+    ms_header, ms_rule = (" adapt ms/episode |", "---|") if timed else ("", "")
+    lines = [f"| setting | method | accuracy % (95% CI) | Δ vs frozen, pp (95% CI) |{ms_header} episodes |",
+             f"|---|---|---|---|{ms_rule}---|"]
     for entry in results["settings"]:
         for name, m in entry["methods"].items():
             diff = "—" if name == BASELINE or "diff_vs_frozen" not in m else gain(m["diff_vs_frozen"],
                                                                                   m["diff_ci95"])
-            lines.append(f"| {entry['setting']} | {name} | {percent(m['accuracy'])} ± {percent(m['ci95'])} | {diff} | "
-                         f"{m['adapt_ms']:.0f} | {m['episodes']} |")
+            ms = f" {m['adapt_ms']:.0f} |" if timed else ""
+            lines.append(f"| {entry['setting']} | {name} | {percent(m['accuracy'])} ± {percent(m['ci95'])} | {diff} |"
+                         f"{ms} {m['episodes']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -155,26 +155,30 @@ def test_pretrained_encoder_is_where_meta_training_starts(train_flow, tiny_proje
 
 
 def test_the_summary_is_made_from_the_runs_own_results(tmp_path):
+    from metanlp.stages.evaluate import split_timings
     from metanlp.stages.summary import summary_text
 
-    results = {"learner": "protonet", "settings": [{"setting": "5-way 1-shot", "methods": {
+    timed = {"learner": "protonet", "settings": [{"setting": "5-way 1-shot", "methods": {
         "protonet": {"accuracy": 0.81, "ci95": 0.02, "diff_vs_frozen": 0.05, "diff_ci95": 0.01, "adapt_ms": 12.0},
         "frozen": {"accuracy": 0.76, "ci95": 0.02, "adapt_ms": 11.0}}}, {
         "setting": "emotion: 5-way 1-shot", "dataset": "emotion", "methods": {
             "protonet": {"accuracy": 0.48, "ci95": 0.03, "diff_vs_frozen": 0.05, "diff_ci95": 0.012, "adapt_ms": 9.0},
             "frozen": {"accuracy": 0.43, "ci95": 0.03, "adapt_ms": 8.0}}}]}
+    results, timings = split_timings(timed)  # as the evaluate stage keeps them: timings in its run record
+    assert "adapt_ms" not in json.dumps(results) and timings["emotion: 5-way 1-shot"]["frozen"] == {"adapt_ms": 8.0}
     record = {"model_name": "m", "version": "2", "promoted": False, "champion_version": "1", "reason": "no gain",
               "run_id": "abc", "tracking_uri": "sqlite:///x.db"}
-    text = summary_text(results, record, tmp_path)
+    text = summary_text(results, record, tmp_path, timings)
     assert "| test classes | 5-way 1-shot | 81.0 ± 2.0 | 76.0 ± 2.0 | +5.0 ± 1.0 | 12 |" in text
     assert "| emotion | 5-way 1-shot | 48.0 ± 3.0 | 43.0 ± 3.0 | +5.0 ± 1.2 | 9 |" in text
     assert "v2 is challenger (champion stays v1): no gain" in text and "metanlp predict --model" in text
+    assert "| +5.0 ± 1.0 | n/a |" in summary_text(results, record, tmp_path)  # no run record of timings
     results["settings"][0]["methods"]["protonet"]["accuracy"] = 0.9
-    assert "| 5-way 1-shot | 90.0 ± 2.0 |" in summary_text(results, record, tmp_path)
+    assert "| 5-way 1-shot | 90.0 ± 2.0 |" in summary_text(results, record, tmp_path, timings)
     # a model that counts label names is shown beside the frozen encoder counting them too
     results["settings"][0]["methods"]["frozen_with_names"] = {"accuracy": 0.85, "ci95": 0.02, "diff_vs_frozen": 0.09,
-                                                              "diff_ci95": 0.015, "adapt_ms": 13.0}
-    text = summary_text(results, record, tmp_path)
+                                                              "diff_ci95": 0.015}
+    text = summary_text(results, record, tmp_path, timings)
     assert "| frozen_with_names % (95% CI) | its gain over frozen, pp |" in text
     assert "| 12 | 85.0 ± 2.0 | +9.0 ± 1.5 |" in text and "| 9 | n/a ± n/a | n/a |" in text
 

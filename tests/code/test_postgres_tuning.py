@@ -77,5 +77,6 @@ def test_two_workers_share_one_study_on_postgresql(tiny_project, postgres_url):
     assert len({json.dumps(t.params, sort_keys=True) for t in counted}) == 4
     best = json.loads((tiny_project / "artifacts" / "tune" / "best.json").read_text())
     assert best["best_value"] == study.best_value and best["overrides"] == study.best_params
-    assert best["storage"].startswith("postgresql://metanlp@127.0.0.1")
+    where = json.loads((tiny_project / "artifacts" / "runs" / "tune.json").read_text())  # the run record
+    assert where["storage"].startswith("postgresql://metanlp@127.0.0.1") and "storage" not in best
     assert not Path(tiny_project / "artifacts" / "optuna.db").exists()  # nothing went to the sqlite default

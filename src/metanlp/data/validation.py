@@ -155,7 +155,10 @@ def _outcome(suite: str, result, id_column: str) -> dict:
 def validate_corpus(source: Path, rules: ValidateParams, split: SplitConfig, min_examples: int,
                     name: str | None = None, text_column: str = "text", label_column: str = "label") -> dict:
     """Run every rule on the corpus at `source` (split as `split` says, `min_examples` per class); the report
-    lists each expectation and its outcome. `name`: how messages call the corpus (default: its path)."""
+    lists each expectation and its outcome. `name`: how the report and its messages call the corpus (default:
+    its path); the pipeline passes the path as params.yaml gives it, so the report does not depend on where the
+    project lies."""
+    shown = name or str(source)
     gx, context = _context()
     raw = read_raw_rows(source)
     renamed = {text_column: "text", label_column: "label"}
@@ -164,20 +167,20 @@ def validate_corpus(source: Path, rules: ValidateParams, split: SplitConfig, min
     problems: list[dict] = []
     suites = _suites(gx, rules, min_examples, rows)
     if {"text", "label"} <= set(rows.columns):
-        suites += _split_frames(gx, rules, split, rows, name or str(source), problems)
+        suites += _split_frames(gx, rules, split, rows, shown, problems)
     datasource = context.data_sources.add_pandas("corpus")
     outcomes = []
-    for name, frame, expectations, id_column in suites:
-        batch = datasource.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all").get_batch(
+    for suite_name, frame, expectations, id_column in suites:
+        batch = datasource.add_dataframe_asset(suite_name).add_batch_definition_whole_dataframe("all").get_batch(
             batch_parameters={"dataframe": frame.reset_index(drop=True)})
-        suite = gx.ExpectationSuite(name=name, expectations=expectations)
+        suite = gx.ExpectationSuite(name=suite_name, expectations=expectations)
         result = batch.validate(suite, result_format={"result_format": "COMPLETE",
                                                       "unexpected_index_column_names": [id_column],
                                                       "partial_unexpected_count": EXAMPLES_SHOWN})
-        outcomes += [_outcome(name, r, id_column) for r in result.results]
+        outcomes += [_outcome(suite_name, r, id_column) for r in result.results]
     outcomes += problems
     failed = [o for o in outcomes if not o["success"]]
-    return {"source": str(source), "rows": len(rows), "classes": int(rows["label"].nunique())
+    return {"source": shown, "rows": len(rows), "classes": int(rows["label"].nunique())
             if "label" in rows.columns else 0, "min_examples_per_class": min_examples,
             "success": not failed, "expectations": len(outcomes), "failed": len(failed), "results": outcomes}
 
@@ -226,14 +229,14 @@ def validate_unlabeled(source: Path, min_sentences: int = 32, min_nonempty: floa
               ("sentences", sentences, [E.ExpectTableRowCountToBeBetween(min_value=min_sentences)], "sentence")]
     datasource = context.data_sources.add_pandas("unlabeled")
     outcomes = []
-    for name, frame, expectations, id_column in suites:
-        batch = datasource.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all").get_batch(
+    for suite_name, frame, expectations, id_column in suites:
+        batch = datasource.add_dataframe_asset(suite_name).add_batch_definition_whole_dataframe("all").get_batch(
             batch_parameters={"dataframe": frame})
-        result = batch.validate(gx.ExpectationSuite(name=name, expectations=expectations),
+        result = batch.validate(gx.ExpectationSuite(name=suite_name, expectations=expectations),
                                 result_format={"result_format": "COMPLETE",
                                                "unexpected_index_column_names": [id_column],
                                                "partial_unexpected_count": EXAMPLES_SHOWN})
-        outcomes += [_outcome(name, r, id_column) for r in result.results]
+        outcomes += [_outcome(suite_name, r, id_column) for r in result.results]
     failed = [o for o in outcomes if not o["success"]]
     return {"source": str(source), "rows": len(lines), "sentences": len(sentences), "success": not failed,
             "expectations": len(outcomes), "failed": len(failed), "results": outcomes}

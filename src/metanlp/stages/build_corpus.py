@@ -34,7 +34,7 @@ def write_labelled(data: LabelledTexts, path: Path) -> Path:
 def run(params: PipelineParams, root: Path) -> dict:
     source = Workspace(root).source(params)
     report = read_json(root / REPORT, "validate")
-    if not report["success"] or Path(report["source"]) != source:
+    if not report["success"] or report["source"] != params.data.corpus:
         raise StageError(f"{source}: has no passing validation report; run the validate stage first")
     corpus = load_labelled(source)
     split = split_classes(corpus, params.data.split)

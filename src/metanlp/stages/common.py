@@ -30,7 +30,9 @@ class Stage:
     Paths are relative to the project root. `done`: files whose absence means the stage must run again even if
     its cache key is known. `inputs`: files that params name (e.g. pretraining text outside data/): hashed into
     the Prefect cache key; DVC sees them through the param. `tracks`: the stage writes to the MLflow tracking
-    server, so another server is another result."""
+    server, so another server is another result. `records`: what one run of the stage did (MLflow run ids,
+    database URLs, timings, absolute paths): git-ignored and not DVC outputs, so that `metanlp run` and
+    `dvc repro` of the same inputs write the same outputs and either finds the other's work up to date."""
 
     name: str
     run: Callable[[PipelineParams, Path], dict]
@@ -43,6 +45,15 @@ class Stage:
     plots: tuple[str, ...] = ()
     inputs: Callable[[PipelineParams, Path], list[Path]] | None = None
     tracks: bool = False
+    records: tuple[str, ...] = ()
+
+
+RUNS = "artifacts/runs"
+
+
+def run_record(stage: str) -> str:
+    """The file of what the last run of `stage` did (see `Stage.records`)."""
+    return f"{RUNS}/{stage}.json"
 
 
 @dataclass(frozen=True)

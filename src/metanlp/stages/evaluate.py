@@ -4,6 +4,9 @@ held-out task kind, a held-out set): the model and the frozen encoder on the sam
 
 `episodes_id` hashes the test file and the evaluation params: two evaluations with the same id saw the
 same episodes, so their per-episode accuracies can be paired (the promotion guard relies on it).
+
+Adaptation and prediction times go to the stage's run record (artifacts/runs/evaluate.json), not to the
+results: accuracies are equal for equal inputs, timings are not, and DVC compares the outputs.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from metanlp.data.load import LabelledTexts
 from metanlp.evaluation import BASELINE, Setting, build_settings, evaluate_model
 from metanlp.reporting import write_report
 from metanlp.stages.build_corpus import CORPUS, MANIFEST, load_split
-from metanlp.stages.common import Stage, dataset_files, eval_dataset_files, read_json, write_json
+from metanlp.stages.common import Stage, dataset_files, eval_dataset_files, read_json, run_record, write_json
 from metanlp.stages.meta_train import MODEL
 
 EVALUATION = "artifacts/evaluation"
@@ -89,26 +92,54 @@ def evaluate_on_test(model_dir: Path, root: Path, params: EvaluateParams, method
     return results
 
 
+def metric_key(setting: str) -> str:
+    return setting.replace(": ", ".").replace(" ", "_")  # emotion: 5-way 1-shot -> emotion.5-way_1-shot
+
+
 def primary_metrics(results: dict, primary: str) -> dict[str, float]:
     """Flat metrics for DVC and MLflow: accuracy, CI and paired gain of every method in every setting."""
     metrics = {}
     for entry in results["settings"]:
-        key = entry["setting"].replace(": ", ".").replace(" ", "_")  # emotion: 5-way 1-shot -> emotion.5-way_1-shot
+        key = metric_key(entry["setting"])
         for name, m in entry["methods"].items():
             metrics[f"{key}.{name}.accuracy"] = m["accuracy"]
             metrics[f"{key}.{name}.ci95"] = m["ci95"]
             if name != BASELINE and "diff_vs_frozen" in m:
                 metrics[f"{key}.{name}.gain_vs_frozen"] = m["diff_vs_frozen"]
-            metrics[f"{key}.{name}.adapt_ms"] = m["adapt_ms"]
         if entry["setting"] == primary:
             metrics["primary_accuracy"] = entry["methods"][results["learner"]]["accuracy"]
     return metrics
 
 
+TIMED = ("adapt_ms", "predict_ms")
+TIMINGS = run_record("evaluate")
+
+
+def split_timings(results: dict) -> tuple[dict, dict[str, dict[str, dict[str, float]]]]:
+    """(results without timings, {setting: {method: {adapt_ms, predict_ms}}})."""
+    timings: dict[str, dict[str, dict[str, float]]] = {}
+    settings = []
+    for entry in results["settings"]:
+        methods = {}
+        for name, m in entry["methods"].items():
+            methods[name] = {k: v for k, v in m.items() if k not in TIMED}
+            timings.setdefault(entry["setting"], {})[name] = {k: m[k] for k in TIMED if k in m}
+        settings.append({**entry, "methods": methods})
+    return {**results, "settings": settings}, timings
+
+
+def timing_metrics(timings: dict) -> dict[str, float]:
+    """The run record's timings as flat MLflow metrics (`5-way_1-shot.protonet.adapt_ms`)."""
+    return {f"{metric_key(setting)}.{name}.{k}": v for setting, methods in timings.items()
+            for name, m in methods.items() for k, v in m.items()}
+
+
 def run(params: PipelineParams, root: Path, show_progress: bool = True) -> dict:
-    results = evaluate_on_test(root / MODEL, root, params.evaluate, show_progress=show_progress,
-                               label_spaces=params.data.label_spaces, corpus=root / params.data.corpus)
+    timed = evaluate_on_test(root / MODEL, root, params.evaluate, show_progress=show_progress,
+                             label_spaces=params.data.label_spaces, corpus=root / params.data.corpus)
+    results, timings = split_timings(timed)
     results["primary"] = params.evaluate.primary
+    write_json(root / TIMINGS, timings)
     write_report(results, root / RESULTS, title="test classes")
     metrics = primary_metrics(results, params.evaluate.primary)
     write_json(root / METRICS, metrics)
@@ -118,4 +149,5 @@ def run(params: PipelineParams, root: Path, show_progress: bool = True) -> dict:
 
 STAGE = Stage(name="evaluate", run=run, params=("evaluate", "data.label_spaces"), deps=("data", TEST, MODEL),
               outs=(RESULTS, f"{EVALUATION}/results.md", f"{EVALUATION}/results.png"), done=(RESULTS, METRICS),
-              metrics=(METRICS,), plots=(f"{EVALUATION}/results.png",), inputs=eval_dataset_files)
+              metrics=(METRICS,), plots=(f"{EVALUATION}/results.png",), inputs=eval_dataset_files,
+              records=(TIMINGS,))

@@ -1,8 +1,12 @@
 """Evaluation -> MLflow: one run with params, metrics, plots, reports and lineage; the model logged as a
 pyfunc and registered; alias `challenger` on the new version, `champion` only when it beats the current
 champion on the same evaluation episodes (paired per episode). The decision and its reason are recorded in
-the run and in artifacts/registry.json. A model identical to a registered version (same spec and weights, as
-when `dvc repro` follows `metanlp run`) is not registered again: the record names that version.
+the run and in artifacts/registry.json. A model identical to a registered version (same spec and weights) is
+not registered again: the record names that version.
+
+registry.json holds what the registry decided (a DVC output: a fresh registry given the same model decides
+the same); which MLflow run, at which tracking URI, from which commit goes to the run record
+(artifacts/runs/register.json), so a `dvc repro` after `metanlp run` finds this stage up to date.
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ from metanlp.config import PipelineParams
 from metanlp.evaluation import mean_ci
 from metanlp.learners.persistence import SPEC_FILE, WEIGHTS_FILE
 from metanlp.stages.build_corpus import MANIFEST
-from metanlp.stages.common import Stage, StageError, read_json, write_json
-from metanlp.stages.evaluate import METRICS, RESULTS
+from metanlp.stages.common import Stage, StageError, read_json, run_record, write_json
+from metanlp.stages.evaluate import METRICS, RESULTS, TIMINGS, timing_metrics
 from metanlp.stages.meta_train import BEST, MODEL, TRAINING
 from metanlp.stages.validate import REPORT
 from metanlp.tracking import tracking
 
 RECORD = "artifacts/registry.json"
+RUN = run_record("register")
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -114,18 +119,21 @@ def log_model(model_dir: Path, name: str):
 
 
 def log_run_contents(root: Path, params: PipelineParams, training: dict, tuned: dict, metrics: dict) -> None:
-    """Params, metrics, reports and plots of the active run."""
+    """Params, metrics (with the evaluation's timings, when its run record is here), reports and plots of the
+    active run."""
     import mlflow
 
     flat = _flat("", {"meta_train": training["config"], "evaluate": params.evaluate.model_dump(mode="json"),
                       "tuned": tuned.get("overrides", {}), "data": params.data.model_dump(mode="json")}, {})
     mlflow.log_params({k: str(v)[:6000] for k, v in flat.items()})
+    if (root / TIMINGS).exists():
+        metrics = metrics | timing_metrics(json.loads((root / TIMINGS).read_text()))
     mlflow.log_metrics({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
     mlflow.log_metric("best_val_accuracy", training["best_val_accuracy"])
     for name, folder in ((RESULTS, "evaluation"), (RESULTS.replace(".json", ".md"), "evaluation"),
                          (RESULTS.replace(".json", ".png"), "evaluation"), (f"{MODEL}/learning_curve.png", "training"),
                          (f"{MODEL}/history.json", "training"), (REPORT, "validation"),
-                         (REPORT.replace(".json", ".md"), "validation"), (BEST, "tune")):
+                         (REPORT.replace(".json", ".md"), "validation"), (BEST, "tune"), (TIMINGS, "evaluation")):
         path = root / name
         if path.exists():
             mlflow.log_artifact(str(path), folder)
@@ -194,9 +202,10 @@ def run(params: PipelineParams, root: Path) -> dict:
     tuned = read_json(root / BEST, "tune")
     manifest = read_json(root / MANIFEST, "build_corpus")
     reg = params.register_
-    lineage = {"git_commit": git_commit(root), "data_dvc_md5": data_version(root),
-               "corpus_md5": manifest["source_md5"], "optuna_study": str(tuned.get("study")),
-               "episodes_id": results["episodes_id"], "metanlp.stage": "register"}
+    commit = git_commit(root)
+    lineage = {"data_dvc_md5": data_version(root), "corpus_md5": manifest["source_md5"],
+               "optuna_study": str(tuned.get("study")), "episodes_id": results["episodes_id"],
+               "metanlp.stage": "register"}
     digest = model_digest(root / MODEL)
     with tracking(reg.tracking_uri, root, reg.experiment) as experiment_id:
         client = MlflowClient()
@@ -205,19 +214,21 @@ def run(params: PipelineParams, root: Path) -> dict:
             version, run_id, promoted = str(same.version), same.run_id, False
             reason = f"identical to v{version} (same spec and weights): not registered again"
         else:
-            with mlflow.start_run(run_name=f"{results['learner']} {lineage['git_commit'][:8]}",
-                                  experiment_id=experiment_id, tags=lineage) as active:
+            with mlflow.start_run(run_name=f"{results['learner']} {commit[:8]}", experiment_id=experiment_id,
+                                  tags={"git_commit": commit, **lineage}) as active:
                 log_run_contents(root, params, training, tuned, metrics)
                 version = str(log_model(root / MODEL, reg.model_name).registered_model_version)
                 client.set_model_version_tag(reg.model_name, version, DIGEST_TAG, digest)
                 client.set_registered_model_alias(reg.model_name, CHALLENGER, version)
                 promoted, reason = guard_promotion(client, version, results, params, root)
                 run_id = active.info.run_id
-        record = {"model_name": reg.model_name, "version": version, "run_id": run_id,
-                  "tracking_uri": mlflow.get_tracking_uri(), "promoted": promoted, "reason": reason,
-                  "champion_version": alias_version(client, reg.model_name, CHAMPION), **lineage}
+        record = {"model_name": reg.model_name, "version": version, "promoted": promoted, "reason": reason,
+                  "champion_version": alias_version(client, reg.model_name, CHAMPION), "model_md5": digest,
+                  **lineage}
+        where = {"run_id": run_id, "tracking_uri": mlflow.get_tracking_uri(), "git_commit": commit}
+    write_json(root / RUN, where)
     write_json(root / RECORD, record)
-    return record
+    return record | where
 
 
 def promote(name: str, version: str, tracking_uri: str | None, root: Path) -> str:
@@ -242,5 +253,5 @@ def promote(name: str, version: str, tracking_uri: str | None, root: Path) -> st
 
 
 STAGE = Stage(name="register", run=run, params=("evaluate", "register"),
-              deps=(RESULTS, METRICS, MODEL, "artifacts/validation", BEST), outs=(), done=(RECORD,),
-              uncached=(RECORD,), tracks=True)
+              deps=(RESULTS, METRICS, MODEL, "artifacts/validation", BEST), outs=(), done=(RECORD, RUN),
+              uncached=(RECORD,), tracks=True, records=(RUN,))

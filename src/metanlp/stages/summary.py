@@ -1,9 +1,13 @@
 """Evaluation + registry outcome -> the run's closing summary (artifacts/summary.md, also in the MLflow run):
 each evaluation setting with the model against the frozen encoder (95% CIs, paired gain, adaptation ms), what
-the registry did and why, where the model and the run are, and the commands to use the model next."""
+the registry did and why, where the model and the run are, and the commands to use the model next.
+
+The summary names this run's MLflow run, paths and timings, so it is a run record (git-ignored), not a DVC
+output: the stage reruns when the results or the registry's decision change."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from metanlp.atomic import write_text_atomic
@@ -11,9 +15,9 @@ from metanlp.config import PipelineParams
 from metanlp.evaluation import BASELINE
 from metanlp.reporting import gain, percent
 from metanlp.stages.common import Stage, read_json
-from metanlp.stages.evaluate import NAMES_BASELINE, RESULTS
+from metanlp.stages.evaluate import NAMES_BASELINE, RESULTS, TIMINGS
 from metanlp.stages.meta_train import MODEL
-from metanlp.stages.register import RECORD
+from metanlp.stages.register import RECORD, RUN
 from metanlp.tracking import tracking
 
 SUMMARY = "artifacts/summary.md"
@@ -23,8 +27,10 @@ def paired_gain(method: dict) -> str:
     return gain(method["diff_vs_frozen"], method["diff_ci95"]) if "diff_vs_frozen" in method else "n/a"
 
 
-def summary_text(results: dict, record: dict, root: Path) -> str:
-    """The summary, made from the run's own results (nothing here is measured again)."""
+def summary_text(results: dict, record: dict, root: Path, timings: dict | None = None) -> str:
+    """The summary, made from the run's own results (nothing here is measured again). `record`: registry.json
+    with the register stage's run record (run id, tracking URI); `timings`: the evaluate stage's run record."""
+    timings = timings or {}
     learner = results["learner"]
     named = any(NAMES_BASELINE in entry["methods"] for entry in results["settings"])
     names_header = f" {NAMES_BASELINE} % (95% CI) | its gain over frozen, pp |" if named else ""
@@ -38,7 +44,7 @@ def summary_text(results: dict, record: dict, root: Path) -> str:
         data, setting = entry.get("dataset", "test classes"), entry["setting"].split(": ")[-1]
         row = (f"| {data} | {setting} | {percent(mine['accuracy'])} ± {percent(mine['ci95'])} | "
                f"{percent(base.get('accuracy'))} ± {percent(base.get('ci95'))} | {paired_gain(mine)} | "
-               f"{mine['adapt_ms']:.0f} |")
+               f"{adapt_ms(timings, entry['setting'], learner)} |")
         if named:
             names = entry["methods"].get(NAMES_BASELINE, {})
             row += (f" {percent(names.get('accuracy'))} ± {percent(names.get('ci95'))} | {paired_gain(names)} |")
@@ -57,11 +63,18 @@ def summary_text(results: dict, record: dict, root: Path) -> str:
     return "\n".join(lines)
 
 
+def adapt_ms(timings: dict, setting: str, method: str) -> str:
+    value = timings.get(setting, {}).get(method, {}).get("adapt_ms")
+    return "n/a" if value is None else f"{value:.0f}"
+
+
 def run(params: PipelineParams, root: Path) -> dict:
     import mlflow
 
-    results, record = read_json(root / RESULTS, "evaluate"), read_json(root / RECORD, "register")
-    text = summary_text(results, record, root)
+    results = read_json(root / RESULTS, "evaluate")
+    record = read_json(root / RECORD, "register") | read_json(root / RUN, "register")
+    timings = json.loads((root / TIMINGS).read_text()) if (root / TIMINGS).exists() else {}
+    text = summary_text(results, record, root, timings)
     write_text_atomic(root / SUMMARY, text)
     reg = params.register_
     with tracking(reg.tracking_uri, root, reg.experiment):
@@ -70,4 +83,4 @@ def run(params: PipelineParams, root: Path) -> dict:
 
 
 STAGE = Stage(name="summary", run=run, params=("register",), deps=(RESULTS, RECORD), outs=(), done=(SUMMARY,),
-              uncached=(SUMMARY,), tracks=True)
+              tracks=True, records=(SUMMARY,))

@@ -4,7 +4,8 @@ A seeded TPE sampler proposes values; each trial meta-trains for a short budget 
 accuracy at every validation, where the median pruner may stop it. The study lives in its own database
 (a sqlite file under artifacts/ by default, any RDB URL so that several workers share one study), named
 after a hash of what it tunes, so an unchanged re-run continues the same study and a changed input starts
-a new one. Each trial is a nested MLflow run under one "tune" run.
+a new one. Each trial is a nested MLflow run under one "tune" run. Where the study and that run live goes to
+the stage's run record (artifacts/runs/tune.json), not to best.json, which holds only what was tuned.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from metanlp.atomic import fault_point, file_digest
 from metanlp.config import DistributedConfig, PipelineParams
 from metanlp.stages.build_corpus import CORPUS
-from metanlp.stages.common import Stage, Workspace, params_slice, write_json
+from metanlp.stages.common import Stage, Workspace, params_slice, run_record, write_json
 from metanlp.stages.meta_train import BEST, train_model, with_overrides
 from metanlp.stages.pretrain import PRETRAINED, starting_encoder
 from metanlp.tracking import tracking
@@ -71,7 +72,7 @@ def run(params: PipelineParams, root: Path, show_progress: bool = True, worker: 
     tune.seed + worker, so workers propose different values; worker 0 alone is the plain seeded run)."""
     name = study_name(params, root)
     if not params.tune.enabled:
-        return _write(root, {"study": None, "overrides": {}, "best_value": None, "trials": 0})
+        return _write(root, {"study": None, "overrides": {}, "best_value": None, "trials": 0}, {})
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -110,12 +111,11 @@ def run(params: PipelineParams, root: Path, show_progress: bool = True, worker: 
     with tracking(params.register_.tracking_uri, root, params.register_.experiment) as experiment_id:
         run_id, best = _optimize(study, objective, tune, name, experiment_id)
     counted = budgeted(study)  # one read of the study's trials from its database
-    return _write(root, {"study": name, "storage": _redacted(storage_url(params, root)),
-                              "overrides": best.params, "best_value": best.value, "best_trial": best.number,
-                              "trials": len(counted), "trials_planned": tune.trials,
-                              "stopped_by_timeout": len(counted) < tune.trials,
-                              "pruned": sum(t.state.name == "PRUNED" for t in counted),
-                              "mlflow_run_id": run_id})
+    return _write(root, {"study": name, "overrides": best.params, "best_value": best.value,
+                         "best_trial": best.number, "trials": len(counted), "trials_planned": tune.trials,
+                         "stopped_by_timeout": len(counted) < tune.trials,
+                         "pruned": sum(t.state.name == "PRUNED" for t in counted)},
+                  {"storage": _redacted(storage_url(params, root)), "mlflow_run_id": run_id})
 
 
 def _optimize(study, objective, tune, name: str, experiment_id: str):
@@ -160,12 +160,14 @@ def _redacted(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def _write(root: Path, record: dict) -> dict:
-    write_json(root / BEST, record)
-    return record
+def _write(root: Path, best: dict, where: dict) -> dict:
+    """best.json (what was tuned: a DVC output) and the run record (where the study and its MLflow run are)."""
+    write_json(root / run_record("tune"), {"study": best["study"], **where})
+    write_json(root / BEST, best)
+    return best | where
 
 
 STAGE = Stage(name="tune", run=run, params=PARAMS, deps=(CORPUS, PRETRAINED), outs=("artifacts/tune",), done=(BEST,),
-              tracks=True)
+              tracks=True, records=(run_record("tune"),))
 
 
