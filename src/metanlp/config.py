@@ -183,6 +183,10 @@ class ProtoNetConfig(_Strict):
     # Label semantics: a class whose label is a name ("card_arrival" -> "card arrival") counts its embedded
     # name as this many support examples in its prototype; 0 is off, and ids ("0", "17", "t4") never count.
     label_names: float = Field(0.0, ge=0)
+    # Meta-training objective: the prototype loss plus `supcon` times a supervised contrastive loss over the
+    # episode's support and query rows (Khosla et al., 2020), at temperature `supcon_temperature`; 0 is off.
+    supcon: float = Field(0.0, ge=0)
+    supcon_temperature: float = Field(0.1, gt=0)
 
     meta_trainable: ClassVar[bool] = True
 

@@ -28,6 +28,24 @@ def prototypes(embeddings: torch.Tensor, targets: torch.Tensor, n_classes: int) 
     return (members @ embeddings) / members.sum(dim=-1, keepdim=True)
 
 
+def supervised_contrastive_loss(embeddings: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SupCon (Khosla et al., 2020, the L_out form): each row's mean log-probability of picking a row of its own
+    class among all the other rows, by cosine similarity / temperature; rows alone in their class are no
+    anchor."""
+    unit = F.normalize(embeddings.float(), dim=-1)
+    itself = torch.eye(len(unit), dtype=torch.bool, device=unit.device)
+    similarity = (unit @ unit.T / temperature).masked_fill(itself, float("-inf"))
+    log_prob = similarity - torch.logsumexp(similarity, dim=1, keepdim=True)
+    targets = targets.to(unit.device)
+    positives = (targets[:, None] == targets[None, :]) & ~itself
+    counts = positives.sum(dim=1)
+    anchors = counts > 0
+    if not anchors.any():
+        return unit.sum() * 0.0  # no pair in the batch: nothing to pull together
+    per_anchor = log_prob.masked_fill(~positives, 0.0).sum(dim=1)[anchors] / counts[anchors]
+    return -per_anchor.mean()
+
+
 LABEL_SEPARATORS = re.compile(r"[_\-./:]+")
 NAME_WORD = re.compile(r"[^\W\d_]{2,}")  # two letters in a row: "card arrival" or "joy", not "17" or "t4"
 
@@ -63,7 +81,12 @@ class ProtoNet(Learner):
         protos = prototypes(embedded[:n_support], support_targets_, len(episode.classes))
         logits = prototype_logits(embedded[n_support:], protos, self.config.distance, self.log_scale.exp())
         query_targets = torch.as_tensor(episode.query_labels, device=logits.device)
-        return F.cross_entropy(logits, query_targets), logits
+        loss = F.cross_entropy(logits, query_targets)
+        if self.config.supcon > 0:
+            every = torch.cat([support_targets_.to(logits.device), query_targets])
+            loss = loss + self.config.supcon * supervised_contrastive_loss(embedded, every,
+                                                                           self.config.supcon_temperature)
+        return loss, logits
 
     def adapt(self, support, labels) -> Classifier:
         classes, targets = support_targets(list(labels))

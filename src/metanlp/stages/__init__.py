@@ -8,6 +8,10 @@
       -> meta_train    the meta-trained learner in artifacts/model/
       -> evaluate      every method on the same episodes, artifacts/evaluation/
       -> register      MLflow run, registered version and guarded promotion, artifacts/registry.json
+      -> summary       the run's closing summary, artifacts/summary.md
+
+What one run of a stage did (MLflow run ids, database URLs, timings, absolute paths) goes to its run records
+(`Stage.records`, under artifacts/runs/), never to its DVC outputs, so the two runners write the same outputs.
 
 Each stage is one module of this package declaring `STAGE` (`common.Stage`): its name, the params.yaml keys
 it reads, the files it reads and writes, and its run function `run(params, root) -> dict`. Everything else is
