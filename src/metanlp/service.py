@@ -25,7 +25,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from metanlp.atomic import file_digest
-from metanlp.data.load import quote
+from metanlp.data.load import quote, visible
 from metanlp.learners import Learner, load_learner
 from metanlp.learners.persistence import WEIGHTS_FILE
 from metanlp.tasks import DEFAULT_STRATEGY, STRATEGIES, TaskError, TaskStore
@@ -197,8 +197,8 @@ def create_app(source: ModelSource, store: TaskStore, limits: Limits = Limits(),
         for i, text in enumerate(texts):
             if len(text) > limits.max_chars:
                 raise TooLarge(f"{what}[{i}]: {len(text)} characters, over the limit of {limits.max_chars}")
-            if not text.strip():
-                raise TaskError(f"{what}[{i}]: empty text")
+            if not visible(text):  # the loader's rule: zero-width or control characters alone are empty too
+                raise TaskError(f"{what}[{i}]: empty text (no visible character)")
         return [t.strip() for t in texts]
 
     @app.post("/tasks", status_code=201)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
+from metanlp.data.load import visible
+
 INPUT_COLUMNS = ("text", "label")
 
 
@@ -23,7 +25,7 @@ def split_request(frame: pd.DataFrame, need_support: bool = True) -> tuple[list[
     labels = ["" if v is None or (isinstance(v, float) and pd.isna(v)) else str(v).strip()
               for v in frame["label"].tolist()]
     for row, text in enumerate(texts):
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str) or not visible(text):  # the loader's rule for an empty text
             raise ValueError(f"request row {row}: empty or non-text 'text'")
     support = [(t.strip(), lab) for t, lab in zip(texts, labels, strict=True) if lab]
     queries = [t.strip() for t, lab in zip(texts, labels, strict=True) if not lab]

@@ -66,6 +66,7 @@ BAD_TASKS = [
     ({"support": [{"text": ["x"], "label": "a"}]}, 400, "valid string"),
     ({"support": [{"text": "a", "label": 3}]}, 400, "label: Input should be a valid string"),
     ({"support": [{"text": "  ", "label": "a"}, {"text": "b", "label": "c"}]}, 400, "support.text[0]: empty text"),
+    ({"support": [{"text": "a", "label": "\x00"}, {"text": "b", "label": "c"}]}, 400, "support.label[0]: empty text"),
     ({"support": [{"text": "a", "label": ""}, {"text": "b", "label": "c"}]}, 400, "support.label[0]: empty text"),
     ({"support": [{"text": "x" * 301, "label": "a"}, {"text": "b", "label": "c"}]}, 413, "301 characters"),
     ({"support": [{"text": f"t{i}", "label": str(i % 2)} for i in range(51)]}, 413, "51 rows"),
@@ -84,6 +85,7 @@ BAD_PREDICTIONS = [
     ({"texts": [None]}, 400, "Input should be a valid string"),
     ({"texts": [""]}, 400, "texts[0]: empty text"),
     ({"texts": ["ok", "   "]}, 400, "texts[1]: empty text"),
+    ({"texts": ["ok", "\u200b\u200b"]}, 400, "texts[1]: empty text (no visible character)"),
     ({"texts": ["x" * 301]}, 413, "301 characters"),
     ({"texts": ["t"] * 51}, 413, "51 rows"),
     ({"texts": ["ok"], "top_k": 0}, 400, "top_k: Input should be greater than or equal to 1"),
@@ -232,3 +234,16 @@ def test_a_task_may_choose_its_adaptation_strategy_and_keeps_it_across_a_restart
     again = restarted.post(f"/tasks/{logreg['task_id']}/predict", json=query).json()["predictions"]
     assert restarted.get(f"/tasks/{logreg['task_id']}").json()["restored"]
     assert [p["top"] for p in again] == [p["top"] for p in by_logreg]
+
+
+@pytest.mark.parametrize("text", ["   ", "\u200b\u200b", "\x00", 3])
+def test_the_pyfunc_request_names_a_row_without_visible_text(text):
+    """The registered model's input rule is the loader's: a text of spaces, zero-width or control characters is
+    empty."""
+    import pandas as pd
+
+    from metanlp.serving import split_request
+
+    frame = pd.DataFrame({"text": ["water the ferns", "slugs ate the kale", text], "label": ["water", "pests", ""]})
+    with pytest.raises(ValueError, match="request row 2: empty or non-text 'text'"):
+        split_request(frame)
