@@ -128,6 +128,12 @@ def split_timings(results: dict) -> tuple[dict, dict[str, dict[str, dict[str, fl
     return {**results, "settings": settings}, timings
 
 
+def read_timings(root: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """The last evaluation's run record of timings; empty when there is none (outputs restored without a run)."""
+    path = root / TIMINGS
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def timing_metrics(timings: dict) -> dict[str, float]:
     """The run record's timings as flat MLflow metrics (`5-way_1-shot.protonet.adapt_ms`)."""
     return {f"{metric_key(setting)}.{name}.{k}": v for setting, methods in timings.items()

@@ -26,7 +26,7 @@ from metanlp.evaluation import mean_ci
 from metanlp.learners.persistence import SPEC_FILE, WEIGHTS_FILE
 from metanlp.stages.build_corpus import MANIFEST
 from metanlp.stages.common import Stage, StageError, read_json, run_record, write_json
-from metanlp.stages.evaluate import METRICS, RESULTS, TIMINGS, timing_metrics
+from metanlp.stages.evaluate import METRICS, RESULTS, TIMINGS, read_timings, timing_metrics
 from metanlp.stages.meta_train import BEST, MODEL, TRAINING
 from metanlp.stages.validate import REPORT
 from metanlp.tracking import tracking
@@ -126,8 +126,7 @@ def log_run_contents(root: Path, params: PipelineParams, training: dict, tuned: 
     flat = _flat("", {"meta_train": training["config"], "evaluate": params.evaluate.model_dump(mode="json"),
                       "tuned": tuned.get("overrides", {}), "data": params.data.model_dump(mode="json")}, {})
     mlflow.log_params({k: str(v)[:6000] for k, v in flat.items()})
-    if (root / TIMINGS).exists():
-        metrics = metrics | timing_metrics(json.loads((root / TIMINGS).read_text()))
+    metrics = metrics | timing_metrics(read_timings(root))
     mlflow.log_metrics({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
     mlflow.log_metric("best_val_accuracy", training["best_val_accuracy"])
     for name, folder in ((RESULTS, "evaluation"), (RESULTS.replace(".json", ".md"), "evaluation"),

@@ -7,7 +7,6 @@ output: the stage reruns when the results or the registry's decision change."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from metanlp.atomic import write_text_atomic
@@ -15,7 +14,7 @@ from metanlp.config import PipelineParams
 from metanlp.evaluation import BASELINE
 from metanlp.reporting import gain, percent
 from metanlp.stages.common import Stage, read_json
-from metanlp.stages.evaluate import NAMES_BASELINE, RESULTS, TIMINGS
+from metanlp.stages.evaluate import NAMES_BASELINE, RESULTS, read_timings
 from metanlp.stages.meta_train import MODEL
 from metanlp.stages.register import RECORD, RUN
 from metanlp.tracking import tracking
@@ -73,8 +72,7 @@ def run(params: PipelineParams, root: Path) -> dict:
 
     results = read_json(root / RESULTS, "evaluate")
     record = read_json(root / RECORD, "register") | read_json(root / RUN, "register")
-    timings = json.loads((root / TIMINGS).read_text()) if (root / TIMINGS).exists() else {}
-    text = summary_text(results, record, root, timings)
+    text = summary_text(results, record, root, read_timings(root))
     write_text_atomic(root / SUMMARY, text)
     reg = params.register_
     with tracking(reg.tracking_uri, root, reg.experiment):
