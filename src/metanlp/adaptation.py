@@ -7,11 +7,18 @@ Strategies, applied in this order when combined:
   style); the number of steps is chosen on the support set itself: one shot per class is held out, the
   rest trains, the step with the lowest held-out loss wins (none, if no step beats the start), then all
   shots train for that many steps;
+- `contrastive`: SetFit-style contrastive fine-tuning of the encoder, started from the meta-learned weights:
+  a supervised contrastive loss (same-class support rows together, others apart) on class-balanced batches;
+  no head is trained, the learner's own adaptation (prototypes) then runs on the tuned encoder. The steps are
+  chosen as for `finetune`, by the nearest-prototype loss of the held-out shot, checked every few steps;
 - `fused`: the fine-tuned weights averaged with the starting ones, (1 - a) * start + a * tuned, with a
   chosen on the same held-out shot (model fusion);
-- `prototypes`: no weight change (the learner's own adaptation: class means of the support set).
+- `prototypes`: no weight change (the learner's own adaptation: class means of the support set);
+- `transductive`: no weight change either, and the only strategy that reads the texts being classified (never
+  their labels): the prototypes are refined by soft k-means over the query embeddings (Ren et al., 2018), so a
+  text's prediction depends on the other texts predicted with it. Only when asked for.
 
-Queries are never seen. Budgets are explicit: steps and seconds per strategy.
+Budgets are explicit: steps and seconds per strategy.
 """
 
 from __future__ import annotations
@@ -26,12 +33,19 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from metanlp.data.load import DataError
-from metanlp.encoder import autocast
-from metanlp.learners.base import Learner, support_targets
-from metanlp.learners.protonet import prototypes
+from metanlp.encoder import TokenizedTexts, autocast
+from metanlp.learners.base import Classifier, Learner, support_targets
+from metanlp.learners.protonet import (
+    ProtoNet,
+    prototype_logits,
+    prototypes,
+    refine_prototypes,
+    supervised_contrastive_loss,
+)
 from metanlp.runtime import seeded
 
-STRATEGIES = ("prototypes", "selfsup", "finetune", "fused")
+STRATEGIES = ("prototypes", "selfsup", "contrastive", "finetune", "fused", "transductive")
+ENCODER_STRATEGIES = ("selfsup", "contrastive", "finetune", "fused")  # those that change the encoder's weights
 FUSION_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -40,6 +54,10 @@ class AdaptBudget:
     finetune_steps: int = 30  # upper bound; the held-out shot picks the number actually used
     one_shot_steps: int = 5  # with one shot per class nothing can be held out: this many steps
     selfsup_steps: int = 20
+    contrastive_steps: int = 40  # upper bound, as finetune_steps
+    contrastive_every: int = 5  # the held-out shot is scored every this many contrastive steps
+    contrastive_temperature: float = 0.1
+    transductive_steps: int = 1  # soft k-means iterations over the queries
     seconds: float = 90.0  # wall-clock cap per strategy, all its passes together
     lr: float = 5e-5  # as the fine-tuning baseline (FineTuneConfig.encoder_lr)
     head_lr: float = 1e-2
@@ -55,6 +73,7 @@ class AdaptReport:
     fusion: float | None = None
     held_out_loss: dict = field(default_factory=dict)
     selfsup_steps: int | None = None
+    contrastive_steps: int | None = None
     seconds: dict = field(default_factory=dict)
 
 
@@ -78,60 +97,151 @@ def held_out_split(targets: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarr
 
 
 class _Tuner:
-    """Fine-tunes a copy of the encoder weights on some support rows; scores other rows on request."""
+    """Fine-tunes a copy of the encoder weights on some support rows; scores other rows on request.
 
-    def __init__(self, learner: Learner, tokens, targets: torch.Tensor, n_classes: int, budget: AdaptBudget):
-        self.encoder, self.tokens, self.targets, self.n_classes, self.budget = (
-            learner.encoder, tokens, targets, n_classes, budget)
+    Objective `head`: cross-entropy through a cosine head started at the class prototypes (Proto-MAML).
+    Objective `contrastive`: the supervised contrastive loss on class-balanced batches, no head; the held-out
+    rows are then scored against the prototypes of the training rows under the tuned weights."""
+
+    def __init__(self, learner: Learner, tokens, targets: torch.Tensor, n_classes: int, budget: AdaptBudget,
+                 objective: str = "head"):
+        self.encoder, self.tokens, self.targets, self.n_classes, self.budget, self.objective = (
+            learner.encoder, tokens, targets, n_classes, budget, objective)
         self.start = {k: v.detach().clone() for k, v in self.encoder.named_parameters()}
 
     def embed(self, weights, rows) -> torch.Tensor:
         with autocast(self.encoder.device):
             return F.normalize(functional_call(self.encoder, weights, (self.tokens.batch(rows),)).float(), dim=-1)
 
+    def batch(self, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        size = self.budget.batch_size
+        if len(rows) <= size:
+            return rows
+        if self.objective == "head":
+            return rng.choice(rows, size=size, replace=False)
+        # contrastive: a few classes with several rows each, so every anchor has positives in the batch
+        by_class = [rows[self.targets[rows].cpu().numpy() == c] for c in range(self.n_classes)]
+        by_class = [r for r in by_class if len(r) >= 2]
+        if not by_class:
+            return rng.choice(rows, size=size, replace=False)
+        per_class = min(4, max(len(r) for r in by_class))
+        chosen = rng.choice(len(by_class), size=min(len(by_class), max(1, size // per_class)), replace=False)
+        return np.concatenate([rng.permutation(by_class[c])[:per_class] for c in chosen])
+
     def train(self, rows: np.ndarray, steps: int, score_rows: np.ndarray | None = None,
-              deadline: float | None = None):
-        """Returns the tuned weights, the head, the held-out loss after every step (if scoring) and the steps
-        run: no step starts after `deadline` (a `time.perf_counter()` value), so fewer may run."""
+              deadline: float | None = None, score_every: int = 1):
+        """Returns the tuned weights, the head (None for `contrastive`), the held-out loss at each scored step
+        ({steps done: loss}) and the steps run: no step starts after `deadline` (a `time.perf_counter()`
+        value), so fewer may run."""
         b = self.budget
         weights = {k: v.clone().requires_grad_() for k, v in self.start.items()}
-        head = self.prototype_head(rows).requires_grad_()
-        optimizer = torch.optim.AdamW([{"params": list(weights.values()), "lr": b.lr},
-                                       {"params": [head], "lr": b.head_lr}], weight_decay=0.0)
+        groups = [{"params": list(weights.values()), "lr": b.lr}]
+        head = None
+        if self.objective == "head":
+            head = self.prototype_head(rows).requires_grad_()
+            groups.append({"params": [head], "lr": b.head_lr})
+        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         rng = np.random.default_rng(b.seed)
-        scores, done = [], 0
+        scores, done = {}, 0
         for _ in range(steps):
-            batch = rows if len(rows) <= b.batch_size else rng.choice(rows, size=b.batch_size, replace=False)
-            loss = F.cross_entropy(self.embed(weights, batch) @ head.T, self.targets[batch])
+            batch = self.batch(rows, rng)
+            embedded = self.embed(weights, batch)
+            if head is None:
+                loss = supervised_contrastive_loss(embedded, self.targets[batch], b.contrastive_temperature)
+            else:
+                loss = F.cross_entropy(embedded @ head.T, self.targets[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             done += 1
-            if score_rows is not None:
-                scores.append(self.loss(weights, head, score_rows))
-            if deadline is not None and time.perf_counter() > deadline:
+            out_of_time = deadline is not None and time.perf_counter() > deadline
+            if score_rows is not None and (done % score_every == 0 or done == steps or out_of_time):
+                scores[done] = self.loss(weights, head, score_rows, rows)
+            if out_of_time:
                 break
-        return {k: v.detach() for k, v in weights.items()}, head.detach(), scores, done
+        return {k: v.detach() for k, v in weights.items()}, (None if head is None else head.detach()), scores, done
 
-    def prototype_head(self, rows: np.ndarray) -> torch.Tensor:
-        """Proto-MAML head: the starting encoder's class prototypes of `rows`, unit norm, temperature 10."""
+    def prototype_head(self, rows: np.ndarray, weights=None) -> torch.Tensor:
+        """Proto-MAML head: the class prototypes of `rows` (under `weights`, the start by default), unit norm,
+        temperature 10."""
         with torch.no_grad():
-            protos = prototypes(self.embed(self.start, rows), self.targets[rows], self.n_classes)
+            protos = prototypes(self.embed(weights or self.start, rows), self.targets[rows], self.n_classes)
         return F.normalize(protos, dim=-1) * 10.0
 
-    def loss(self, weights, head, rows) -> float:
-        """Held-out cross-entropy: finer than accuracy on a handful of held-out shots."""
+    def loss(self, weights, head, rows, fit_rows) -> float:
+        """Held-out cross-entropy (finer than accuracy on a handful of held-out shots); without a head, against
+        the prototypes of `fit_rows` under the same weights."""
         with torch.no_grad():
+            head = self.prototype_head(fit_rows, weights) if head is None else head
             return float(F.cross_entropy(self.embed(weights, rows) @ head.T, self.targets[rows]))
+
+    def choose_and_train(self, steps_cap: int, started: float, score_every: int = 1, fused: bool = False,
+                         report: AdaptReport | None = None, one_shot_steps: int | None = None
+                         ) -> tuple[dict[str, torch.Tensor], int, float]:
+        """Steps chosen on a held-out shot per class (none if no step beats the start; `one_shot_steps` when a
+        class has one shot), then a pass on every row: the weights, the steps and the fusion factor. Both
+        passes share the seconds budget: choosing gets half."""
+        b = self.budget
+        deadline = started + b.seconds
+        split = held_out_split(self.targets.cpu().numpy(), b.seed)
+        factor = 1.0
+        if split is None:  # one shot: nothing to hold out
+            steps = b.one_shot_steps if one_shot_steps is None else one_shot_steps
+            factor = 0.5 if fused else 1.0
+        else:
+            fit, held = split
+            tuned, head, losses, _ = self.train(fit, steps_cap, score_rows=held, deadline=started + b.seconds / 2,
+                                                score_every=score_every)
+            before = self.loss(self.start, None, held, fit)
+            best = min(losses, key=losses.get) if losses else 0
+            steps = best if best and losses[best] < before else 0
+            if report is not None:
+                report.held_out_loss = {"start": before, "best": losses.get(best, before)}
+            if fused and steps:
+                fused_losses = [self.loss(fuse(self.start, tuned, a), head, held, fit) for a in FUSION_GRID]
+                if report is not None:
+                    report.held_out_loss["fused"] = dict(zip(map(str, FUSION_GRID), fused_losses, strict=True))
+                factor = FUSION_GRID[int(np.argmin(fused_losses))]
+        weights = self.start
+        if steps:
+            tuned, _, _, steps = self.train(np.arange(len(self.tokens)), steps, deadline=deadline)
+            weights = fuse(self.start, tuned, factor)
+        return weights, steps, factor
+
+
+def check_strategies(strategies) -> None:
+    unknown = sorted(set(strategies) - set(STRATEGIES))
+    if unknown or not strategies:
+        raise DataError(f"unknown adaptation strategy {unknown or list(strategies)}; choose from {list(STRATEGIES)}")
+
+
+def transductive(learner: Learner, classifier: Classifier, labels: list[str], steps: int) -> Classifier:
+    """`classifier` whose prototypes are refined, at each prediction, by soft k-means over the texts predicted
+    (`refine_prototypes`); the support rows keep their weight (one each)."""
+    state = classifier.state
+    if not isinstance(learner, ProtoNet) or state is None or set(state) != {"prototypes", "scale"}:
+        raise DataError(f"adaptation strategy 'transductive' refines class prototypes; learner {learner.name!r} "
+                        f"does not classify by prototypes")
+    counts = torch.bincount(support_targets(list(labels))[1], minlength=len(classifier.classes))
+    protos, scale, distance = state["prototypes"].float(), state["scale"].float(), learner.config.distance
+
+    def logits(queries: TokenizedTexts) -> torch.Tensor:
+        embedded = learner.encoder.embed(queries).float()
+        refined = refine_prototypes(protos.to(embedded.device), counts.to(embedded.device), embedded, distance,
+                                    scale, steps)
+        return prototype_logits(embedded, refined, distance, scale)
+
+    return Classifier(classifier.classes, learner.encoder, logits)
 
 
 def domain_adapt(learner: Learner, support: list[str], labels: list[str], unlabeled: list[str] | None = None,
                  strategies: list[str] | tuple[str, ...] = ("finetune",), budget: AdaptBudget = AdaptBudget()
                  ) -> tuple[Learner, AdaptReport]:
     """A copy of `learner` whose encoder is adapted to the support set's domain; the learner is unchanged."""
-    unknown = sorted(set(strategies) - set(STRATEGIES))
-    if unknown or not strategies:
-        raise DataError(f"unknown adaptation strategy {unknown or strategies}; choose from {list(STRATEGIES)}")
+    check_strategies(strategies)
+    if "transductive" in strategies:
+        raise DataError("adaptation strategy 'transductive' refines prototypes from the texts being classified, so "
+                        "it acts when predicting (evaluate or benchmark --adapt), not on a saved model")
     if "fused" in strategies and "finetune" not in strategies:
         strategies = [*strategies, "finetune"]  # fusion mixes fine-tuned weights with the start
     with seeded(budget.seed):  # dropout while tuning draws from torch's generator
@@ -150,36 +260,26 @@ def _domain_adapt(learner, support, labels, unlabeled, strategies, budget) -> tu
                               batch_size=min(16, len(texts)), seed=budget.seed, show_progress=False,
                               anchor=budget.anchor, deadline=started + budget.seconds)
         report.selfsup_steps, report.seconds["selfsup"] = len(losses), time.perf_counter() - started
-    if "finetune" in strategies:
+    for strategy in ("contrastive", "finetune"):
+        if strategy not in strategies:
+            continue
         started = time.perf_counter()
-        deadline = started + budget.seconds  # for both passes: choosing the steps gets half, the final pass the rest
         classes, targets = support_targets(list(labels))
         tokens = adapted.encoder.tokenize(list(support))
-        tuner = _Tuner(adapted, tokens, targets.to(adapted.encoder.device), len(classes), budget)
-        split = held_out_split(targets.numpy(), budget.seed)
-        factor = 1.0
-        if split is None:  # one shot: nothing to hold out
-            steps, factor = budget.one_shot_steps, (0.5 if "fused" in strategies else 1.0)
+        objective = "head" if strategy == "finetune" else "contrastive"
+        tuner = _Tuner(adapted, tokens, targets.to(adapted.encoder.device), len(classes), budget, objective)
+        if strategy == "finetune":
+            weights, steps, factor = tuner.choose_and_train(budget.finetune_steps, started,
+                                                            fused="fused" in strategies, report=report)
+            report.finetune_steps, report.fusion = steps, (factor if "fused" in strategies else None)
         else:
-            fit, held = split
-            tuned, head, losses, _ = tuner.train(fit, budget.finetune_steps, score_rows=held,
-                                              deadline=started + budget.seconds / 2)
-            before = tuner.loss(tuner.start, tuner.prototype_head(fit), held)
-            report.held_out_loss = {"start": before, "best": min(losses)}
-            steps = int(np.argmin(losses)) + 1 if min(losses) < before else 0
-            if "fused" in strategies and steps:
-                fused_losses = [tuner.loss(fuse(tuner.start, tuned, a), head, held) for a in FUSION_GRID]
-                report.held_out_loss["fused"] = dict(zip(map(str, FUSION_GRID), fused_losses, strict=True))
-                factor = FUSION_GRID[int(np.argmin(fused_losses))]
-        weights = tuner.start
-        if steps:
-            tuned, _, _, steps = tuner.train(np.arange(len(tokens)), steps, deadline=deadline)
-            weights = fuse(tuner.start, tuned, factor)
+            weights, steps, _ = tuner.choose_and_train(budget.contrastive_steps, started,
+                                                       score_every=budget.contrastive_every,
+                                                       one_shot_steps=0)  # one shot: no positive pair
+            report.contrastive_steps = steps
         adapted.encoder.load_state_dict({**adapted.encoder.state_dict(), **weights})
-        report.finetune_steps, report.fusion = steps, (factor if "fused" in strategies else None)
-        report.seconds["finetune"] = time.perf_counter() - started
+        report.seconds[strategy] = time.perf_counter() - started
     return adapted, report
-
 
 
 class DomainAdaptedLearner(Learner):
@@ -189,6 +289,7 @@ class DomainAdaptedLearner(Learner):
     def __init__(self, base: Learner, strategies: list[str], budget: AdaptBudget = AdaptBudget(),
                  unlabeled: list[str] | None = None) -> None:
         super().__init__(base.encoder, base.config, base.provenance)
+        check_strategies(strategies)
         self.base, self.strategies, self.budget, self.unlabeled = base, list(strategies), budget, unlabeled
 
     @property
@@ -197,7 +298,13 @@ class DomainAdaptedLearner(Learner):
 
     def adapt(self, support, labels):
         texts = support.texts if hasattr(support, "texts") else list(support)
-        adapted, _ = domain_adapt(self.base, texts, list(labels), self.unlabeled, self.strategies, self.budget)
-        classifier = adapted.adapt(texts, list(labels))
-        classifier.state = None  # it lives on an encoder tuned to this support set: only adapting again rebuilds it
+        learner = self.base
+        if any(s in ENCODER_STRATEGIES for s in self.strategies):
+            learner, _ = domain_adapt(self.base, texts, list(labels), self.unlabeled,
+                                      [s for s in self.strategies if s != "transductive"], self.budget)
+        classifier = learner.adapt(texts, list(labels))
+        if "transductive" in self.strategies:
+            classifier = transductive(learner, classifier, list(labels), self.budget.transductive_steps)
+        # a tuned encoder, or prototypes that move with each prediction: only adapting again rebuilds it
+        classifier.state = None
         return classifier

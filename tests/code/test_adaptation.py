@@ -135,3 +135,78 @@ def test_evaluate_compares_adaptation_strategies_on_the_same_episodes(tmp_path, 
     methods = json.loads((tmp_path / "e.json").read_text())["settings"][0]["methods"]
     assert set(methods) == {"protonet", "frozen", "protonet+finetune+fused", "protonet+prototypes"}
     assert methods["protonet+prototypes"]["per_episode"] == methods["protonet"]["per_episode"]
+
+
+def test_contrastive_respects_its_step_and_seconds_budgets_and_leaves_the_learner_alone(learner, corpus):
+    texts, labels = support_of(corpus, classes=4, shots=4)
+    before = {k: v.clone() for k, v in learner.state_dict().items()}
+    budget = AdaptBudget(contrastive_steps=6, contrastive_every=2, lr=1e-3, batch_size=8)
+    adapted, report = domain_adapt(learner, texts, labels, strategies=["contrastive"], budget=budget)
+    assert report.contrastive_steps in (0, 2, 4, 6) and report.finetune_steps is None
+    assert all(torch.equal(v, learner.state_dict()[k]) for k, v in before.items())
+    if report.contrastive_steps:
+        assert any(not torch.equal(v, before[k]) for k, v in adapted.state_dict().items())
+    _, timed = domain_adapt(learner, texts, labels, strategies=["contrastive"],
+                            budget=AdaptBudget(contrastive_steps=100_000, seconds=1.0, lr=1e-3, batch_size=8))
+    assert timed.seconds["contrastive"] < 2.5 and timed.contrastive_steps < 100_000
+
+
+def test_contrastive_batches_hold_several_rows_of_few_classes(learner, corpus):
+    """Every anchor needs a positive: a batch takes a few classes with up to 4 rows each, not 8 random rows."""
+    from metanlp.adaptation import _Tuner
+
+    texts, labels = support_of(corpus, classes=4, shots=4)
+    targets = torch.tensor([sorted(set(labels)).index(label) for label in labels])
+    tuner = _Tuner(learner, learner.encoder.tokenize(texts), targets, 4, AdaptBudget(batch_size=8), "contrastive")
+    batch = tuner.batch(np.arange(len(texts)), np.random.default_rng(0))
+    assert len(batch) == 8 and sorted(np.bincount(targets[batch].numpy()).tolist()) == [0, 0, 4, 4]
+
+
+def test_contrastive_with_one_shot_per_class_changes_nothing(learner, corpus):
+    texts, labels = support_of(corpus, classes=4, shots=1)
+    adapted, report = domain_adapt(learner, texts, labels, strategies=["contrastive"])
+    assert report.contrastive_steps == 0
+    assert all(torch.equal(v, learner.state_dict()[k]) for k, v in adapted.state_dict().items())
+
+
+def test_soft_k_means_step_equals_a_hand_computation():
+    from metanlp.learners.protonet import refine_prototypes
+
+    protos = torch.tensor([[0.0, 0.0], [4.0, 0.0]])
+    counts = torch.tensor([2, 1])
+    queries = torch.tensor([[1.0, 0.0], [3.0, 2.0]])
+    scale = torch.tensor(1.0)
+    refined = refine_prototypes(protos, counts, queries, "euclidean", scale, steps=1)
+    # euclidean logits: -|q - p|^2 / dim; softmax over the two classes
+    w = torch.softmax(-torch.cdist(queries, protos).pow(2) / 2, dim=-1)
+    expected = torch.stack([(2 * protos[0] + w[:, 0] @ queries) / (2 + w[:, 0].sum()),
+                            (1 * protos[1] + w[:, 1] @ queries) / (1 + w[:, 1].sum())])
+    assert torch.allclose(refined, expected)
+    assert torch.equal(refine_prototypes(protos, counts, queries, "euclidean", scale, steps=0), protos)
+
+
+def test_transductive_refinement_is_off_unless_asked(learner, corpus):
+    """By default a text's prediction never depends on the other texts predicted with it; asked for, it does."""
+    from metanlp.adaptation import DomainAdaptedLearner
+
+    texts, labels = support_of(corpus, classes=4, shots=3)
+    queries = corpus.texts[200:230]
+    plain = learner.adapt(texts, labels)
+    alone = np.concatenate([plain.predict([q]).scores for q in queries])
+    assert np.allclose(alone, plain.predict(queries).scores, atol=1e-5)
+    refined = DomainAdaptedLearner(learner, ["transductive"]).adapt(texts, labels)
+    alone = np.concatenate([refined.predict([q]).scores for q in queries])
+    assert not np.allclose(alone, refined.predict(queries).scores, atol=1e-3)
+    assert refined.state is None  # the prototypes move with each prediction: nothing to restore
+
+
+def test_transductive_is_refused_where_it_cannot_act(learner, corpus, tiny_encoder_config):
+    from metanlp.adaptation import DomainAdaptedLearner
+
+    texts, labels = support_of(corpus)
+    with pytest.raises(ValueError, match="acts when predicting"):
+        domain_adapt(learner, texts, labels, strategies=["transductive"])
+    with pytest.raises(ValueError, match="does not classify by prototypes"):
+        DomainAdaptedLearner(build_learner("logreg", tiny_encoder_config), ["transductive"]).adapt(texts, labels)
+    with pytest.raises(ValueError, match="unknown adaptation strategy"):
+        DomainAdaptedLearner(learner, ["transductiv"])

@@ -63,6 +63,18 @@ def prototype_logits(queries: torch.Tensor, protos: torch.Tensor, distance: str,
     return -scale * torch.cdist(queries, protos).pow(2) / queries.shape[-1]
 
 
+def refine_prototypes(protos: torch.Tensor, counts: torch.Tensor, queries: torch.Tensor, distance: str,
+                      scale: torch.Tensor, steps: int) -> torch.Tensor:
+    """Transductive refinement (soft k-means, Ren et al., 2018): each step, every query joins every class with its
+    predicted probability, and each prototype becomes the weighted mean of its support rows (`counts` of them,
+    mean `protos`) and of the queries. Zero steps return `protos`."""
+    support_sums, refined = counts[:, None].to(protos.dtype) * protos, protos
+    for _ in range(steps):
+        weights = torch.softmax(prototype_logits(queries, refined, distance, scale), dim=-1)  # [queries, classes]
+        refined = (support_sums + weights.T @ queries) / (counts[:, None] + weights.sum(dim=0)[:, None])
+    return refined
+
+
 class ProtoNet(Learner):
     meta_trainable = True
 
