@@ -7,6 +7,7 @@ score it and the peers on the pool's held-out eval datasets, every method on the
         --datasets arsc_target,airline_tweets                # leave one task kind out, scored on it
     python benchmarks/suite.py --methods frozen,logreg,setfit --setfit-iterations 5 --datasets snips,ag_news \
         --reuse benchmarks/results/suite/universal.json      # add SetFit rows to an earlier run's supports
+    python benchmarks/suite.py --adapt contrastive           # + rows with the encoder tuned on each support
 
 Writes benchmarks/results/suite/NAME.{json,md,png}; the model goes to the gitignored benchmarks/results/suite/work/.
 """
@@ -31,6 +32,8 @@ def main() -> None:
     parser.add_argument("--max-queries", type=int, default=2000)
     parser.add_argument("--datasets", default=None)
     parser.add_argument("--setfit-iterations", type=int, default=20)
+    parser.add_argument("--adapt", action="append", default=[],
+                        help="adaptation strategies on the model and the frozen encoder (repeatable), e.g. contrastive")
     parser.add_argument("--reuse", type=Path, default=None, help="an earlier suite JSON of the same supports")
     parser.add_argument("--reuse-methods", default=None, help="methods whose rows --reuse supplies (default setfit)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "suite")
@@ -50,6 +53,8 @@ def main() -> None:
                "--setfit-iterations", str(args.setfit_iterations), "--out", str(args.out / f"{args.name}.json")]
     if args.datasets:
         command += ["--datasets", args.datasets]
+    for combination in args.adapt:
+        command += ["--adapt", combination]
     if args.reuse:
         command += ["--reuse", str(args.reuse)]
         if args.reuse_methods:

@@ -293,8 +293,9 @@ def evaluate(
     finetune_episodes: Annotated[int | None, typer.Option(
         min=1, help="run finetune on only the first N of the same episodes (seconds an episode on CPU)")] = None,
     adapt: Annotated[list[str] | None, typer.Option(
-        help="also score the model after domain adaptation on each support set: prototypes, selfsup, finetune, "
-             "fused, or a comma-separated combination (repeatable)")] = None,
+        help="also score the model after domain adaptation on each support set: prototypes, selfsup, contrastive, "
+             "finetune, fused, transductive (refines prototypes from the queries), or a comma-separated "
+             "combination (repeatable)")] = None,
     unlabeled: Annotated[str | None, typer.Option(help="--adapt selfsup: the domain's unlabeled text")] = None,
     encoder: Annotated[str, typer.Option(help="encoder for the baselines when no --model")] = DEFAULT_ENCODER,
     seed: Annotated[int, typer.Option(help="seed of the episodes (the same for every method)")] = 0,
@@ -366,6 +367,10 @@ def predict(
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI for models:/ (default: "
                                                           "MLFLOW_TRACKING_URI, then mlflow/ here)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    strategy: Annotated[str, typer.Option(help="how the model adapts to the support: default (its own, "
+                                               "milliseconds), logreg, or contrastive (the encoder tuned on the "
+                                               "support first: most accurate on many fine classes, seconds to "
+                                               "minutes)")] = "default",
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
     """Adapt the model to the support examples and label new texts: a few on the terminal, or a whole file
@@ -373,13 +378,17 @@ def predict(
     from metanlp.encoder import resolve_device
     from metanlp.scoring import score_file
     from metanlp.service import open_model
+    from metanlp.tasks import STRATEGIES, strategy_learner
+
+    if strategy not in STRATEGIES:
+        raise DataError(f"--strategy: unknown {strategy!r}; choose from {sorted(STRATEGIES)}")
 
     if out is not None:
         if texts is None or text:
             raise DataError("--out scores a file: give it with --texts (and no --text)")
         summary = score_file(model, support, str(texts), str(out), top=top, text_column=text_column,
                              label_column=label_column, batch_size=batch_size, device=device,
-                             tracking_uri=tracking_uri, show_progress=not quiet)
+                             tracking_uri=tracking_uri, show_progress=not quiet, strategy=strategy)
         typer.echo(f"scored {summary.texts} texts into {summary.out} ({len(summary.classes)} classes; adapted in "
                    f"{summary.adapt_seconds:.1f} s, scored in {summary.score_seconds:.1f} s)")
         return
@@ -389,7 +398,7 @@ def predict(
     if any(not q.strip() for q in queries):
         raise DataError("--text: empty text")
     support_set = load_labelled(support, text_column=text_column, label_column=label_column)
-    learner = open_model(model, tracking_uri).learner.to(resolve_device(device))
+    learner = strategy_learner(open_model(model, tracking_uri).learner.to(resolve_device(device)), strategy)
     predictions = learner.adapt(support_set.texts, support_set.labels).predict(queries)
     rows = zip(queries, predictions.labels, predictions.top(top), strict=True)
     if as_json:
@@ -460,9 +469,11 @@ def adapt(
     label_column: LabelColumnOpt = "label",
     unlabeled: Annotated[str | None, typer.Option(help="the domain's unlabeled text: .txt (one per line) or "
                                                        "JSONL/CSV with a text column")] = None,
-    strategy: Annotated[str, typer.Option(help="comma-separated: prototypes, selfsup, finetune, fused")] = (
-        "finetune"),
+    strategy: Annotated[str, typer.Option(help="comma-separated: prototypes, selfsup, contrastive, finetune, "
+                                               "fused")] = "finetune",
     steps: Annotated[int, typer.Option(min=1, help="most fine-tuning steps (the held-out shot picks how many)")] = 30,
+    contrastive_steps: Annotated[int, typer.Option(min=1, help="most contrastive steps (the held-out shot picks "
+                                                               "how many)")] = 40,
     selfsup_steps: Annotated[int, typer.Option(min=1, help="masked-LM steps of the selfsup strategy")] = 20,
     seconds: Annotated[float, typer.Option(min=0.001, help="wall-clock cap per strategy")] = 90.0,
     seed: Annotated[int, typer.Option(help="seed of the held-out shot and of fine-tuning")] = 0,
@@ -482,7 +493,8 @@ def adapt(
     support_set = load_labelled(support, text_column=text_column, label_column=label_column)
     texts = read_texts(unlabeled) if unlabeled else None
     learner = load_learner(model).to(resolve_device(device))
-    budget = AdaptBudget(finetune_steps=steps, selfsup_steps=selfsup_steps, seconds=seconds, seed=seed)
+    budget = AdaptBudget(finetune_steps=steps, contrastive_steps=contrastive_steps, selfsup_steps=selfsup_steps,
+                         seconds=seconds, seed=seed)
     adapted, summary = domain_adapt(learner, support_set.texts, support_set.labels, texts, _csv(strategy), budget)
     record = {"support": support, "unlabeled": unlabeled, **summary.__dict__}
     save_learner(adapted, out, provenance=learner.provenance.model_copy(update={"adapted": record}), force=force)
@@ -658,10 +670,15 @@ def benchmark(
         "results/suite.json"),
     model_logreg: Annotated[bool, typer.Option(help="also score each --model's encoder with a logistic-regression "
                                                     "head (rows NAME+logreg)")] = True,
+    adapt: Annotated[list[str] | None, typer.Option(
+        help="adaptation strategies (comma-separated, applied together) run on each --model and the frozen "
+             "encoder before their own adaptation, e.g. contrastive or transductive (repeatable): rows "
+             "NAME+STRATEGIES")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """The benchmark suite: every method on the same supports and queries of the pool's eval datasets; accuracy
     with 95% CIs, paired differences to frozen and to SetFit, adaptation seconds per support set."""
+    from metanlp.adaptation import DomainAdaptedLearner, check_strategies
     from metanlp.config import learner_config
     from metanlp.data.pool import read_pool
     from metanlp.encoder import TextEncoder, resolve_device
@@ -716,6 +733,13 @@ def benchmark(
         factories[name] = own
         if model_logreg:
             factories[f"{name}+logreg"] = lambda own=own: build_learner("logreg", own().encoder)
+    # each adaptation combination on each model, and on the frozen encoder (is the meta-learned start worth it?)
+    for combination in adapt or []:
+        strategies = _csv(combination)
+        check_strategies(strategies)
+        for name in [*models, *(["frozen"] if "frozen" in baselines else [])]:
+            factories[f"{name}+{'+'.join(strategies)}"] = (
+                lambda start=factories[name], strategies=strategies: DomainAdaptedLearner(start(), strategies))
     previous = None
     if reuse is not None:
         import json as _json
@@ -730,7 +754,7 @@ def benchmark(
     results["notes"] = notes
     results["config"] = {"pool": str(pool), "models": {k: str(v) for k, v in models.items()}, "methods": baselines,
                          "shots": shots, "draws": draws, "max_queries": max_queries, "seed": seed,
-                         "setfit_iterations": setfit_iterations, "datasets": names}
+                         "setfit_iterations": setfit_iterations, "datasets": names, "adapt": adapt or []}
     paths = write_suite_report(results, out)
     typer.echo(paths["markdown"].read_text())
     typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
