@@ -18,6 +18,7 @@ from metanlp.atomic import file_in_the_way, write_file_atomic
 from metanlp.data.load import DataError, iter_text_batches, load_labelled
 from metanlp.learners import Classifier
 from metanlp.progress import progress_bar
+from metanlp.tasks import DEFAULT_STRATEGY, strategy_learner
 
 OUTPUT_FORMATS = (".csv", ".jsonl")
 
@@ -83,15 +84,17 @@ def write_scores(classifier: Classifier, texts: Path, out: Path, top: int = 3, t
 
 def score_file(model: str, support: str, texts: str, out: str, *, top: int = 3, text_column: str = "text",
                label_column: str = "label", batch_size: int = 256, device: str = "auto",
-               tracking_uri: str | None = None, show_progress: bool = True) -> ScoringSummary:
-    """Adapt `model` (a folder or `models:/NAME@alias`) to `support` once and label every text of `texts`."""
+               tracking_uri: str | None = None, show_progress: bool = True,
+               strategy: str = DEFAULT_STRATEGY) -> ScoringSummary:
+    """Adapt `model` (a folder or `models:/NAME@alias`) to `support` once (by `strategy`, one of
+    `metanlp.tasks.STRATEGIES`) and label every text of `texts`."""
     from metanlp.encoder import resolve_device
     from metanlp.service import open_model
 
     out_path = check_output(Path(out))
     support_set = load_labelled(support, text_column=text_column, label_column=label_column)
     source = open_model(model, tracking_uri)
-    learner = source.learner.to(resolve_device(device))
+    learner = strategy_learner(source.learner.to(resolve_device(device)), strategy)
     started = time.perf_counter()
     classifier = learner.adapt(support_set.texts, support_set.labels)
     adapted = time.perf_counter()

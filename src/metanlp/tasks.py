@@ -31,6 +31,9 @@ DEFAULT_STRATEGY = "default"
 STRATEGIES = {
     DEFAULT_STRATEGY: "the model's own adaptation (prototypes, or its inner loop)",
     "logreg": "a logistic-regression head fitted on the model's embeddings (what SetFit puts on its encoder)",
+    "contrastive": "the encoder first fine-tuned contrastively on the support set (SetFit-style, from the model's "
+                   "weights; seconds to a minute or two on a CPU, and the task keeps its own encoder copy), then "
+                   "the model's own adaptation: the most accurate on fine-grained label spaces",
 }
 
 
@@ -75,6 +78,10 @@ def strategy_learner(learner: Learner, strategy: str) -> Learner:
         from metanlp.learners import build_learner
 
         return build_learner("logreg", learner.encoder, learner.provenance)
+    if strategy == "contrastive":
+        from metanlp.adaptation import DomainAdaptedLearner
+
+        return DomainAdaptedLearner(learner, ["contrastive"])
     raise TaskError(f"strategy: unknown {quote(strategy)}; choose from {sorted(STRATEGIES)}")
 
 

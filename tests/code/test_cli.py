@@ -74,6 +74,15 @@ def test_predict_prints_labels_and_scores(tiny_model, small_jsonl):
     assert all(abs(sum(line["scores"].values()) - 1) < 0.5 for line in lines)
 
 
+def test_predict_with_contrastive_adaptation_tunes_a_copy_of_the_encoder(tiny_model, small_jsonl):
+    before = (tiny_model / "model.safetensors").read_bytes()
+    result = runner.invoke(app, ["predict", "--model", str(tiny_model), "--support", str(small_jsonl),
+                                 "--text", "pizza example", "--strategy", "contrastive", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["label"] in {"weather", "music", "food", "travel"}
+    assert (tiny_model / "model.safetensors").read_bytes() == before
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -87,6 +96,8 @@ def test_predict_prints_labels_and_scores(tiny_model, small_jsonl):
         (["train", "--data", "other.jsonl"], "give the class split"),
         (["train", "--learner", "frozen", "--encoder", "tiny-random-bert"], "nothing to meta-train"),
         (["predict", "--model", ".", "--support", "x.csv"], "give --text or --texts"),
+        (["predict", "--model", ".", "--support", "x.csv", "--text", "a", "--strategy", "magic"],
+         "--strategy: unknown 'magic'"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(args, message, tmp_path, monkeypatch):

@@ -236,6 +236,22 @@ def test_a_task_may_choose_its_adaptation_strategy_and_keeps_it_across_a_restart
     assert [p["top"] for p in again] == [p["top"] for p in by_logreg]
 
 
+def test_a_contrastive_task_is_adapted_again_after_a_restart_with_the_same_answers(model_dir, tmp_path):
+    """Its encoder is tuned to the support set, so no saved state rebuilds it: a restart adapts again, seeded."""
+    client = client_for(model_dir, tasks_dir=tmp_path / "tasks")
+    more = [{"text": "mow the lawn", "label": "garden"}, {"text": "brush the horse", "label": "pets"},
+            {"text": "renew the passport", "label": "travel"}, {"text": "rake the leaves", "label": "garden"},
+            {"text": "clean the fish tank", "label": "pets"}, {"text": "rent a car", "label": "travel"}]
+    task = client.post("/tasks", json={"support": SUPPORT + more, "strategy": "contrastive"}).json()
+    assert task["strategy"] == "contrastive"
+    query = {"texts": ["walk the puppy", "plant tulips"], "top_k": 3}
+    first = client.post(f"/tasks/{task['task_id']}/predict", json=query).json()["predictions"]
+    restarted = client_for(model_dir, tasks_dir=tmp_path / "tasks")
+    again = restarted.post(f"/tasks/{task['task_id']}/predict", json=query).json()["predictions"]
+    assert not restarted.get(f"/tasks/{task['task_id']}").json()["restored"]
+    assert [p["top"] for p in again] == [p["top"] for p in first]
+
+
 @pytest.mark.parametrize("text", ["   ", "\u200b\u200b", "\x00", 3])
 def test_the_pyfunc_request_names_a_row_without_visible_text(text):
     """The registered model's input rule is the loader's: a text of spaces, zero-width or control characters is
