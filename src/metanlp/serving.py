@@ -39,15 +39,17 @@ def split_request(frame: pd.DataFrame, need_support: bool = True) -> tuple[list[
 MODEL_VERSION = "pyfunc"  # one loaded pyfunc is one model: its tasks need no other version
 
 
-def classify(learner, frame: pd.DataFrame, store=None, task: str | None = None) -> pd.DataFrame:
-    """Label the query rows. The support rows make (or find, in `store`) a task; or `task` names one made by an
-    earlier request, and the request may then hold queries only."""
+def classify(learner, frame: pd.DataFrame, store=None, task: str | None = None, strategy: str = "default"
+             ) -> pd.DataFrame:
+    """Label the query rows. The support rows make (or find, in `store`) a task adapted by `strategy` (one of
+    `metanlp.tasks.STRATEGIES`); or `task` names one made by an earlier request, and the request may then hold
+    queries only."""
     from metanlp.tasks import TaskStore
 
     store = TaskStore(capacity=1) if store is None else store
     support_texts, support_labels, queries = split_request(frame, need_support=not task)
     if support_texts:
-        made, _ = store.create(learner, MODEL_VERSION, support_texts, support_labels)
+        made, _ = store.create(learner, MODEL_VERSION, support_texts, support_labels, strategy)
         task = made.id
     _, classifier = store.classifier(task, {MODEL_VERSION: learner}, MODEL_VERSION)
     predictions = classifier.predict(queries)
@@ -58,7 +60,8 @@ def classify(learner, frame: pd.DataFrame, store=None, task: str | None = None) 
 
 class FewShotClassifierModel(PythonModel):
     """Support sets adapted once and kept (bounded LRU of 32 tasks): the same support again, or its task id
-    in the request's params (`{"task_id": ...}`) with query rows only, costs only the queries."""
+    in the request's params (`{"task_id": ...}`) with query rows only, costs only the queries. The params'
+    `strategy` chooses how a new task adapts (`metanlp.tasks.STRATEGIES`; "default": the model's own)."""
 
     def load_context(self, context) -> None:
         from metanlp.learners import load_learner
@@ -75,7 +78,9 @@ class FewShotClassifierModel(PythonModel):
         from metanlp.tasks import TaskError
 
         try:  # the caller's mistake: a 400 with our message, not a 500 with a stack trace
-            return classify(self.learner, model_input, self.store, (params or {}).get("task_id") or None)
+            params = params or {}
+            return classify(self.learner, model_input, self.store, params.get("task_id") or None,
+                            params.get("strategy") or "default")
         except (TaskError, DataError, ValueError) as err:
             raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from err
 
@@ -95,7 +100,8 @@ def signature():
     return ModelSignature(inputs=Schema([ColSpec("string", "text"), ColSpec("string", "label")]),
                           outputs=Schema([ColSpec("string", "text"), ColSpec("string", "label"),
                                           ColSpec("double", "score"), ColSpec("string", "task_id")]),
-                          params=ParamSchema([ParamSpec("task_id", "string", "")]))
+                          params=ParamSchema([ParamSpec("task_id", "string", ""),
+                                              ParamSpec("strategy", "string", "default")]))
 
 
 def pyfunc_arguments(model_dir) -> dict:

@@ -183,6 +183,10 @@ def test_the_pyfunc_keeps_tasks_and_answers_by_task_id(model_dir):
     with pytest.raises(MlflowException, match="at least 2 classes"):
         pyfunc.predict(None, pd.DataFrame({"text": ["x", "y"], "label": ["a", ""]}))
     assert json.dumps(by_id.to_dict())
+    logreg = pyfunc.predict(None, frame, {"strategy": "logreg"})
+    assert logreg["task_id"][0] != task and pyfunc.store.cached == 2  # another strategy is another task
+    with pytest.raises(MlflowException, match="strategy: unknown 'magic'"):
+        pyfunc.predict(None, frame, {"strategy": "magic"})
 
 
 def test_a_promotion_while_serving_moves_new_tasks_to_the_new_version(tmp_path, tiny_encoder_config):
