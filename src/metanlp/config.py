@@ -108,6 +108,9 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.01, ge=0)
     warmup_episodes: int = Field(50, ge=0)
     grad_clip: float = Field(1.0, gt=0)
+    # L2-SP (Li et al., 2018): a pull of the encoder toward its starting (pretrained) weights, anchor * |w - w0|^2,
+    # so that meta-training on one corpus does not wander from what transfers to distant domains. 0: off.
+    anchor: float = Field(0.0, ge=0)
     val_every: int = Field(100, ge=1)
     val_episodes: int = Field(100, ge=1)
     patience: int = Field(3, ge=1)  # validations without improvement before stopping

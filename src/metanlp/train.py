@@ -121,6 +121,8 @@ def _meta_train(learner: Learner, train_data: LabelledTexts, val_data: LabelledT
         fingerprint["spaces"] = {"train": train_spaces, "val": val_spaces}
     if world.active:  # each rank's share of the meta-batch depends on how many ranks there are
         fingerprint["world_size"] = world.size
+    # the weights meta-training starts from (before a checkpoint is loaded), for the anchor's pull
+    starting = [(p, p.detach().clone()) for p in encoder_params] if config.anchor > 0 else []
     checkpoint = Path(checkpoint_dir) if checkpoint_dir else None
     for written in (checkpoint, out_dir):  # what a killed earlier run left half-swapped
         if written is not None and world.main:
@@ -152,6 +154,9 @@ def _meta_train(learner: Learner, train_data: LabelledTexts, val_data: LabelledT
             optimizer.zero_grad(set_to_none=True)
             loss, logits = learner.backward_batch(train_tokens, mine)
             world.all_reduce_gradients(trained, len(mine), len(episodes))
+            for weight, start in starting:  # d/dw of anchor * |w - w0|^2, the same on every rank
+                if weight.grad is not None:
+                    weight.grad.add_(weight.detach() - start, alpha=2 * config.anchor)
             torch.nn.utils.clip_grad_norm_(learner.parameters(), config.grad_clip)
             optimizer.step()
             schedule.step()

@@ -71,3 +71,41 @@ def test_the_episode_loss_adds_the_contrastive_term_only_when_asked(corpus, tiny
     assert mixed.item() == pytest.approx(expected.item(), rel=1e-4)
     mixed.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in with_supcon.encoder.parameters())
+
+
+def test_the_anchor_pulls_meta_training_toward_the_starting_weights_and_survives_a_resume(corpus, tiny_encoder_config,
+                                                                                          tmp_path):
+    """L2-SP: with `anchor` the encoder ends nearer its pretrained weights; a resumed run anchors to the same start
+    (taken before the checkpoint is loaded), so it ends where the whole run does."""
+    from metanlp.config import EpisodeConfig, SplitConfig, TrainConfig
+    from metanlp.data.splits import split_classes
+    from metanlp.train import TrainingInterrupted, meta_train
+
+    split = split_classes(corpus, SplitConfig(by="random", sizes=(30, 6, 6), seed=0))
+    train_set, val_set = corpus.with_classes(split.train), corpus.with_classes(split.val)
+    drift = {}
+    for anchor in (0.0, 100.0):
+        learner = build_learner("protonet", tiny_encoder_config)
+        start = {k: v.detach().clone() for k, v in learner.encoder.named_parameters()}
+
+        def measure(step, accuracy, learner=learner, start=start, anchor=anchor):
+            drift[anchor] = sum(float((p.detach() - start[k]).pow(2).sum())
+                                for k, p in learner.encoder.named_parameters())
+
+        config = TrainConfig(episodes=8, val_every=8, val_episodes=4, lr=1e-3, warmup_episodes=0, anchor=anchor,
+                             episode=EpisodeConfig(ways=3, shots=2, queries=2))
+        meta_train(learner, train_set, val_set, config, show_progress=False, on_validation=measure)
+    assert 0 < drift[100.0] < 0.5 * drift[0.0], drift
+
+    config = TrainConfig(episodes=6, val_every=2, val_episodes=4, lr=1e-3, warmup_episodes=0, anchor=10.0,
+                         patience=10, episode=EpisodeConfig(ways=3, shots=2, queries=2))
+    whole = build_learner("protonet", tiny_encoder_config)
+    expected = meta_train(whole, train_set, val_set, config, show_progress=False)
+    with pytest.raises(TrainingInterrupted):
+        meta_train(build_learner("protonet", tiny_encoder_config), train_set, val_set, config, show_progress=False,
+                   checkpoint_dir=tmp_path / "ckpt", stop_after=4)
+    resumed = build_learner("protonet", tiny_encoder_config)
+    again = meta_train(resumed, train_set, val_set, config, show_progress=False, checkpoint_dir=tmp_path / "ckpt")
+    assert again.history == expected.history
+    for key, value in whole.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value)
