@@ -129,6 +129,37 @@ def _difference(mine: dict[int, float], theirs: dict[int, float]) -> dict | None
     return {"diff": diff, "ci95": ci}
 
 
+def _mean_over(per_dataset: list[dict[int, float]]) -> dict[int, float]:
+    """Each draw's mean accuracy over datasets (each weighted equally; a fixed support stands for every draw)."""
+    all_draws = sorted({d for values in per_dataset for d in values})
+    return {d: float(np.mean([_at(v, d) for v in per_dataset])) for d in all_draws}
+
+
+def compare(rows: list[dict], method: str, baseline: str) -> dict:
+    """`method` against `baseline` on the supports both ran (an ablation: a component on and off): the difference
+    per (dataset, shots) and per shots over those datasets, paired over draws, with both adaptation times."""
+    def cells_of(name):
+        return {(r["dataset"], r["shots"]) for r in rows if r["method"] == name}
+
+    def seconds(name, shots, datasets):
+        return float(np.mean([r["adapt_s"] for r in rows if r["method"] == name and r["shots"] == shots
+                              and r["dataset"] in datasets]))
+
+    cells = sorted(cells_of(method) & cells_of(baseline))
+    result = {"method": method, "baseline": baseline, "datasets": [], "mean": []}
+    for dataset, shots in cells:
+        result["datasets"].append({"dataset": dataset, "shots": shots, **_difference(
+            _per_draw(rows, method, dataset, shots), _per_draw(rows, baseline, dataset, shots)),
+            "adapt_s": seconds(method, shots, {dataset}), "baseline_adapt_s": seconds(baseline, shots, {dataset})})
+    for shots in sorted({k for _, k in cells}):
+        datasets = [d for d, k in cells if k == shots]
+        means = [_mean_over([_per_draw(rows, name, d, shots) for d in datasets]) for name in (method, baseline)]
+        result["mean"].append({"shots": shots, "datasets": datasets, **_difference(*means),
+                               "adapt_s": seconds(method, shots, set(datasets)),
+                               "baseline_adapt_s": seconds(baseline, shots, set(datasets))})
+    return result
+
+
 def summarise(rows: list[dict]) -> dict:
     """Per (dataset, shots), and per shots over all datasets (each weighted equally): mean accuracy with a
     95% CI over support draws, differences to frozen and SetFit paired over draws, adaptation seconds."""
@@ -160,8 +191,7 @@ def summarise(rows: list[dict]) -> dict:
             per_dataset = [draws[method, d, shots] for d in datasets]
             if not all(per_dataset):
                 continue  # a method that did not run on every dataset has no mean
-            all_draws = sorted({d for values in per_dataset for d in values})
-            means[method] = {d: float(np.mean([_at(v, d) for v in per_dataset])) for d in all_draws}
+            means[method] = _mean_over(per_dataset)
             mean, ci = mean_ci(np.array(list(means[method].values())), student=True)
             entry["methods"][method] = {"accuracy": mean, "ci95": ci, "adapt_s": float(np.mean(
                 [r["adapt_s"] for r in rows if r["method"] == method and r["shots"] == shots]))}

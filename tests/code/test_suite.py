@@ -116,3 +116,23 @@ def test_logistic_regression_head_solves_scikit_learns_objective():
     reference = sklearn.LogisticRegression(C=2.0, max_iter=1000, tol=1e-8).fit(x.numpy(), y.numpy())
     np.testing.assert_allclose(weight.numpy(), reference.coef_, atol=2e-3)
     np.testing.assert_allclose(bias.numpy(), reference.intercept_, atol=2e-3)
+
+
+def test_an_ablation_pairs_a_component_on_and_off_over_the_same_draws():
+    from metanlp.suite import compare
+
+    def row(method, dataset, draw, accuracy, seconds):
+        return {"method": method, "dataset": dataset, "shots": 5, "draw": draw, "accuracy": accuracy,
+                "adapt_s": seconds}
+
+    rows = [row("on", "d1", 0, 0.80, 10.0), row("on", "d1", 1, 0.70, 12.0), row("off", "d1", 0, 0.75, 1.0),
+            row("off", "d1", 1, 0.60, 1.0), row("on", "d2", 0, 0.50, 20.0), row("on", "d2", 1, 0.40, 20.0),
+            row("off", "d2", 0, 0.50, 2.0), row("off", "d2", 1, 0.50, 2.0), row("off", "d3", 0, 0.9, 1.0)]
+    result = compare(rows, "on", "off")
+    d1 = result["datasets"][0]
+    assert (d1["dataset"], d1["diff"], d1["adapt_s"]) == ("d1", pytest.approx(0.075), 11.0)
+    # t(0.975, 1 dof) = 12.706 times the standard error of the two paired differences, 0.05 and 0.10
+    assert d1["ci95"] == pytest.approx(12.706 * np.std([0.05, 0.10], ddof=1) / np.sqrt(2), rel=1e-3)
+    mean = result["mean"][0]  # d3 has no "on" rows: not in the mean
+    assert mean["datasets"] == ["d1", "d2"] and mean["diff"] == pytest.approx((0.075 - 0.05) / 2)
+    assert mean["adapt_s"] == pytest.approx(15.5) and mean["baseline_adapt_s"] == pytest.approx(1.5)
