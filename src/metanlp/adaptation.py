@@ -113,15 +113,18 @@ class _Tuner:
         with autocast(self.encoder.device):
             return F.normalize(functional_call(self.encoder, weights, (self.tokens.batch(rows),)).float(), dim=-1)
 
-    def batch(self, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def class_groups(self, rows: np.ndarray) -> list[np.ndarray]:
+        """The rows of each class that has at least two of them (a row alone in its class has no positive)."""
+        row_targets = self.targets[rows].cpu().numpy()
+        return [group for group in (rows[row_targets == c] for c in np.unique(row_targets)) if len(group) >= 2]
+
+    def batch(self, rows: np.ndarray, by_class: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
         size = self.budget.batch_size
         if len(rows) <= size:
             return rows
         if self.objective == "head":
             return rng.choice(rows, size=size, replace=False)
         # contrastive: a few classes with several rows each, so every anchor has positives in the batch
-        by_class = [rows[self.targets[rows].cpu().numpy() == c] for c in range(self.n_classes)]
-        by_class = [r for r in by_class if len(r) >= 2]
         if not by_class:
             return rng.choice(rows, size=size, replace=False)
         per_class = min(4, max(len(r) for r in by_class))
@@ -142,9 +145,10 @@ class _Tuner:
             groups.append({"params": [head], "lr": b.head_lr})
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         rng = np.random.default_rng(b.seed)
+        by_class = self.class_groups(rows) if self.objective == "contrastive" else []
         scores, done = {}, 0
         for _ in range(steps):
-            batch = self.batch(rows, rng)
+            batch = self.batch(rows, by_class, rng)
             embedded = self.embed(weights, batch)
             if head is None:
                 loss = supervised_contrastive_loss(embedded, self.targets[batch], b.contrastive_temperature)
@@ -260,12 +264,12 @@ def _domain_adapt(learner, support, labels, unlabeled, strategies, budget) -> tu
                               batch_size=min(16, len(texts)), seed=budget.seed, show_progress=False,
                               anchor=budget.anchor, deadline=started + budget.seconds)
         report.selfsup_steps, report.seconds["selfsup"] = len(losses), time.perf_counter() - started
-    for strategy in ("contrastive", "finetune"):
-        if strategy not in strategies:
-            continue
-        started = time.perf_counter()
+    tuned_by_support = [s for s in ("contrastive", "finetune") if s in strategies]
+    if tuned_by_support:  # both tune on the same tokenized support
         classes, targets = support_targets(list(labels))
         tokens = adapted.encoder.tokenize(list(support))
+    for strategy in tuned_by_support:
+        started = time.perf_counter()
         objective = "head" if strategy == "finetune" else "contrastive"
         tuner = _Tuner(adapted, tokens, targets.to(adapted.encoder.device), len(classes), budget, objective)
         if strategy == "finetune":

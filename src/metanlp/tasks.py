@@ -33,7 +33,8 @@ STRATEGIES = {
     "logreg": "a logistic-regression head fitted on the model's embeddings (what SetFit puts on its encoder)",
     "contrastive": "the encoder first fine-tuned contrastively on the support set (SetFit-style, from the model's "
                    "weights; seconds to a minute or two on a CPU, and the task keeps its own encoder copy), then "
-                   "the model's own adaptation: the most accurate on fine-grained label spaces",
+                   "the model's own adaptation: it gained on 181 COVID-vaccine intents and on sentiment, topic and "
+                   "intent sets, and lost on CLINC150 (README)",
 }
 
 
@@ -70,8 +71,14 @@ class Task:
                 "adapt_ms": self.adapt_ms, "restored": self.restored}
 
 
+def check_strategy(strategy: str, field: str = "strategy") -> None:
+    if strategy not in STRATEGIES:
+        raise TaskError(f"{field}: unknown {quote(strategy)}; choose from {sorted(STRATEGIES)}")
+
+
 def strategy_learner(learner: Learner, strategy: str) -> Learner:
     """The learner that adapts a task of this strategy on `learner`'s model."""
+    check_strategy(strategy)
     if strategy == DEFAULT_STRATEGY:
         return learner
     if strategy == "logreg":
@@ -82,7 +89,7 @@ def strategy_learner(learner: Learner, strategy: str) -> Learner:
         from metanlp.adaptation import DomainAdaptedLearner
 
         return DomainAdaptedLearner(learner, ["contrastive"])
-    raise TaskError(f"strategy: unknown {quote(strategy)}; choose from {sorted(STRATEGIES)}")
+    raise AssertionError(f"strategy {strategy!r} is in STRATEGIES but has no learner here")
 
 
 class TaskStore:

@@ -158,7 +158,8 @@ def test_contrastive_batches_hold_several_rows_of_few_classes(learner, corpus):
     texts, labels = support_of(corpus, classes=4, shots=4)
     targets = torch.tensor([sorted(set(labels)).index(label) for label in labels])
     tuner = _Tuner(learner, learner.encoder.tokenize(texts), targets, 4, AdaptBudget(batch_size=8), "contrastive")
-    batch = tuner.batch(np.arange(len(texts)), np.random.default_rng(0))
+    rows = np.arange(len(texts))
+    batch = tuner.batch(rows, tuner.class_groups(rows), np.random.default_rng(0))
     assert len(batch) == 8 and sorted(np.bincount(targets[batch].numpy()).tolist()) == [0, 0, 4, 4]
 
 
