@@ -863,11 +863,14 @@ def tune(
 def dvc_yaml_command(
     out: Annotated[Path, typer.Option(help="where to write it")] = Path("dvc.yaml"),
     check: Annotated[bool, typer.Option(help="only check that OUT matches the stage declarations")] = False,
+    params_file: Annotated[Path, typer.Option("--params", help="the params.yaml whose files (a task pool's "
+                                              "datasets, pretraining text) the stages also depend on")
+                           ] = Path("params.yaml"),
 ) -> None:
     """Write dvc.yaml from the stage declarations (or check the one there), so DVC runs what `metanlp run` runs."""
-    from metanlp.stages import dvc_yaml
+    from metanlp.stages import dvc_yaml, load_params
 
-    expected = dvc_yaml()
+    expected = dvc_yaml(load_params(params_file), out.resolve().parent)
     if check:
         if not out.exists() or out.read_text() != expected:
             raise DataError(f"{out} does not match the stage declarations; run `metanlp dvc-yaml` to rewrite it")

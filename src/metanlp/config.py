@@ -164,13 +164,20 @@ class TaskPool(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> TaskPool:
-        names = [t.name for t in self.tasks]
-        twice = sorted({n for n in names if names.count(n) > 1})
-        if twice:
-            raise ValueError(f"dataset names must be unique; repeated: {twice}")
-        if not any(t.role == "meta_train" for t in self.tasks):
-            raise ValueError("the pool needs at least one dataset with role 'meta_train'")
+        check_pool_tasks(self.tasks)
         return self
+
+
+def check_pool_tasks(tasks: list[PoolDataset], roles: tuple[str, ...] = ("meta_train",)) -> None:
+    """A pool's datasets have unique names and at least one dataset of each of `roles` (else ValueError)."""
+    names = [t.name for t in tasks]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"dataset names must be unique; repeated: {twice}")
+    missing = [role for role in roles if not any(t.role == role for t in tasks)]
+    if missing:
+        roles_missing = " and one with role ".join(map(repr, missing))
+        raise ValueError(f"the pool needs at least one dataset with role {roles_missing}")
 
 
 # --- Learners: one spec per kind (a discriminated union on `kind`), each with its own options and search space ---
@@ -446,6 +453,40 @@ class DataParams(_Strict):
     corpus: str = "data/corpus.jsonl"
     split: SplitConfig = EMBEDDED_SPLIT
     label_spaces: Literal["split", "domain"] = "split"
+    # A task pool instead of one corpus: datasets with roles meta_train / meta_val (read at their train split)
+    # and eval (read at their test split), each one label space or one per task; label_spaces is then "domain"
+    tasks: list[PoolDataset] = []
+    size_exponent: float = Field(0.5, ge=0, le=1)  # a pool dataset's default sampling weight: rows ** this
+
+    @model_validator(mode="after")
+    def _pool_or_corpus(self) -> DataParams:
+        if not self.tasks:
+            return self
+        both = sorted({"corpus", "split"} & self.model_fields_set)
+        if both:
+            raise ValueError(f"data.tasks (a task pool) replaces data.{' and data.'.join(both)}: remove "
+                             f"{'them' if len(both) > 1 else 'it'}, or remove data.tasks to use the corpus")
+        if "label_spaces" in self.model_fields_set and self.label_spaces != "domain":
+            raise ValueError("with data.tasks every episode comes from one dataset's label space: "
+                             "data.label_spaces must be 'domain' (or left out)")
+        # the pipeline early-stops on meta_val and reports on eval, so it needs all three roles
+        check_pool_tasks(self.tasks, ("meta_train", "meta_val", "eval"))
+        self.label_spaces = "domain"
+        return self
+
+    @model_serializer(mode="wrap")
+    def _pool_without_corpus(self, handler):
+        # with a pool, corpus and split are not read; leaving them out keeps a dump valid params
+        data = handler(self)
+        if isinstance(data, dict) and data.get("tasks"):
+            data.pop("corpus", None)
+            data.pop("split", None)
+        return data
+
+    @property
+    def pool(self) -> TaskPool | None:
+        """data.tasks as a task pool; None when the pipeline reads data.corpus."""
+        return TaskPool(tasks=self.tasks, size_exponent=self.size_exponent) if self.tasks else None
 
 
 class ValidateParams(_Strict):

@@ -28,7 +28,8 @@ from pydantic import ValidationError
 
 from metanlp.data.load import DataError
 from metanlp.runtime import ProjectBusy, project_lock
-from metanlp.stages import Stage, StageError, Workspace, file_digest, load_params, params_slice, stages
+from metanlp.stages import Stage, StageError, file_digest, load_params, params_slice, stages
+from metanlp.stages.common import corpus_file
 
 
 def stage_inputs(stage: Stage, params, root: Path) -> list[Path]:
@@ -74,7 +75,7 @@ def ensure_raw_data(params_file: Path, root: Path) -> None:
     """On a fresh clone the raw corpus is a DVC-tracked folder not yet in the work tree: check it out from
     the project's DVC remote (kept inside the repository, so this works offline)."""
     params = load_params(params_file)
-    if Workspace(root).source(params).exists() or not (root / "data.dvc").exists():
+    if all(path.exists() for path in corpus_file(params, root)) or not (root / "data.dvc").exists():
         return
     from dvc.repo import Repo
 

@@ -52,10 +52,11 @@ def markdown_table(results: dict) -> str:
 def plot_accuracy_vs_shots(results: dict, path: Path, title: str = "") -> Path:
     plt = _pyplot()
     groups: dict[str, dict[str, list]] = {}
-    for entry in results["settings"]:
+    for entry in results["settings"]:  # one panel per dataset and ways, so a line never joins two datasets
         ways = "all-way" if entry["ways"] == "all" else f"{entry['ways']}-way"
+        panel = f"{entry['dataset']}: {ways}" if "dataset" in entry else ways
         for name, m in entry["methods"].items():
-            groups.setdefault(ways, {}).setdefault(name, []).append((entry["shots"], m["accuracy"], m["ci95"]))
+            groups.setdefault(panel, {}).setdefault(name, []).append((entry["shots"], m["accuracy"], m["ci95"]))
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
     for ax, (ways, methods) in zip(axes[0], groups.items(), strict=True):
         for name, points in methods.items():

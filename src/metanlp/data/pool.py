@@ -34,6 +34,20 @@ def dataset_path(entry: PoolDataset, root: Path, split: str) -> Path | str:
     return path if path == "default" else (Path(path) if Path(path).is_absolute() else root / path)
 
 
+ROLE_SPLITS = {"meta_train": "train", "meta_val": "train", "eval": "test"}  # the split each role reads
+
+
+def entry_path(entry: PoolDataset, root: Path) -> Path | str:
+    """The file a pool entry's role reads (meta_train and meta_val: the train split; eval: the test split)."""
+    return dataset_path(entry, root, ROLE_SPLITS[entry.role])
+
+
+def pool_files(pool: TaskPool, root: Path) -> list[Path]:
+    """The files a task pool reads ('default', the embedded corpus, is none), resolved."""
+    files = {entry_path(entry, root) for entry in pool.tasks}
+    return sorted(Path(f).resolve() for f in files if f != "default")
+
+
 def load_spaces(entry: PoolDataset, root: Path, split: str = "train") -> list[LabelSpace]:
     """The label spaces of one pool entry, with its class filter and row filter applied."""
     data = load_labelled(dataset_path(entry, root, split), text_column=entry.text_column,

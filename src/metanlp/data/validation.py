@@ -66,8 +66,14 @@ def _rows_frame(raw: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def _suites(gx, v: ValidateParams, min_examples: int, rows: pd.DataFrame) -> list[tuple[str, pd.DataFrame, list, str]]:
-    """(name, frame, expectations, id column) for each table the rules look at."""
+def _suites(gx, v: ValidateParams, min_examples: int, rows: pd.DataFrame, by_space: bool = False,
+            conflicting_labels: str = "refuse") -> list[tuple[str, pd.DataFrame, list, str]]:
+    """(name, frame, expectations, id column) for each table the rules look at.
+
+    `by_space` (a task pool's dataset): each value of the `domain` column is a label space of its own (ARSC's
+    tasks): a text is checked for two labels within its space, and instead of every class having
+    `min_examples`, some space must have 2 such classes (episodes leave shorter classes, and spaces without 2
+    full classes, out: real sets have some)."""
     E = gx.expectations
     row_rules = [E.ExpectColumnToExist(column="text"), E.ExpectColumnToExist(column="label"),
                  E.ExpectColumnValuesToBeInSet(column="utf8_valid", value_set=[True]),
@@ -89,12 +95,26 @@ def _suites(gx, v: ValidateParams, min_examples: int, rows: pd.DataFrame) -> lis
     suites.append(("labels", labelled.assign(text_is_label=text_is_label)[["line", "text_is_label"]],
                    [E.ExpectColumnValuesToBeInSet(column="text_is_label", value_set=[False],
                                                   mostly=1 - MOST_TEXTS_ARE_LABELS)], "line"))
-    counts = labelled.groupby("label").size().rename("examples").reset_index()
-    suites.append(("classes", counts, [E.ExpectColumnValuesToBeBetween(
-        column="examples", min_value=min_examples)], "label"))
-    same_text = labelled.assign(normalised=labelled["text"].map(normalised)).groupby("normalised").agg(
-        labels=("label", "nunique"), lines=("line", lambda ls: ",".join(map(str, ls)))).reset_index()
-    suites.append(("texts", same_text, [E.ExpectColumnValuesToBeBetween(column="labels", max_value=1)], "lines"))
+    space = labelled["domain"].fillna("") if by_space and "domain" in labelled.columns else pd.Series(
+        "", index=labelled.index)
+    if by_space:
+        counts = labelled.assign(space=space).groupby(["space", "label"]).size().rename("examples").reset_index()
+        full = counts.assign(full=counts["examples"] >= min_examples).groupby("space")["full"].sum()
+        unusable = sorted(full.index[full < 2])  # episodes leave these out (ARSC has a few one-class tasks)
+        spaces = pd.DataFrame([{"label_spaces": len(full), "usable_spaces": len(full) - len(unusable),
+                                "unusable": ",".join(unusable[:EXAMPLES_SHOWN]) or "none"}])
+        suites.append(("label_spaces", spaces, [E.ExpectColumnValuesToBeBetween(
+            column="usable_spaces", min_value=1)], "unusable"))
+    else:
+        counts = labelled.groupby("label").size().rename("examples").reset_index()
+        suites.append(("classes", counts, [E.ExpectColumnValuesToBeBetween(
+            column="examples", min_value=min_examples)], "label"))
+    if conflicting_labels == "refuse":  # else the loader drops every row of such a text
+        keyed = labelled.assign(normalised=space + "\x00" + labelled["text"].map(normalised))
+        same_text = keyed.groupby("normalised").agg(
+            labels=("label", "nunique"), lines=("line", lambda ls: ",".join(map(str, ls)))).reset_index()
+        suites.append(("texts", same_text, [E.ExpectColumnValuesToBeBetween(column="labels", max_value=1)],
+                       "lines"))
     return suites
 
 
@@ -168,7 +188,14 @@ def validate_corpus(source: Path, rules: ValidateParams, split: SplitConfig, min
     suites = _suites(gx, rules, min_examples, rows)
     if {"text", "label"} <= set(rows.columns):
         suites += _split_frames(gx, rules, split, rows, shown, problems)
-    datasource = context.data_sources.add_pandas("corpus")
+    outcomes = _run_suites(gx, context.data_sources.add_pandas("corpus"), suites) + problems
+    failed = [o for o in outcomes if not o["success"]]
+    return {"source": shown, "rows": len(rows), "classes": int(rows["label"].nunique())
+            if "label" in rows.columns else 0, "min_examples_per_class": min_examples,
+            "success": not failed, "expectations": len(outcomes), "failed": len(failed), "results": outcomes}
+
+
+def _run_suites(gx, datasource, suites: list[tuple[str, pd.DataFrame, list, str]]) -> list[dict]:
     outcomes = []
     for suite_name, frame, expectations, id_column in suites:
         batch = datasource.add_dataframe_asset(suite_name).add_batch_definition_whole_dataframe("all").get_batch(
@@ -178,11 +205,78 @@ def validate_corpus(source: Path, rules: ValidateParams, split: SplitConfig, min
                                                       "unexpected_index_column_names": [id_column],
                                                       "partial_unexpected_count": EXAMPLES_SHOWN})
         outcomes += [_outcome(suite_name, r, id_column) for r in result.results]
-    outcomes += problems
+    return outcomes
+
+
+POOL_SOURCE = "data.tasks"  # how a validation report names a task pool (params.yaml's key)
+
+
+def _pool_rows(entry, path: Path) -> pd.DataFrame:
+    """The rows a pool entry reads from its file, in the suite's columns (`domain`: its task column)."""
+    raw = read_raw_rows(path)
+    for column, value in (entry.where or {}).items():
+        if column not in raw.columns:
+            raise DataError(f"{path}: no column {quote(column, 60)} to filter on (data.tasks {entry.name!r})")
+        allowed = [str(v) for v in value] if isinstance(value, list) else [str(value)]
+        raw = raw[raw[column].astype(str).isin(allowed)]
+    renamed = {entry.text_column: "text", entry.label_column: "label"}
+    if entry.task_column:
+        renamed[entry.task_column] = "domain"
+    shadowed = [c for c in ("text", "label", "domain") if c in raw.columns and c not in renamed]
+    rows = _rows_frame(raw.drop(columns=shadowed).rename(columns=renamed))
+    if entry.classes and "label" in rows.columns:
+        rows = rows[rows["label"].isin(entry.classes)]
+    return rows
+
+
+def same_dataset(a, b) -> bool:
+    """Two pool entries read the same dataset: their paths name the same file at one of the splits (an eval
+    entry's `clinc150/{split}.jsonl` and a training entry's `clinc150/train.jsonl`)."""
+    return any(a.path.format(split=split) == b.path.format(split=split) for split in ("train", "test"))
+
+
+def validate_pool(pool, root: Path, rules: ValidateParams, min_examples: int) -> dict:
+    """Every rule on every dataset of a task pool (`config.TaskPool`), each at the split its role reads, in one
+    report whose suites are named `dataset/suite`, so a failure names its dataset. A missing or unreadable file
+    fails that dataset's `file` rule; an eval dataset that shares a file and a class with a dataset the model
+    trains or validates on fails `held_out` (it would not be held out)."""
+    from metanlp.data.pool import ROLE_SPLITS, entry_path
+
+    gx, context = _context()
+    datasource = context.data_sources.add_pandas("pool")
+    outcomes, datasets, classes_of = [], {}, {}
+    for entry in pool.tasks:
+        path = entry_path(entry, root)
+        try:
+            rows = _pool_rows(entry, Path(path) if path != "default" else path)
+        except (DataError, OSError) as err:
+            outcomes.append({"suite": f"{entry.name}/file", "expectation": "readable_rows", "column": None,
+                             "success": False, "unexpected_count": 1, "examples": [str(err)]})
+            continue
+        suites = _suites(gx, rules, min_examples, rows, by_space=True, conflicting_labels=entry.conflicting_labels)
+        outcomes += _run_suites(gx, datasource, [(f"{entry.name}/{name}", *rest) for name, *rest in suites])
+        labels = rows["label"].dropna() if "label" in rows.columns else pd.Series(dtype=str)
+        # with a task column a class is (task, label): ARSC's target tasks share labels, not classes, with its sources
+        tasks = rows.loc[labels.index, "domain"].astype(str) + "::" if "domain" in rows.columns else ""
+        classes_of[entry.name] = set(tasks + labels)
+        spaces = next((frame for name, frame, *_ in suites if name == "label_spaces"), None)
+        datasets[entry.name] = {  # the path as params.yaml gives it, so the report does not depend on the folder
+            "role": entry.role, "path": entry.path.format(split=ROLE_SPLITS[entry.role]), "rows": len(rows),
+            "classes": int(labels.nunique()),
+            **(spaces.iloc[0][["label_spaces", "usable_spaces"]].astype(int).to_dict() if spaces is not None else {})}
+    trained = [e for e in pool.tasks if e.role != "eval" and e.name in classes_of]
+    pairs = [{"pair": f"{e.name} & {t.name}", "shared_classes": len(classes_of[e.name] & classes_of[t.name]),
+              "examples": sorted(classes_of[e.name] & classes_of[t.name])[:EXAMPLES_SHOWN]}
+             for e in pool.tasks if e.role == "eval" and e.name in classes_of
+             for t in trained if same_dataset(e, t)]
+    if pairs:
+        outcomes += _run_suites(gx, datasource, [("held_out", pd.DataFrame(pairs), [
+            gx.expectations.ExpectColumnValuesToBeBetween(column="shared_classes", max_value=0)], "pair")])
     failed = [o for o in outcomes if not o["success"]]
-    return {"source": shown, "rows": len(rows), "classes": int(rows["label"].nunique())
-            if "label" in rows.columns else 0, "min_examples_per_class": min_examples,
-            "success": not failed, "expectations": len(outcomes), "failed": len(failed), "results": outcomes}
+    return {"source": POOL_SOURCE, "rows": sum(d["rows"] for d in datasets.values()),
+            "classes": sum(d["classes"] for d in datasets.values()), "min_examples_per_class": min_examples,
+            "datasets": datasets, "success": not failed, "expectations": len(outcomes), "failed": len(failed),
+            "results": outcomes}
 
 
 def failure_summary(report: dict) -> str:

@@ -75,14 +75,31 @@ def stages() -> dict[str, Stage]:
     return {stage.name: stage for stage in data_order(_declared())}
 
 
-def dvc_yaml() -> str:
-    """dvc.yaml as the declarations say it (`metanlp dvc-yaml` writes it; a test checks the committed one)."""
+def named_files(stage: Stage, params, root: Path) -> list[str]:
+    """The files params.yaml names for a stage (a task pool's datasets, pretraining text) that lie outside its
+    declared deps, relative to the project: dvc.yaml lists them, so DVC sees their contents change too."""
+    import os
+
+    if stage.inputs is None:
+        return []
+    root = root.resolve()
+    declared = [(root / dep).resolve() for dep in stage.deps]
+    return sorted({os.path.relpath(path, root) for path in stage.inputs(params, root)
+                   if not any(path == dep or path.is_relative_to(dep) for dep in declared)})
+
+
+def dvc_yaml(params=None, root: Path | None = None) -> str:
+    """dvc.yaml as the declarations say it for `params` (default: the default params) in the project at `root`
+    (`metanlp dvc-yaml` writes it; a test checks the committed one)."""
     import yaml
 
+    from metanlp.config import PipelineParams
+
+    params, root = params if params is not None else PipelineParams(), root or Path.cwd()
     entries, plots = {}, []
     for stage in stages().values():
-        entry = {"cmd": f"metanlp stage {stage.name}", "deps": [*stage.deps, SOURCE_DIR],
-                 "params": list(stage.params)}
+        entry = {"cmd": f"metanlp stage {stage.name}",
+                 "deps": [*stage.deps, *named_files(stage, params, root), SOURCE_DIR], "params": list(stage.params)}
         outs = [*stage.outs, *({path: {"cache": False}} for path in stage.uncached)]
         if outs:
             entry["outs"] = outs

@@ -71,11 +71,17 @@ class Workspace:
         return self.root / "mlflow"
 
     def source(self, params: PipelineParams) -> Path:
+        """The raw corpus file (the pipeline reads a task pool's files instead when data.tasks is set)."""
         return (self.root / params.data.corpus).resolve()
 
 
 def corpus_file(params: PipelineParams, root: Path) -> list[Path]:
-    """The raw corpus params.yaml names (an input of the stages that read it, wherever it lies)."""
+    """The raw corpus params.yaml names, or every file of its task pool (an input of the stages that read
+    them, wherever they lie)."""
+    from metanlp.data.pool import pool_files
+
+    if params.data.pool is not None:
+        return pool_files(params.data.pool, root)
     return [Workspace(root).source(params)]
 
 

@@ -15,12 +15,14 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
+
 from metanlp.atomic import file_digest
 from metanlp.config import EvaluateParams, PipelineParams
 from metanlp.data.load import LabelledTexts
 from metanlp.evaluation import BASELINE, Setting, build_settings, evaluate_model
 from metanlp.reporting import write_report
-from metanlp.stages.build_corpus import CORPUS, MANIFEST, load_split
+from metanlp.stages.build_corpus import CORPUS, MANIFEST, load_split, split_spaces
 from metanlp.stages.common import Stage, dataset_files, eval_dataset_files, read_json, run_record, write_json
 from metanlp.stages.meta_train import MODEL
 
@@ -68,7 +70,6 @@ def evaluate_on_test(model_dir: Path, root: Path, params: EvaluateParams, method
                      show_progress: bool = True, label_spaces: str = "split", corpus: Path | None = None) -> dict:
     """Score the model (and the baselines in `methods`) on the evaluation episodes of the test classes and of
     evaluate.datasets. `label_spaces="domain"`: a test episode's classes come from one domain."""
-    from metanlp.data.pool import label_space_weights
     from metanlp.learners import read_spec
 
     spec = read_spec(model_dir)
@@ -77,19 +78,76 @@ def evaluate_on_test(model_dir: Path, root: Path, params: EvaluateParams, method
     if methods is None and getattr(spec.learner, "label_names", 0) > 0:
         extra[NAMES_BASELINE] = frozen_with_label_names(spec)
     test = load_split(root, "test")
+    spaces = split_spaces(root, "test", test, label_spaces)
     settings = build_settings(test, params.ways, params.shots, params.queries, params.episodes, 1, None,
-                              params.seed, spaces=label_space_weights(test, label_spaces))
+                              params.seed, spaces=spaces)
     if params.full_label_space_shots:
         settings += build_settings(test, "all", params.full_label_space_shots, params.queries, params.episodes,
                                    params.repeats, None, params.seed)
-    more = []
+    manifest = read_json(root / MANIFEST, "build_corpus")
+    more = pool_dataset_settings(params, test, manifest, spaces)
     if params.datasets:
-        classes = read_json(root / MANIFEST, "build_corpus")["classes"]
-        more = dataset_settings(params, root, set(classes["train"]) | set(classes["val"]), corpus)
+        classes = manifest["classes"]
+        more += dataset_settings(params, root, set(classes["train"]) | set(classes["val"]), corpus)
     results = evaluate_model(model_dir, test, settings, names, seed=params.seed, show_progress=show_progress,
                              extra=extra, also=more)
+    results["settings"] += mean_over_datasets(results["settings"])
+    if manifest.get("space_weights"):
+        results["test_data"] = POOLED  # the test file holds a task pool's eval datasets
     results["episodes_id"] = episodes_id(root / TEST, params, label_spaces, dataset_files(params, root))
     return results
+
+
+def pool_dataset_settings(params: EvaluateParams, test: LabelledTexts, manifest: dict, spaces: dict[str, float]
+                          ) -> list[tuple[LabelledTexts, list[Setting]]]:
+    """With a task pool, each eval dataset on its own rows of the tables (its label spaces of the test file)."""
+    out = []
+    for name, dataset in manifest.get("datasets", {}).items():
+        if dataset["role"] != "eval":
+            continue
+        own = set(dataset["label_spaces"])
+        data = test.select([i for i, domain in enumerate(test.domains) if domain in own])
+        out.append((data, build_settings(data, params.ways, params.shots, params.queries, params.episodes, 1, None,
+                                         params.seed, spaces={s: w for s, w in spaces.items() if s in own},
+                                         dataset=name)))
+    return out
+
+
+MEAN = "datasets mean"
+POOLED = "eval datasets, pooled"
+
+
+def mean_over_datasets(settings: list[dict]) -> list[dict]:
+    """For each protocol scored on two or more named datasets, their unweighted mean: per method, the mean of
+    the datasets' accuracies; its CI and the paired difference to frozen over episode indices (episode i of
+    every dataset averaged), since each dataset ran the same number of seeded episodes."""
+    from metanlp.evaluation import mean_ci
+
+    by_protocol: dict[str, list[dict]] = {}
+    for entry in settings:
+        if entry.get("dataset") not in (None, MEAN):
+            by_protocol.setdefault(entry["setting"].split(": ", 1)[1], []).append(entry)
+    means = []
+    for protocol, entries in by_protocol.items():
+        if len(entries) < 2:
+            continue
+        methods = [m for m in entries[0]["methods"] if all(m in e["methods"] for e in entries)]
+        n = min(len(e["methods"][m]["per_episode"]) for e in entries for m in methods)
+        per_episode = {m: np.mean([e["methods"][m]["per_episode"][:n] for e in entries], axis=0) for m in methods}
+        out = {}
+        for m in methods:
+            accuracy, ci = mean_ci(per_episode[m])
+            out[m] = {"accuracy": accuracy, "ci95": ci, "episodes": n, "per_episode": per_episode[m].round(6).tolist()}
+            if BASELINE in per_episode:
+                out[m]["diff_vs_frozen"], out[m]["diff_ci95"] = mean_ci(per_episode[m] - per_episode[BASELINE])
+        means.append({"setting": f"{MEAN}: {protocol}", "ways": entries[0]["ways"], "shots": entries[0]["shots"],
+                      "episodes": n, "dataset": MEAN, "datasets": [e["dataset"] for e in entries], "methods": out})
+    return means
+
+
+def corpus_of(params: PipelineParams, root: Path) -> Path | None:
+    """The raw corpus evaluate.datasets must be held out of (a task pool checks its own: None)."""
+    return None if params.data.pool is not None else root / params.data.corpus
 
 
 def metric_key(setting: str) -> str:
@@ -142,7 +200,7 @@ def timing_metrics(timings: dict) -> dict[str, float]:
 
 def run(params: PipelineParams, root: Path, show_progress: bool = True) -> dict:
     timed = evaluate_on_test(root / MODEL, root, params.evaluate, show_progress=show_progress,
-                             label_spaces=params.data.label_spaces, corpus=root / params.data.corpus)
+                             label_spaces=params.data.label_spaces, corpus=corpus_of(params, root))
     results, timings = split_timings(timed)
     results["primary"] = params.evaluate.primary
     write_json(root / TIMINGS, timings)

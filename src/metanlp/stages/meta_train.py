@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from metanlp.config import DataParams, LearnerSpec, MetaTrainParams, PipelineParams, Provenance
-from metanlp.stages.build_corpus import CORPUS, MANIFEST, load_split
+from metanlp.stages.build_corpus import CORPUS, MANIFEST, load_split, split_spaces
 from metanlp.stages.common import Stage, read_json, write_json
 from metanlp.stages.pretrain import PRETRAINED, starting_encoder
 
@@ -30,17 +30,17 @@ def with_overrides(base: MetaTrainParams, overrides: dict[str, float | int]) -> 
 def train_model(params: MetaTrainParams, root: Path, data: DataParams, out_dir: Path | None,
                 show_progress: bool = True, on_validation=None, checkpoint_dir: Path | None = None):
     """Meta-train the learner `params` name on the corpus files (the tune stage's trials use this too)."""
-    from metanlp.data.pool import label_space_weights
     from metanlp.train import train_learner
 
     manifest = read_json(root / MANIFEST, "build_corpus")
+    drawn_from = {"pool": data.pool} if data.pool is not None else {"split": data.split}
     spec = LearnerSpec(learner=params.learner, encoder=params.encoder,
-                       provenance=Provenance(split=data.split, classes=manifest["classes"],
-                                             train_data=manifest["source"]))
+                       provenance=Provenance(classes=manifest["classes"], train_data=manifest["source"], **drawn_from))
     train, val = load_split(root, "train"), load_split(root, "val")
     return train_learner(spec, train, val, params.train, out_dir, show_progress, checkpoint_dir=checkpoint_dir,
-                         on_validation=on_validation, train_spaces=label_space_weights(train, data.label_spaces),
-                         val_spaces=label_space_weights(val, data.label_spaces))
+                         on_validation=on_validation,
+                         train_spaces=split_spaces(root, "train", train, data.label_spaces),
+                         val_spaces=split_spaces(root, "val", val, data.label_spaces))
 
 
 def run(params: PipelineParams, root: Path, show_progress: bool = True) -> dict:

@@ -91,13 +91,13 @@ def champion_scores(client, name: str, champion, challenger: dict, params: Pipel
             previous = None
         if previous and previous.get("episodes_id") == challenger["episodes_id"]:
             return _primary_per_episode(previous, params.evaluate.primary), "recorded on the same episodes"
-        from metanlp.stages.evaluate import evaluate_on_test
+        from metanlp.stages.evaluate import corpus_of, evaluate_on_test
 
         model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@{CHAMPION}", dst_path=tmp))
         flavor = yaml.safe_load((model_dir / "MLmodel").read_text())["flavors"]["python_function"]
         results = evaluate_on_test(model_dir / flavor["artifacts"]["model"]["path"], root, params.evaluate,
                                    methods=[], show_progress=False, label_spaces=params.data.label_spaces,
-                                   corpus=root / params.data.corpus)
+                                   corpus=corpus_of(params, root))
         return _primary_per_episode(results, params.evaluate.primary), "re-evaluated on these episodes"
 
 

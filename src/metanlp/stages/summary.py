@@ -14,7 +14,7 @@ from metanlp.config import PipelineParams
 from metanlp.evaluation import BASELINE
 from metanlp.reporting import gain, percent
 from metanlp.stages.common import Stage, read_json
-from metanlp.stages.evaluate import NAMES_BASELINE, RESULTS, read_timings
+from metanlp.stages.evaluate import NAMES_BASELINE, POOLED, RESULTS, read_timings
 from metanlp.stages.meta_train import MODEL
 from metanlp.stages.register import RECORD, RUN
 from metanlp.tracking import tracking
@@ -26,6 +26,10 @@ def paired_gain(method: dict) -> str:
     return gain(method["diff_vs_frozen"], method["diff_ci95"]) if "diff_vs_frozen" in method else "n/a"
 
 
+HELD_OUT = {None: "the test classes, and each dataset evaluate.datasets names",
+            POOLED: "the task pool's eval datasets, pooled and each alone, and their mean"}
+
+
 def summary_text(results: dict, record: dict, root: Path, timings: dict | None = None) -> str:
     """The summary, made from the run's own results (nothing here is measured again). `record`: registry.json
     with the register stage's run record (run id, tracking URI); `timings`: the evaluate stage's run record."""
@@ -34,13 +38,14 @@ def summary_text(results: dict, record: dict, root: Path, timings: dict | None =
     named = any(NAMES_BASELINE in entry["methods"] for entry in results["settings"])
     names_header = f" {NAMES_BASELINE} % (95% CI) | its gain over frozen, pp |" if named else ""
     lines = ["# metanlp run summary", "",
-             f"Model `{learner}` evaluated on data it never meta-trained on (the test classes, and each dataset "
-             "evaluate.datasets names), same episodes for every method:", "",
+             f"Model `{learner}` evaluated on data it never meta-trained on ({HELD_OUT[results.get('test_data')]}), "
+             "same episodes for every method:", "",
              f"| data | setting | {learner} % (95% CI) | frozen % (95% CI) | paired gain, pp (95% CI) | adapt ms |"
              + names_header, "|---|---|---|---|---|---|" + ("---|---|" if named else "")]
     for entry in results["settings"]:
         mine, base = entry["methods"][learner], entry["methods"].get(BASELINE, {})
-        data, setting = entry.get("dataset", "test classes"), entry["setting"].split(": ")[-1]
+        data = entry.get("dataset", results.get("test_data", "test classes"))
+        setting = entry["setting"].split(": ")[-1]
         row = (f"| {data} | {setting} | {percent(mine['accuracy'])} ± {percent(mine['ci95'])} | "
                f"{percent(base.get('accuracy'))} ± {percent(base.get('ci95'))} | {paired_gain(mine)} | "
                f"{adapt_ms(timings, entry['setting'], learner)} |")

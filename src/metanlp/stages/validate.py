@@ -9,7 +9,7 @@ from pathlib import Path
 
 from metanlp.atomic import write_text_atomic
 from metanlp.config import PipelineParams
-from metanlp.data.validation import CorpusInvalid, markdown_report, validate_corpus
+from metanlp.data.validation import CorpusInvalid, markdown_report, validate_corpus, validate_pool
 from metanlp.stages.common import Stage, Workspace, corpus_file, eval_dataset_files, write_json
 
 REPORT = "artifacts/validation/report.json"
@@ -17,10 +17,15 @@ REPORT = "artifacts/validation/report.json"
 
 def run(params: PipelineParams, root: Path) -> dict:
     workspace = Workspace(root)
-    report = validate_corpus(workspace.source(params), params.validate_, params.data.split,
-                             params.min_examples_per_class(), name=params.data.corpus)
-    if report["success"]:
-        report["datasets"] = held_out_datasets(params, root, workspace.source(params))
+    if params.data.pool is not None:
+        report = validate_pool(params.data.pool, root, params.validate_, params.min_examples_per_class())
+        if report["success"]:
+            report["datasets"] |= held_out_datasets(params, root, None)
+    else:
+        report = validate_corpus(workspace.source(params), params.validate_, params.data.split,
+                                 params.min_examples_per_class(), name=params.data.corpus)
+        if report["success"]:
+            report["datasets"] = held_out_datasets(params, root, workspace.source(params))
     write_json(root / REPORT, report)
     write_text_atomic(root / REPORT.replace(".json", ".md"), markdown_report(report))
     if not report["success"]:
@@ -28,17 +33,20 @@ def run(params: PipelineParams, root: Path) -> dict:
     return {"report": str(root / REPORT), "rows": report["rows"], "classes": report["classes"]}
 
 
-def held_out_datasets(params: PipelineParams, root: Path, source: Path) -> dict[str, dict]:
+def held_out_datasets(params: PipelineParams, root: Path, source: Path | None) -> dict[str, dict]:
     """Every dataset evaluate.datasets names loads under the loader's rules, has label spaces of 2+ classes,
-    and shares no class with the corpus's training or validation split (else a DataError names it)."""
+    and shares no class with the corpus's training or validation split (else a DataError names it). With a
+    task pool (`source` None) the pool's own `held_out` rule covers its datasets."""
     from metanlp.data.load import load_labelled
     from metanlp.data.pool import load_held_out
     from metanlp.data.splits import split_classes
 
     if not params.evaluate.datasets:
         return {}
-    split = split_classes(load_labelled(source), params.data.split)
-    seen = set(split.train) | set(split.val)
+    seen = set()
+    if source is not None:
+        split = split_classes(load_labelled(source), params.data.split)
+        seen = set(split.train) | set(split.val)
     out = {}
     for entry in params.evaluate.datasets:
         data = load_held_out(entry, root, seen, source)
