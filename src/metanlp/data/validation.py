@@ -211,7 +211,7 @@ def _run_suites(gx, datasource, suites: list[tuple[str, pd.DataFrame, list, str]
 POOL_SOURCE = "data.tasks"  # how a validation report names a task pool (params.yaml's key)
 
 
-def _pool_rows(entry, path: Path) -> pd.DataFrame:
+def _pool_rows(entry, path: Path | str) -> pd.DataFrame:
     """The rows a pool entry reads from its file, in the suite's columns (`domain`: its task column)."""
     raw = read_raw_rows(path)
     for column, value in (entry.where or {}).items():
@@ -248,7 +248,7 @@ def validate_pool(pool, root: Path, rules: ValidateParams, min_examples: int) ->
     for entry in pool.tasks:
         path = entry_path(entry, root)
         try:
-            rows = _pool_rows(entry, Path(path) if path != "default" else path)
+            rows = _pool_rows(entry, path)
         except (DataError, OSError) as err:
             outcomes.append({"suite": f"{entry.name}/file", "expectation": "readable_rows", "column": None,
                              "success": False, "unexpected_count": 1, "examples": [str(err)]})
