@@ -57,14 +57,19 @@ def plot_accuracy_vs_shots(results: dict, path: Path, title: str = "") -> Path:
         panel = f"{entry['dataset']}: {ways}" if "dataset" in entry else ways
         for name, m in entry["methods"].items():
             groups.setdefault(panel, {}).setdefault(name, []).append((entry["shots"], m["accuracy"], m["ci95"]))
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
-    for ax, (ways, methods) in zip(axes[0], groups.items(), strict=True):
+    columns = min(4, len(groups))
+    rows = math.ceil(len(groups) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(groups):]:
+        ax.set_visible(False)
+    for ax, (panel, methods) in zip(axes.flat, groups.items(), strict=False):
         for name, points in methods.items():
             points.sort()
             shots, acc, ci = zip(*points, strict=True)
             ax.errorbar(shots, [100 * a for a in acc], yerr=[0 if math.isnan(c) else 100 * c for c in ci],
                         marker="o", capsize=3, label=name)
-        ax.set(title=f"{title} {ways}".strip(), xlabel="shots per class", ylabel="accuracy %")
+        ax.set(title=panel if ":" in panel else f"{title} {panel}".strip(), xlabel="shots per class",
+               ylabel="accuracy %")
         ax.set_xticks(sorted({p[0] for pts in methods.values() for p in pts}))
         ax.grid(alpha=0.3)
         ax.legend()

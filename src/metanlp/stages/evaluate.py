@@ -204,7 +204,7 @@ def run(params: PipelineParams, root: Path, show_progress: bool = True) -> dict:
     results, timings = split_timings(timed)
     results["primary"] = params.evaluate.primary
     write_json(root / TIMINGS, timings)
-    write_report(results, root / RESULTS, title="test classes")
+    write_report(results, root / RESULTS, title=results.get("test_data", "test classes"))
     metrics = primary_metrics(results, params.evaluate.primary)
     write_json(root / METRICS, metrics)
     return {"results": str(root / RESULTS), "primary_accuracy": metrics["primary_accuracy"],
