@@ -47,6 +47,7 @@ from metanlp.runtime import seeded
 STRATEGIES = ("prototypes", "selfsup", "contrastive", "finetune", "fused", "transductive")
 ENCODER_STRATEGIES = ("selfsup", "contrastive", "finetune", "fused")  # those that change the encoder's weights
 FUSION_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+HELD_OUT_SCALES = (5.0, 10.0, 20.0, 40.0, 80.0)  # cosine temperatures the contrastive held-out loss is taken at
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ class AdaptBudget:
     contrastive_every: int = 5  # the held-out shot is scored every this many contrastive steps
     contrastive_temperature: float = 0.1
     transductive_steps: int = 1  # soft k-means iterations over the queries
+    # refine only when the support's leave-one-out loss says the queries help (off: always refine)
+    transductive_check: bool = True
     seconds: float = 90.0  # wall-clock cap per strategy, all its passes together
     lr: float = 5e-5  # as the fine-tuning baseline (FineTuneConfig.encoder_lr)
     head_lr: float = 1e-2
@@ -173,11 +176,15 @@ class _Tuner:
         return F.normalize(protos, dim=-1) * 10.0
 
     def loss(self, weights, head, rows, fit_rows) -> float:
-        """Held-out cross-entropy (finer than accuracy on a handful of held-out shots); without a head, against
-        the prototypes of `fit_rows` under the same weights."""
+        """Held-out cross-entropy (finer than accuracy on a handful of held-out shots). Without a head, against
+        the prototypes of `fit_rows` under the same weights, at the best of a few temperatures: contrastive
+        tuning tightens every class, which at one fixed temperature lowers the loss by confidence alone, even
+        where the ranking of the classes got worse."""
         with torch.no_grad():
-            head = self.prototype_head(fit_rows, weights) if head is None else head
-            return float(F.cross_entropy(self.embed(weights, rows) @ head.T, self.targets[rows]))
+            if head is not None:
+                return float(F.cross_entropy(self.embed(weights, rows) @ head.T, self.targets[rows]))
+            cosines = self.embed(weights, rows) @ (self.prototype_head(fit_rows, weights) / 10.0).T
+            return min(float(F.cross_entropy(cosines * scale, self.targets[rows])) for scale in HELD_OUT_SCALES)
 
     def choose_and_train(self, steps_cap: int, started: float, score_every: int = 1, fused: bool = False,
                          report: AdaptReport | None = None, one_shot_steps: int | None = None
@@ -219,20 +226,57 @@ def check_strategies(strategies) -> None:
         raise DataError(f"unknown adaptation strategy {unknown or list(strategies)}; choose from {list(STRATEGIES)}")
 
 
-def transductive(learner: Learner, classifier: Classifier, labels: list[str], steps: int) -> Classifier:
+def refinement_helps(support: torch.Tensor, targets: torch.Tensor, queries: torch.Tensor, distance: str,
+                     scale: torch.Tensor, steps: int) -> bool:
+    """Whether refining the prototypes with `queries` lowers the support's leave-one-out loss: each support row
+    is scored against the prototypes without it, plain and refined (its class's sum of query weights, from
+    the refinement with every row, kept). Imbalanced or off-domain queries pull prototypes together, which
+    shows here. Needs two rows of some class; else (one shot) False: nothing to check on."""
+    n_classes = int(targets.max()) + 1
+    counts = torch.bincount(targets, minlength=n_classes).to(support.dtype)
+    usable = counts[targets] >= 2
+    if not bool(usable.any()) or steps < 1:
+        return False
+    sums = torch.zeros(n_classes, support.shape[1], dtype=support.dtype).index_add_(0, targets, support)
+    protos = sums / counts[:, None]
+    refined = refine_prototypes(protos, counts.long(), queries, distance, scale, steps - 1)
+    weights = torch.softmax(prototype_logits(queries, refined, distance, scale), dim=-1)
+    query_sums, query_mass = weights.T @ queries, weights.sum(dim=0)
+    rows, own = support[usable], targets[usable]
+
+    def left_out_loss(extra_sums: torch.Tensor, extra_mass: torch.Tensor) -> float:
+        full = (sums + extra_sums) / (counts + extra_mass)[:, None]
+        without = (sums[own] - rows + extra_sums[own]) / (counts[own] - 1 + extra_mass[own])[:, None]
+        logits = prototype_logits(rows, full, distance, scale)
+        own_logit = torch.diagonal(prototype_logits(rows, without, distance, scale))
+        logits = logits.scatter(1, own[:, None], own_logit[:, None])
+        return float(F.cross_entropy(logits, own))
+
+    no_queries = left_out_loss(torch.zeros_like(sums), torch.zeros_like(counts))
+    return left_out_loss(query_sums, query_mass) < no_queries
+
+
+def transductive(learner: Learner, classifier: Classifier, texts: list[str], labels: list[str], steps: int,
+                 check: bool = True) -> Classifier:
     """`classifier` whose prototypes are refined, at each prediction, by soft k-means over the texts predicted
-    (`refine_prototypes`); the support rows keep their weight (one each)."""
+    (`refine_prototypes`); the support rows keep their weight (one each). `check`: refine a batch only when
+    `refinement_helps` says so on the support's leave-one-out loss (never at one shot)."""
     state = classifier.state
     if not isinstance(learner, ProtoNet) or state is None or set(state) != {"prototypes", "scale"}:
         raise DataError(f"adaptation strategy 'transductive' refines class prototypes; learner {learner.name!r} "
                         f"does not classify by prototypes")
-    counts = torch.bincount(support_targets(list(labels))[1], minlength=len(classifier.classes))
+    targets = support_targets(list(labels))[1]
+    counts = torch.bincount(targets, minlength=len(classifier.classes))
     protos, scale, distance = state["prototypes"].float(), state["scale"].float(), learner.config.distance
+    support = learner.encoder.embed(learner.encoder.tokenize(list(texts))).float() if check else None
 
     def logits(queries: TokenizedTexts) -> torch.Tensor:
         embedded = learner.encoder.embed(queries).float()
-        refined = refine_prototypes(protos.to(embedded.device), counts.to(embedded.device), embedded, distance,
-                                    scale, steps)
+        plain = protos.to(embedded.device)
+        if check and not refinement_helps(support.to(embedded.device), targets.to(embedded.device), embedded,
+                                          distance, scale, steps):
+            return prototype_logits(embedded, plain, distance, scale)
+        refined = refine_prototypes(plain, counts.to(embedded.device), embedded, distance, scale, steps)
         return prototype_logits(embedded, refined, distance, scale)
 
     return Classifier(classifier.classes, learner.encoder, logits)
@@ -308,7 +352,8 @@ class DomainAdaptedLearner(Learner):
                                       [s for s in self.strategies if s != "transductive"], self.budget)
         classifier = learner.adapt(texts, list(labels))
         if "transductive" in self.strategies:
-            classifier = transductive(learner, classifier, list(labels), self.budget.transductive_steps)
+            classifier = transductive(learner, classifier, texts, list(labels), self.budget.transductive_steps,
+                                      self.budget.transductive_check)
         # a tuned encoder, or prototypes that move with each prediction: only adapting again rebuilds it
         classifier.state = None
         return classifier

@@ -195,10 +195,42 @@ def test_transductive_refinement_is_off_unless_asked(learner, corpus):
     plain = learner.adapt(texts, labels)
     alone = np.concatenate([plain.predict([q]).scores for q in queries])
     assert np.allclose(alone, plain.predict(queries).scores, atol=1e-5)
-    refined = DomainAdaptedLearner(learner, ["transductive"]).adapt(texts, labels)
+    always = AdaptBudget(transductive_check=False)
+    refined = DomainAdaptedLearner(learner, ["transductive"], always).adapt(texts, labels)
     alone = np.concatenate([refined.predict([q]).scores for q in queries])
     assert not np.allclose(alone, refined.predict(queries).scores, atol=1e-3)
     assert refined.state is None  # the prototypes move with each prediction: nothing to restore
+
+
+def test_transductive_refinement_is_checked_on_the_supports_left_out_rows():
+    """Queries around the classes' true centres, beyond a support drawn toward the middle, separate the
+    prototypes: refined. A mass of queries between the classes pulls them together: left plain."""
+    from metanlp.adaptation import refinement_helps
+
+    support = torch.tensor([[1.4, 0.1], [1.6, -0.1], [1.5, 0.0], [2.6, 0.1], [2.4, -0.1], [2.5, 0.0]])
+    targets = torch.tensor([0, 0, 0, 1, 1, 1])
+    scale = torch.tensor(4.0)
+    around_centres = torch.tensor([[x, y] for x in (0.0, 4.0) for y in (-0.2, 0.0, 0.2)])
+    between = torch.tensor([[2.0, y] for y in (-0.2, -0.1, 0.0, 0.1, 0.2)] * 4)
+    assert refinement_helps(support, targets, around_centres, "euclidean", scale, steps=1)
+    assert not refinement_helps(support, targets, between, "euclidean", scale, steps=1)
+    # one shot per class: no row can be left out, so nothing is refined
+    assert not refinement_helps(support[[0, 3]], targets[[0, 3]], around_centres, "euclidean", scale, steps=1)
+
+
+def test_checked_transductive_predicts_with_the_plain_or_the_refined_prototypes(learner, corpus):
+    from metanlp.adaptation import DomainAdaptedLearner
+
+    texts, labels = support_of(corpus, classes=4, shots=3)
+    queries = corpus.texts[200:230]
+    plain = learner.adapt(texts, labels).predict(queries).scores
+    always = DomainAdaptedLearner(learner, ["transductive"], AdaptBudget(transductive_check=False))
+    refined = always.adapt(texts, labels).predict(queries).scores
+    checked = DomainAdaptedLearner(learner, ["transductive"]).adapt(texts, labels).predict(queries).scores
+    assert np.allclose(checked, plain, atol=1e-5) or np.allclose(checked, refined, atol=1e-5)
+    one_shot = support_of(corpus, classes=4, shots=1)
+    assert np.allclose(DomainAdaptedLearner(learner, ["transductive"]).adapt(*one_shot).predict(queries).scores,
+                       learner.adapt(*one_shot).predict(queries).scores, atol=1e-5)
 
 
 def test_transductive_is_refused_where_it_cannot_act(learner, corpus, tiny_encoder_config):
