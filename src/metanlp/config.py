@@ -667,6 +667,19 @@ class PipelineParams(_Strict):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
+    @model_validator(mode="after")
+    def _dataset_names_apart(self) -> PipelineParams:
+        # with a pool, the validation report and the tables name every dataset of both lists
+        twice = sorted({t.name for t in self.data.tasks} & {d.name for d in self.evaluate.datasets})
+        if twice:
+            raise ValueError(f"evaluate.datasets {twice} have the names of data.tasks datasets; rename them")
+        return self
+
+    def checked_pool(self) -> TaskPool | None:
+        """What the validate stage checks with a pool: its datasets and evaluate.datasets, as eval entries."""
+        pool = self.data.pool
+        return None if pool is None else pool.model_copy(update={"tasks": [*pool.tasks, *self.evaluate.datasets]})
+
     def min_examples_per_class(self) -> int:
         """Every class must fill the largest support set plus the queries of any episode drawn from it."""
         episode = self.meta_train.train.episode

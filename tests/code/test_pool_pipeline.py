@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from conftest import REPO, TINY_PIPELINE, merge, write_jsonl
+from metanlp.config import EvalDataset
 from metanlp.data.load import DataError, default_corpus_path
 from metanlp.data.validation import CorpusInvalid
 from metanlp.stages import dvc_yaml, load_params
@@ -63,6 +64,10 @@ def test_params_with_a_pool_refuse_a_corpus_beside_it_and_need_every_role(pool_p
         (pool_project / "params.yaml").write_text(yaml.safe_dump({**params, "data": data}))
         with pytest.raises(DataError, match=message):
             load_params(pool_project / "params.yaml")
+    evaluate = {**params["evaluate"], "datasets": [{"name": "events", "path": "../datasets/events/{split}.jsonl"}]}
+    (pool_project / "params.yaml").write_text(yaml.safe_dump({**params, "evaluate": evaluate}))
+    with pytest.raises(DataError, match=r"evaluate\.datasets \['events'\] have the names of data\.tasks"):
+        load_params(pool_project / "params.yaml")
 
 
 def test_validation_names_each_failing_dataset_and_nothing_is_built(pool_project, tmp_path):
@@ -74,16 +79,18 @@ def test_validation_names_each_failing_dataset_and_nothing_is_built(pool_project
              {"name": "seen", "path": POOL[0]["path"], "role": "eval"}]
     write_pool_params(pool_project, tasks)
     params = load_params(pool_project / "params.yaml")
+    # an extra eval set beside the pool (evaluate.datasets) gets the same rules: this one was trained on too
+    params.evaluate.datasets = [EvalDataset(name="also_seen", path=POOL[1]["path"], task_column="task")]
     with pytest.raises(CorpusInvalid) as raised:
         validate_stage.run(params, pool_project)
     message = str(raised.value)
     assert message.startswith("data.tasks: 3 of ")
     assert "missing/file" in message and "nowhere.jsonl" in message
     assert "single/label_spaces" in message
-    assert "held_out" in message and "seen & intents" in message
+    assert "held_out" in message and "seen & intents" in message and "also_seen & reviews" in message
     report = json.loads((pool_project / "artifacts" / "validation" / "report.json").read_text())
     assert not report["success"] and set(report["datasets"]) == {"intents", "reviews", "helpdesk", "estate",
-                                                                   "events", "single", "seen"}
+                                                                   "events", "single", "seen", "also_seen"}
     assert not (pool_project / "artifacts" / "corpus").exists()
 
 

@@ -17,8 +17,8 @@ REPORT = "artifacts/validation/report.json"
 
 def run(params: PipelineParams, root: Path) -> dict:
     workspace = Workspace(root)
-    if params.data.pool is not None:
-        report = validate_pool(params.data.pool, root, params.validate_, params.min_examples_per_class())
+    if params.data.pool is not None:  # evaluate.datasets as eval entries: the same rules, `held_out` included
+        report = validate_pool(params.checked_pool(), root, params.validate_, params.min_examples_per_class())
         if report["success"]:
             report["datasets"] |= held_out_datasets(params, root, None)
     else:
@@ -36,7 +36,7 @@ def run(params: PipelineParams, root: Path) -> dict:
 def held_out_datasets(params: PipelineParams, root: Path, source: Path | None) -> dict[str, dict]:
     """Every dataset evaluate.datasets names loads under the loader's rules, has label spaces of 2+ classes,
     and shares no class with the corpus's training or validation split (else a DataError names it). With a
-    task pool (`source` None) the pool's own `held_out` rule covers its datasets."""
+    task pool (`source` None) the pool's `held_out` rule checks that instead (`PipelineParams.checked_pool`)."""
     from metanlp.data.load import load_labelled
     from metanlp.data.pool import load_held_out
     from metanlp.data.splits import split_classes
