@@ -168,12 +168,12 @@ class _Tuner:
                 break
         return {k: v.detach() for k, v in weights.items()}, (None if head is None else head.detach()), scores, done
 
-    def prototype_head(self, rows: np.ndarray, weights=None) -> torch.Tensor:
+    def prototype_head(self, rows: np.ndarray, weights=None, scale: float = 10.0) -> torch.Tensor:
         """Proto-MAML head: the class prototypes of `rows` (under `weights`, the start by default), unit norm,
-        temperature 10."""
+        times `scale` (the temperature)."""
         with torch.no_grad():
             protos = prototypes(self.embed(weights or self.start, rows), self.targets[rows], self.n_classes)
-        return F.normalize(protos, dim=-1) * 10.0
+        return F.normalize(protos, dim=-1) * scale
 
     def loss(self, weights, head, rows, fit_rows) -> float:
         """Held-out cross-entropy (finer than accuracy on a handful of held-out shots). Without a head, against
@@ -183,7 +183,7 @@ class _Tuner:
         with torch.no_grad():
             if head is not None:
                 return float(F.cross_entropy(self.embed(weights, rows) @ head.T, self.targets[rows]))
-            cosines = self.embed(weights, rows) @ (self.prototype_head(fit_rows, weights) / 10.0).T
+            cosines = self.embed(weights, rows) @ self.prototype_head(fit_rows, weights, scale=1.0).T
             return min(float(F.cross_entropy(cosines * scale, self.targets[rows])) for scale in HELD_OUT_SCALES)
 
     def choose_and_train(self, steps_cap: int, started: float, score_every: int = 1, fused: bool = False,
@@ -233,13 +233,13 @@ def refinement_helps(support: torch.Tensor, targets: torch.Tensor, queries: torc
     the refinement with every row, kept). Imbalanced or off-domain queries pull prototypes together, which
     shows here. Needs two rows of some class; else (one shot) False: nothing to check on."""
     n_classes = int(targets.max()) + 1
-    counts = torch.bincount(targets, minlength=n_classes).to(support.dtype)
-    usable = counts[targets] >= 2
+    rows_of = torch.bincount(targets, minlength=n_classes)
+    usable = rows_of[targets] >= 2
     if not bool(usable.any()) or steps < 1:
         return False
+    counts = rows_of.to(support.dtype)
     sums = torch.zeros(n_classes, support.shape[1], dtype=support.dtype).index_add_(0, targets, support)
-    protos = sums / counts[:, None]
-    refined = refine_prototypes(protos, counts.long(), queries, distance, scale, steps - 1)
+    refined = refine_prototypes(sums / counts[:, None], rows_of, queries, distance, scale, steps - 1)
     weights = torch.softmax(prototype_logits(queries, refined, distance, scale), dim=-1)
     query_sums, query_mass = weights.T @ queries, weights.sum(dim=0)
     rows, own = support[usable], targets[usable]

@@ -54,7 +54,7 @@ def plot_accuracy_vs_shots(results: dict, path: Path, title: str = "") -> Path:
     groups: dict[str, dict[str, list]] = {}
     for entry in results["settings"]:  # one panel per dataset and ways, so a line never joins two datasets
         ways = "all-way" if entry["ways"] == "all" else f"{entry['ways']}-way"
-        panel = f"{entry['dataset']}: {ways}" if "dataset" in entry else ways
+        panel = f"{entry['dataset']}: {ways}" if "dataset" in entry else f"{title} {ways}".strip()
         for name, m in entry["methods"].items():
             groups.setdefault(panel, {}).setdefault(name, []).append((entry["shots"], m["accuracy"], m["ci95"]))
     columns = min(4, len(groups))
@@ -68,8 +68,7 @@ def plot_accuracy_vs_shots(results: dict, path: Path, title: str = "") -> Path:
             shots, acc, ci = zip(*points, strict=True)
             ax.errorbar(shots, [100 * a for a in acc], yerr=[0 if math.isnan(c) else 100 * c for c in ci],
                         marker="o", capsize=3, label=name)
-        ax.set(title=panel if ":" in panel else f"{title} {panel}".strip(), xlabel="shots per class",
-               ylabel="accuracy %")
+        ax.set(title=panel, xlabel="shots per class", ylabel="accuracy %")
         ax.set_xticks(sorted({p[0] for pts in methods.values() for p in pts}))
         ax.grid(alpha=0.3)
         ax.legend()

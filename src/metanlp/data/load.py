@@ -247,6 +247,24 @@ def _read_hf(name: str, split: str) -> pd.DataFrame:
     return frame
 
 
+READER_COLUMNS = ("_line", "_utf8_valid", "_json_valid")  # what the readers add to a file's own columns
+
+
+def rows_where_filtered(frame: pd.DataFrame, rows_where: dict[str, str | list[str]] | None, where: str
+                        ) -> pd.DataFrame:
+    """The rows whose column holds the given value, or one of the given values, for each column of
+    `rows_where` (compared as text); a missing column or no row left is refused, naming `where`."""
+    columns = [c for c in frame.columns if c not in READER_COLUMNS]
+    for column, value in (rows_where or {}).items():
+        if column not in frame.columns:
+            raise DataError(f"{where}: no column {quote(column, 60)} to filter on; the columns are {quote(columns)}")
+        allowed = [str(v) for v in value] if isinstance(value, list) else [str(value)]
+        frame = frame[frame[column].astype(str).isin(allowed)]
+        if frame.empty:
+            raise DataError(f"{where}: no row has {column} = {quote(value, 100)}")
+    return frame
+
+
 def load_labelled(
     source: str | Path,
     *,
@@ -275,14 +293,8 @@ def load_labelled(
         frame, where = _read_hf(str(source), hf_split), str(source)
     if frame.empty:
         raise DataError(f"{where}: no rows")
-    columns = [c for c in frame.columns if c != "_line"]
-    for column, value in (rows_where or {}).items():
-        if column not in frame.columns:
-            raise DataError(f"{where}: no column {quote(column, 60)} to filter on; the columns are {quote(columns)}")
-        allowed = [str(v) for v in value] if isinstance(value, list) else [str(value)]
-        frame = frame[frame[column].astype(str).isin(allowed)]
-        if frame.empty:
-            raise DataError(f"{where}: no row has {column} = {quote(value, 100)}")
+    frame = rows_where_filtered(frame, rows_where, where)
+    columns = [c for c in frame.columns if c not in READER_COLUMNS]
     for role, column in (("text", text_column), ("label", label_column)):
         if column not in frame.columns:
             raise DataError(f"{where}: no {role} column {quote(column, 60)}; the columns are {quote(columns)}")

@@ -28,6 +28,7 @@ from metanlp.data.load import (
     quote,
     read_raw_rows,
     row_problem,
+    rows_where_filtered,
 )
 from metanlp.data.splits import split_classes
 
@@ -213,12 +214,7 @@ POOL_SOURCE = "data.tasks"  # how a validation report names a task pool (params.
 
 def _pool_rows(entry, path: Path | str) -> pd.DataFrame:
     """The rows a pool entry reads from its file, in the suite's columns (`domain`: its task column)."""
-    raw = read_raw_rows(path)
-    for column, value in (entry.where or {}).items():
-        if column not in raw.columns:
-            raise DataError(f"{path}: no column {quote(column, 60)} to filter on (data.tasks {entry.name!r})")
-        allowed = [str(v) for v in value] if isinstance(value, list) else [str(value)]
-        raw = raw[raw[column].astype(str).isin(allowed)]
+    raw = rows_where_filtered(read_raw_rows(path), entry.where, f"{path} (data.tasks {entry.name!r})")
     renamed = {entry.text_column: "text", entry.label_column: "label"}
     if entry.task_column:
         renamed[entry.task_column] = "domain"

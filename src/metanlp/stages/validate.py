@@ -19,8 +19,9 @@ def run(params: PipelineParams, root: Path) -> dict:
     workspace = Workspace(root)
     if params.data.pool is not None:  # evaluate.datasets as eval entries: the same rules, `held_out` included
         report = validate_pool(params.checked_pool(), root, params.validate_, params.min_examples_per_class())
-        if report["success"]:
-            report["datasets"] |= held_out_datasets(params, root, None)
+        if report["success"]:  # the loader's rules on evaluate.datasets too; their lines keep the pool's facts
+            for name, loaded in held_out_datasets(params, root, None).items():
+                report["datasets"][name] |= loaded
     else:
         report = validate_corpus(workspace.source(params), params.validate_, params.data.split,
                                  params.min_examples_per_class(), name=params.data.corpus)
