@@ -512,6 +512,9 @@ def memory(
     ] = None,
     pool: Annotated[Path | None, typer.Option(help="a task pool: its meta_train datasets' label spaces are the "
                                                    "past tasks")] = None,
+    served_tasks: Annotated[Path | None, typer.Option(
+        help="the --tasks-dir of `metanlp serve`: each task users created there (its support set) is a past task")
+    ] = None,
     text_column: TextColumnOpt = "text",
     label_column: LabelColumnOpt = "label",
     task_column: Annotated[str | None, typer.Option(help="--data: a column naming each row's task")] = None,
@@ -540,10 +543,24 @@ def memory(
     if out.resolve() != model.resolve():
         check_replaceable(out, SPEC_FILE, force)
     loaded = load_learner(model)
-    if not data and pool is None and not isinstance(loaded, MemoryAugmented):
-        raise DataError("give the past tasks: --data FILE (repeatable) or --pool POOL (a memory model needs "
-                        "neither to change only its options)")
+    if not data and pool is None and served_tasks is None and not isinstance(loaded, MemoryAugmented):
+        raise DataError("give the past tasks: --data FILE (repeatable), --pool POOL or --served-tasks DIR (a memory "
+                        "model needs none to change only its options)")
     tasks: list[tuple[str, LabelledTexts]] = []
+    if served_tasks is not None:
+        from metanlp.tasks import task_records
+
+        if not served_tasks.is_dir():
+            raise DataError(f"--served-tasks {served_tasks}: not a folder (give the --tasks-dir of metanlp serve)")
+        records = task_records(served_tasks)
+        if not records:
+            raise DataError(f"--served-tasks {served_tasks}: no task records (<id>.json) in it")
+        seen: set[str] = set()
+        for task in records:  # one support set posted under two strategies is one past task
+            support = json.dumps([task.texts, task.labels])
+            if support not in seen:
+                seen.add(support)
+                tasks.append((f"served/{task.id}", LabelledTexts(task.texts, task.labels)))
     if pool is not None:
         from metanlp.data.pool import load_spaces, read_pool
 

@@ -92,6 +92,18 @@ def strategy_learner(learner: Learner, strategy: str) -> Learner:
     raise AssertionError(f"strategy {strategy!r} is in STRATEGIES but has no learner here")
 
 
+def task_records(folder: Path) -> list[Task]:
+    """The task records a store keeps in `folder` (`<id>.json`), oldest first; files that are not task
+    records are left alone."""
+    records = []
+    for path in sorted(Path(folder).glob("*.json")):
+        try:
+            records.append(Task(**json.loads(path.read_text())))
+        except (ValueError, TypeError, json.JSONDecodeError):
+            continue  # a file that is not a task record is not ours to load or delete
+    return sorted(records, key=lambda task: (task.created, task.id))
+
+
 class TaskStore:
     """Tasks by id: adapted classifiers in a bounded LRU (`capacity`), task records in `folder` if given."""
 
@@ -104,12 +116,7 @@ class TaskStore:
         self._lock = threading.Lock()
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
-            for path in sorted(self.folder.glob("*.json")):
-                try:
-                    record = Task(**json.loads(path.read_text()))
-                except (ValueError, TypeError, json.JSONDecodeError):
-                    continue  # a file that is not a task record is not ours to load or delete
-                self._records[record.id] = record
+            self._records = {task.id: task for task in task_records(self.folder)}
 
     def __len__(self) -> int:
         return len(self._records) if self.folder else len(self._adapted)

@@ -133,3 +133,31 @@ def test_memory_command_builds_a_model_that_predicts_and_refuses_bad_input(tmp_p
     assert mbpa.config.local_steps == 3 and mbpa.memory.texts == learner.memory.texts
     refused = runner.invoke(app, ["memory", "--model", str(tmp_path / "base"), "--out", str(tmp_path / "none")])
     assert refused.exit_code != 0 and "--data" in refused.output and not (tmp_path / "none").exists()
+
+
+def test_memory_command_remembers_the_tasks_a_service_kept(tmp_path, tiny_encoder_config):
+    from metanlp.tasks import TaskStore
+
+    base = build_learner("protonet", tiny_encoder_config)
+    save_learner(base, tmp_path / "base")
+    store = TaskStore(folder=tmp_path / "served")  # what `metanlp serve --tasks-dir` writes
+    first = (PAST["garden"][:2] + PAST["cooking"][:2], ["garden", "garden", "cooking", "cooking"])
+    second = (PAST["pets"][:2] + PAST["garden"][2:], ["pets", "pets", "garden"])
+    one, _ = store.create(base, "v1", *first)
+    two, _ = store.create(base, "v1", *second)
+    store.create(base, "v1", *first, strategy="logreg")  # the same support set again: not remembered twice
+    (tmp_path / "served" / "notes.json").write_text('{"not": "a task"}')
+    result = runner.invoke(app, ["memory", "--model", str(tmp_path / "base"), "--served-tasks",
+                                 str(tmp_path / "served"), "--out", str(tmp_path / "mem")])
+    assert result.exit_code == 0, result.output
+    memory = load_learner(tmp_path / "mem").memory
+    remembered = sorted(zip(memory.tasks, memory.texts, memory.labels, strict=True))
+    wanted = sorted([(f"served/{task.id}", text, label) for task, (texts, labels) in ((one, first), (two, second))
+                     for text, label in zip(texts, labels, strict=True)])
+    assert remembered == wanted
+    (tmp_path / "empty").mkdir()
+    for folder, message in ((tmp_path / "empty", "no task records"), (tmp_path / "missing", "not a folder")):
+        refused = runner.invoke(app, ["memory", "--model", str(tmp_path / "base"), "--served-tasks", str(folder),
+                                      "--out", str(tmp_path / "none")])
+        assert refused.exit_code != 0 and message in refused.output, refused.output
+        assert not (tmp_path / "none").exists()
