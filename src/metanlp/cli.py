@@ -599,7 +599,13 @@ def distil(
     batch_size: Annotated[int, typer.Option(min=2, help="texts per step")] = DistilConfig().batch_size,
     similarity_weight: Annotated[float, typer.Option(min=0, help="weight of the pairwise-similarity term")
                                  ] = DistilConfig().similarity_weight,
-    seed: Annotated[int, typer.Option(help="seed of the batches and dropout")] = 0,
+    hidden_weight: Annotated[float, typer.Option(min=0, help="weight of each kept layer's token states against "
+                                                            "the teacher's at that layer (0: off)")
+                             ] = DistilConfig().hidden_weight,
+    per_text: Annotated[int | None, typer.Option(min=1, help="at most this many sentences from each --text "
+                                                            "(a seeded sample), so no one source dominates")
+                        ] = None,
+    seed: Annotated[int, typer.Option(help="seed of the batches, dropout and --per-text samples")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     force: Annotated[bool, typer.Option(help="replace --out even if it is not an output of this command")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
@@ -614,10 +620,11 @@ def distil(
 
     check_replaceable(out, SPEC_FILE, force)
     config = DistilConfig(layers=_ints(layers, "--layers", least=0) if layers else None, steps=steps, lr=lr,
-                          batch_size=batch_size, similarity_weight=similarity_weight, seed=seed)
+                          batch_size=batch_size, similarity_weight=similarity_weight,
+                          hidden_weight=hidden_weight, seed=seed)
     model = load_learner(teacher)
-    student, summary = distil_model(model, unlabeled_sentences(text), config, device, not quiet)
-    record = {"teacher": str(teacher), "text": text, **summary}
+    student, summary = distil_model(model, unlabeled_sentences(text, per_text, seed), config, device, not quiet)
+    record = {"teacher": str(teacher), "text": text, "per_text": per_text, **summary}
     save_learner(student, out, provenance=model.provenance.model_copy(update={"distilled": record}), force=force)
     typer.echo(f"student with layers {summary['layers']} of {summary['teacher_layers']}: distillation loss "
                f"{summary['loss_first']:.4f} -> {summary['loss_last20']:.4f} in {summary['seconds']:.0f} s; "

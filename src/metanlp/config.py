@@ -553,6 +553,7 @@ class DistilConfig(_Strict):
     lr: float = Field(1e-4, gt=0)
     batch_size: int = Field(32, ge=2)
     similarity_weight: float = Field(1.0, ge=0)  # of the pairwise-cosine term beside the embedding term
+    hidden_weight: float = Field(0.0, ge=0)  # of each kept layer's states against the teacher's at that layer
     seed: int = 0
 
     @field_validator("layers")

@@ -1,8 +1,10 @@
 """Distillation into a smaller encoder: the student is the teacher's learner with only some of its encoder
 layers (every other one by default, as DistilBERT starts), trained on unlabeled text to give the teacher's
 sentence embeddings (relative squared error) and their pairwise cosine similarities within a batch (squared
-error), the quantity prototypes and nearest neighbours depend on. It is a normal metanlp model: same learner
-kind and spec, a shallower encoder; predict, evaluate and serve take it as they take the teacher.
+error), the quantity prototypes and nearest neighbours depend on; optionally each kept layer's hidden states
+are also pulled toward the teacher's at the layer it was copied from (`hidden_weight`), as Patient KD and
+TinyBERT do. It is a normal metanlp model: same learner kind and spec, a shallower encoder; predict, evaluate
+and serve take it as they take the teacher.
 """
 
 from __future__ import annotations
@@ -58,6 +60,20 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, similarity_w
     return embedding + similarity_weight * similarity
 
 
+def hidden_state_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], layers: list[int],
+                      mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the student's layers of the squared error between its j-th layer's token states and the
+    teacher's after layer `layers[j]`, over real tokens, relative to the teacher's mean square there.
+    Both tuples are Hugging Face `hidden_states`: the embeddings first, then one entry per layer."""
+    real = mask.unsqueeze(-1).to(student[0].dtype)
+    terms = []
+    for kept, source in enumerate(layers):
+        given, wanted = student[kept + 1].float(), teacher[source + 1].float()
+        error = ((given - wanted).pow(2) * real).sum() / (wanted.pow(2) * real).sum().clamp(min=1e-12)
+        terms.append(error)
+    return torch.stack(terms).mean()
+
+
 def distil(teacher: Learner, texts: list[str], config: DistilConfig | None = None, device: str = "auto",
            show_progress: bool = True) -> tuple[Learner, dict]:
     """A student of `teacher` (which is left unchanged) and a summary of the run (losses, seconds, layers)."""
@@ -77,16 +93,20 @@ def distil(teacher: Learner, texts: list[str], config: DistilConfig | None = Non
     tokens = teacher.encoder.tokenize(texts)
     rng = np.random.default_rng(config.seed)
     optimizer = torch.optim.AdamW(student.encoder.parameters(), lr=config.lr, weight_decay=0.01)
+    hidden = config.hidden_weight > 0
     losses: list[float] = []
     started = time.perf_counter()
     with seeded(config.seed), progress_bar("distillation", config.steps, show_progress) as advance:
         for _ in range(config.steps):  # dropout draws from torch's generator, seeded above
             batch = tokens.batch(rng.choice(len(tokens), size=config.batch_size, replace=False))
             with torch.no_grad(), autocast(target):
-                wanted = teacher.encoder(batch).float()
+                wanted, wanted_states = teacher.encoder.with_layer_states(batch, hidden)
             with autocast(target):
-                given = student.encoder(batch).float()
-            loss = distillation_loss(given, wanted, config.similarity_weight)
+                given, given_states = student.encoder.with_layer_states(batch, hidden)
+            loss = distillation_loss(given.float(), wanted.float(), config.similarity_weight)
+            if hidden:
+                mask = batch.attention_mask.to(target)
+                loss = loss + config.hidden_weight * hidden_state_loss(given_states, wanted_states, layers, mask)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.encoder.parameters(), 1.0)

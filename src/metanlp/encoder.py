@@ -140,9 +140,15 @@ class TextEncoder(nn.Module):
         return TokenizedTexts(list(texts), encoded["input_ids"], encoded["attention_mask"])
 
     def forward(self, batch: TokenBatch) -> torch.Tensor:
+        return self.with_layer_states(batch, False)[0]
+
+    def with_layer_states(self, batch: TokenBatch, layer_states: bool = True):
+        """The pooled sentence embeddings and, if asked, the token states after the embeddings and after each
+        layer (Hugging Face's `hidden_states`; None when not asked)."""
         batch = batch.to(self.device)
-        hidden = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        return pool(hidden, batch.attention_mask, self.config.pooling)
+        out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         output_hidden_states=layer_states)
+        return pool(out.last_hidden_state, batch.attention_mask, self.config.pooling), out.hidden_states
 
     @torch.no_grad()
     def embed(self, tokens: TokenizedTexts, rows=None, batch_size: int = 128) -> torch.Tensor:

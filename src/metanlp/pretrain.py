@@ -78,15 +78,22 @@ def mlm_pretrain(encoder: TextEncoder, texts: list[str], steps: int, lr: float =
     return losses
 
 
-def unlabeled_sentences(sources: list[str]) -> list[str]:
-    """Text files (one text per line, or JSONL/CSV with a text column) or 'default' -> sentences."""
+def unlabeled_sentences(sources: list[str], per_source: int | None = None, seed: int = 0) -> list[str]:
+    """Text files (one text per line, or JSONL/CSV with a text column) or 'default' -> sentences. With
+    `per_source`, a larger source gives a seeded sample of that many (in file order), so that one big file
+    does not make up most of the text."""
     from metanlp.data.load import DEFAULT_CORPUS, load_labelled, read_texts
     from metanlp.data.smlmt import split_sentences
 
-    texts: list[str] = []
+    rng = np.random.default_rng(seed)
+    sentences: list[str] = []
     for source in sources:
-        texts += load_labelled(DEFAULT_CORPUS).texts if source == DEFAULT_CORPUS else read_texts(source)
-    return split_sentences(texts, min_words=3)
+        texts = load_labelled(DEFAULT_CORPUS).texts if source == DEFAULT_CORPUS else read_texts(source)
+        found = split_sentences(texts, min_words=3)
+        if per_source is not None and len(found) > per_source:
+            found = [found[i] for i in np.sort(rng.choice(len(found), size=per_source, replace=False))]
+        sentences += found
+    return sentences
 
 
 ENCODER_MARKER = "config.json"  # what makes a folder an encoder this may replace

@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 from metanlp.cli import app
 from metanlp.config import DistilConfig
 from metanlp.data.load import DataError
-from metanlp.distillation import default_layers, distil, distillation_loss, shrink
+from metanlp.distillation import default_layers, distil, distillation_loss, hidden_state_loss, shrink
 from metanlp.learners import build_learner, load_learner, save_learner
+from metanlp.pretrain import unlabeled_sentences
 
 runner = CliRunner()
 TEXTS = [f"{verb} the {thing} {when}" for verb in ("water", "book", "cancel", "find", "play", "pay")
@@ -63,10 +64,12 @@ def test_distil_command_writes_a_student_and_refuses_bad_layers(tmp_path, tiny_e
     (tmp_path / "texts.txt").write_text("\n".join(TEXTS))
     result = runner.invoke(app, ["distil", "--teacher", str(tmp_path / "teacher"), "--text",
                                  str(tmp_path / "texts.txt"), "--steps", "3", "--batch-size", "8", "--layers", "0",
+                                 "--hidden-weight", "0.5", "--per-text", "40",
                                  "--out", str(tmp_path / "student"), "--quiet"])
     assert result.exit_code == 0, result.output
-    spec = json.loads((tmp_path / "student" / "learner.json").read_text())
-    assert spec["provenance"]["distilled"]["layers"] == [0]
+    recipe = json.loads((tmp_path / "student" / "learner.json").read_text())["provenance"]["distilled"]
+    assert recipe["layers"] == [0] and recipe["texts"] == 40 and recipe["per_text"] == 40
+    assert recipe["config"]["hidden_weight"] == 0.5
     for layers, message in (("0,5", "the teacher has 2 layers"), ("1,0", "increasing order")):
         refused = runner.invoke(app, ["distil", "--teacher", str(tmp_path / "teacher"), "--text",
                                       str(tmp_path / "texts.txt"), "--layers", layers, "--steps", "2",
@@ -75,3 +78,57 @@ def test_distil_command_writes_a_student_and_refuses_bad_layers(tmp_path, tiny_e
         assert not (tmp_path / "bad").exists()
     with pytest.raises(DataError, match="at least 32 texts"):
         distil(build_learner("protonet", tiny_encoder_config), TEXTS[:5], DistilConfig(), "cpu", False)
+
+
+def test_the_layer_state_term_pairs_each_kept_layer_with_the_teachers_layer_it_came_from():
+    gen = torch.Generator().manual_seed(1)
+    teacher = tuple(torch.randn(2, 3, 4, generator=gen) for _ in range(5))  # embeddings + 4 layers
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    student = (teacher[0], teacher[2], teacher[4])  # a 2-layer student copied from layers 1 and 3
+    assert float(hidden_state_loss(student, teacher, [1, 3], mask)) == pytest.approx(0.0, abs=1e-7)
+    assert float(hidden_state_loss(student, teacher, [0, 3], mask)) > 0.1
+    # By hand: the first layer off by 1 on every real coordinate, the second exact; padding never counts.
+    shifted = (teacher[0], teacher[2] + 1.0 - 9.0 * (1 - mask).unsqueeze(-1), teacher[4])
+    real = mask.unsqueeze(-1).float()
+    by_hand = (real.sum() * 4 / ((teacher[2] ** 2) * real).sum()) / 2
+    assert float(hidden_state_loss(shifted, teacher, [1, 3], mask)) == pytest.approx(float(by_hand), rel=1e-5)
+
+
+def test_layer_states_pool_to_the_encoders_own_embeddings(tiny_encoder_config):
+    encoder = build_learner("protonet", tiny_encoder_config).encoder.eval()
+    batch = encoder.tokenize(TEXTS[:4]).batch([0, 1, 2, 3])
+    pooled, states = encoder.with_layer_states(batch)
+    assert torch.equal(pooled, encoder(batch)) and len(states) == encoder.model.config.num_hidden_layers + 1
+    assert encoder.with_layer_states(batch, False)[1] is None
+
+
+def test_the_layer_state_term_brings_the_kept_layers_closer_to_the_teachers(tiny_encoder_config):
+    teacher = build_learner("protonet", tiny_encoder_config)
+    with torch.no_grad():
+        for p in teacher.encoder.model.encoder.layer.parameters():
+            p.mul_(3.0)
+    batch = teacher.encoder.tokenize(TEXTS).batch(list(range(len(TEXTS))))
+    _, wanted = teacher.encoder.eval().with_layer_states(batch)
+
+    def gap(hidden_weight: float) -> float:
+        config = DistilConfig(steps=30, lr=1e-3, batch_size=16, hidden_weight=hidden_weight)
+        student, _ = distil(teacher, TEXTS, config, "cpu", False)
+        with torch.no_grad():
+            return float(hidden_state_loss(student.encoder.with_layer_states(batch)[1], wanted, [1],
+                                           batch.attention_mask))
+
+    assert gap(1.0) < gap(0.0)
+
+
+def test_a_cap_per_text_source_samples_each_large_source_alike_and_in_order(tmp_path):
+    big, small = tmp_path / "big.txt", tmp_path / "small.txt"
+    big.write_text("\n".join(f"big sentence number {i}." for i in range(100)))
+    small.write_text("\n".join(f"small sentence number {i}." for i in range(5)))
+    everything = unlabeled_sentences([str(big), str(small)])
+    assert len(everything) == 105
+    capped = unlabeled_sentences([str(big), str(small)], per_source=10, seed=3)
+    assert len(capped) == 15 and capped[10:] == everything[100:]
+    numbers = [int(s.split()[-1].rstrip(".")) for s in capped[:10]]
+    assert numbers == sorted(numbers) and set(capped) < set(everything)
+    assert unlabeled_sentences([str(big), str(small)], per_source=10, seed=3) == capped
+    assert unlabeled_sentences([str(big), str(small)], per_source=10, seed=4) != capped
