@@ -529,6 +529,9 @@ def memory(
                               ] = MemoryConfig().min_similarity,
     local_steps: Annotated[int, typer.Option(min=0, help="MbPA local adaptation: head steps per query (0: off)")
                            ] = MemoryConfig().local_steps,
+    local_check: Annotated[bool, typer.Option(help="MbPA on a task only if it gets more of the support's "
+                                                   "left-out rows right than the prototypes")
+                           ] = MemoryConfig().local_check,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     force: Annotated[bool, typer.Option(help="replace --out even if it is not a metanlp model")] = False,
 ) -> None:
@@ -575,7 +578,7 @@ def memory(
         tasks += ([(f"{name}/{t}", rows.select([i for i, d in enumerate(rows.domains) if d == t]))
                    for t in sorted(set(rows.domains))] if task_column else [(name, rows)])
     config = MemoryConfig(capacity=capacity, neighbours=neighbours, weight=weight, min_similarity=min_similarity,
-                          local_steps=local_steps)
+                          local_steps=local_steps, local_check=local_check)
     learner = with_memory(loaded.to(resolve_device(device)), config)
     for name, rows in tasks:
         learner.remember(rows.texts, rows.labels, [name] * len(rows))

@@ -370,6 +370,8 @@ class MemoryConfig(ProtoNetConfig):
     local_neighbours: int = Field(16, ge=1)
     local_lr: float = Field(0.5, gt=0)
     local_l2: float = Field(1.0, ge=0)
+    # MbPA on a task only when it classifies more of the support's left-out rows right than the prototypes do
+    local_check: bool = True
 
     meta_trainable: ClassVar[bool] = False
 

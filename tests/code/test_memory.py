@@ -14,7 +14,14 @@ from metanlp.cli import app
 from metanlp.config import MemoryConfig
 from metanlp.data.load import DataError
 from metanlp.learners import build_learner, load_learner, save_learner
-from metanlp.learners.memory import EpisodicMemory, eviction_keep, local_adaptation_logits, with_memory
+from metanlp.learners.memory import (
+    EpisodicMemory,
+    eviction_keep,
+    local_adaptation_helps,
+    local_adaptation_logits,
+    with_memory,
+)
+from metanlp.learners.protonet import prototype_logits
 
 runner = CliRunner()
 SUPPORT = ["water the tomatoes", "my dog is sick", "water the roses daily", "book the vet for my cat"]
@@ -127,10 +134,11 @@ def test_memory_command_builds_a_model_that_predicts_and_refuses_bad_input(tmp_p
     assert set(learner.memory.tasks) <= {"past/shop0", "past/shop1"}
     assert learner.adapt(SUPPORT, LABELS).predict(QUERIES).labels[0] in {"garden", "pets"}
     retuned = runner.invoke(app, ["memory", "--model", str(tmp_path / "mem"), "--local-steps", "3",
-                                  "--out", str(tmp_path / "mbpa")])
+                                  "--no-local-check", "--out", str(tmp_path / "mbpa")])
     assert retuned.exit_code == 0, retuned.output
     mbpa = load_learner(tmp_path / "mbpa")
     assert mbpa.config.local_steps == 3 and mbpa.memory.texts == learner.memory.texts
+    assert not mbpa.config.local_check and learner.config.local_check
     refused = runner.invoke(app, ["memory", "--model", str(tmp_path / "base"), "--out", str(tmp_path / "none")])
     assert refused.exit_code != 0 and "--data" in refused.output and not (tmp_path / "none").exists()
 
@@ -161,3 +169,41 @@ def test_memory_command_remembers_the_tasks_a_service_kept(tmp_path, tiny_encode
                                       "--out", str(tmp_path / "none")])
         assert refused.exit_code != 0 and message in refused.output, refused.output
         assert not (tmp_path / "none").exists()
+
+
+def _checked(rows: list[list[float]], targets: list[int], **options) -> bool:
+    context, labels = torch.tensor(rows), torch.tensor(targets)
+    members = torch.nn.functional.one_hot(labels, 2).T.float()
+    config = MemoryConfig(local_steps=5, local_neighbours=1, **options)
+    return local_adaptation_helps(members, context, labels, len(labels), torch.tensor(10.0), config)
+
+
+def test_local_adaptation_is_used_only_where_it_classifies_more_left_out_support_rows_right():
+    # Class 0 has two modes (near x and near y): its prototype sits between them, where class 1 is, so the
+    # prototypes get its left-out rows wrong; each row's nearest other row is of its own mode, so MbPA gets them.
+    bimodal = [[1, 0, 0.1], [0.98, 0.05, 0.1], [0, 1, 0.1], [0.05, 0.98, 0.1],
+               [0.7, 0.7, -0.1], [0.72, 0.68, -0.12], [0.68, 0.72, -0.08], [0.71, 0.69, -0.11]]
+    assert _checked(bimodal, [0, 0, 0, 0, 1, 1, 1, 1])
+    # Two tight classes: the prototypes already get every row: a tie keeps the plain rule.
+    apart = [[1, 0, 0.1], [0.98, 0.05, 0.1], [0.97, 0.02, 0.12], [0, 1, 0.1], [0.05, 0.98, 0.1], [0.02, 0.97, 0.1]]
+    assert not _checked(apart, [0, 0, 0, 1, 1, 1])
+    assert not _checked([[1, 0, 0.1], [0, 1, 0.1]], [0, 1]), "one shot: nothing to check on"
+
+
+def test_a_memory_learner_follows_its_check_and_restores_what_it_decided(tiny_encoder_config):
+    learner = with_memory(build_learner("protonet", tiny_encoder_config), MemoryConfig(local_steps=5))
+    adapted = learner.adapt(SUPPORT, LABELS)
+    assert set(adapted.state) >= {"local"}
+    tokens = learner.encoder.tokenize(QUERIES)
+    embedded, state = learner.encoder.embed(tokens), adapted.state
+    plain = learner.restore(adapted.classes, {**state, "local": torch.tensor(0.0)})
+    local = learner.restore(adapted.classes, {**state, "local": torch.tensor(1.0)})
+    wanted_local = local_adaptation_logits(embedded, state["prototypes"], state["context"],
+                                           state["context_targets"], state["scale"], learner.config)
+    assert torch.allclose(local._logits(tokens), wanted_local, atol=1e-5)
+    wanted_plain = prototype_logits(embedded, state["prototypes"], learner.config.distance, state["scale"])
+    assert torch.allclose(plain._logits(tokens), wanted_plain, atol=1e-5)
+    unchecked = with_memory(learner, MemoryConfig(local_steps=5, local_check=False)).adapt(SUPPORT, LABELS)
+    assert float(unchecked.state["local"]) == 1.0
+    off = with_memory(learner, MemoryConfig(local_steps=0)).adapt(SUPPORT, LABELS)
+    assert float(off.state["local"]) == 0.0

@@ -8,7 +8,10 @@ in the prototype at `weight` each: a new domain of a known kind (a product area 
 intents) borrows examples from the old ones. With `local_steps`, it then adapts locally as MbPA does
 (Sprechmann et al., 2018): for each query, a few gradient steps of the cosine head on the query's nearest
 labelled rows (support and retrieved memory), pulled toward the prototypes by an L2 term, before predicting.
-A label the memory has never seen falls back to the support set alone.
+With `local_check` (the default) a task uses it only if, on its own support set, it classifies more left-out
+rows right than the prototypes do (each row left out of its prototype and of the neighbours); local steps that
+fit neighbourhoods of many fine classes cost accuracy, and this shows on the support. A label the memory has
+never seen falls back to the support set alone.
 
 Bound and eviction: at most `capacity` rows. When an addition goes over it, rows are evicted from the largest
 (task, label) groups first, oldest first: every group larger than a common cap is cut to it, keeping its newest
@@ -219,21 +222,26 @@ class MemoryAugmented(ProtoNet):
         protos = (members @ context) / members.sum(dim=1, keepdim=True)
         if self.config.label_names > 0:
             protos = self.with_label_names(protos, classes, members.sum(dim=1), embedded.norm(dim=-1).mean())
-        return self.restore(classes, {"prototypes": protos, "scale": self.log_scale.detach().exp().cpu(),
-                                      "context": context, "context_targets": context_targets})
+        scale = self.log_scale.detach().exp().cpu()
+        local = bool(self.config.local_steps) and (
+            not self.config.local_check or local_adaptation_helps(members, context, context_targets, len(targets),
+                                                                  scale, self.config))
+        return self.restore(classes, {"prototypes": protos, "scale": scale, "context": context,
+                                      "context_targets": context_targets, "local": torch.tensor(float(local))})
 
     def restore(self, classes: list[str], state: dict[str, torch.Tensor]) -> Classifier:
-        expected = {"prototypes", "scale", "context", "context_targets"}
+        expected = {"prototypes", "scale", "context", "context_targets", "local"}
         if set(state) != expected or tuple(state["prototypes"].shape) != (len(classes), self.encoder.dim) \
                 or state["context"].ndim != 2 or state["context"].shape[0] != state["context_targets"].shape[0]:
             raise DataError(f"adapted state: not a memory learner's {sorted(expected)} for {len(classes)} classes")
         protos, scale = state["prototypes"].float(), state["scale"].float()
         context, context_targets = state["context"].float(), state["context_targets"].long()
         config = self.config
+        local = bool(config.local_steps) and bool(state["local"])
 
         def logits(queries: TokenizedTexts) -> torch.Tensor:
             embedded = self.encoder.embed(queries)
-            if not config.local_steps:
+            if not local:
                 return prototype_logits(embedded, protos, config.distance, scale)
             return torch.cat([local_adaptation_logits(chunk, protos, context, context_targets, scale, config)
                               for chunk in embedded.split(256)])
@@ -241,15 +249,47 @@ class MemoryAugmented(ProtoNet):
         return Classifier(classes, self.encoder, logits, state)
 
 
+def local_adaptation_helps(members: torch.Tensor, context: torch.Tensor, context_targets: torch.Tensor,
+                           support: int, scale: torch.Tensor, config: MemoryConfig) -> bool:
+    """Whether MbPA classifies more of the support's rows right than the prototypes, each row left out of its
+    class's prototype and of its own neighbours. members: [classes, context] weights the prototypes were made
+    with; the first `support` context rows are the support set. A row whose class has no other row is not
+    scored; with none left (one shot) there is nothing to check on: False. Label-name rows, when the learner
+    adds them, move both rules' prototypes alike and are left out here."""
+    targets = context_targets[:support]
+    mass = members.sum(dim=1)
+    own_weight = members[targets, torch.arange(support)]
+    usable = (mass[targets] - own_weight) > 0
+    if not bool(usable.any()):
+        return False
+    rows, own = torch.arange(support)[usable], targets[usable]
+    sums = members @ context
+    # per left-out row: every prototype, its own class's without it
+    protos = (sums / mass[:, None]).expand(len(rows), -1, -1).clone()
+    protos[torch.arange(len(rows)), own] = (sums[own] - own_weight[rows, None] * context[rows]) / (
+        mass[own] - own_weight[rows])[:, None]
+    queries = context[rows]
+    plain = torch.cat([prototype_logits(query[None], own_protos, config.distance, scale)
+                       for query, own_protos in zip(queries, protos, strict=True)])
+    local = local_adaptation_logits(queries, protos, context, context_targets, scale, config, exclude=rows)
+    return int((local.argmax(-1) == own).sum()) > int((plain.argmax(-1) == own).sum())
+
+
 def local_adaptation_logits(queries: torch.Tensor, protos: torch.Tensor, context: torch.Tensor,
-                            context_targets: torch.Tensor, scale: torch.Tensor, config: MemoryConfig) -> torch.Tensor:
+                            context_targets: torch.Tensor, scale: torch.Tensor, config: MemoryConfig,
+                            exclude: torch.Tensor | None = None) -> torch.Tensor:
     """MbPA on the cosine head: per query, `local_steps` of gradient descent on its `local_neighbours` nearest
-    context rows, with an L2 pull of weight `local_l2` toward the prototypes; then the query's logits."""
+    context rows, with an L2 pull of weight `local_l2` toward the prototypes; then the query's logits.
+    protos: [classes, dim], or [queries, classes, dim] for prototypes of each query's own; exclude: per query,
+    a context row it may not take as a neighbour (itself, when the support is checked)."""
     with torch.enable_grad():
         unit_context = F.normalize(context, dim=-1)
         unit_queries = F.normalize(queries, dim=-1)
-        k = min(config.local_neighbours, len(context))
-        nearest = (unit_queries @ unit_context.T).topk(k, dim=-1).indices  # [queries, k]
+        similarity = unit_queries @ unit_context.T
+        if exclude is not None:
+            similarity[torch.arange(len(queries)), exclude] = -torch.inf
+        k = min(config.local_neighbours, len(context) - (exclude is not None))
+        nearest = similarity.topk(k, dim=-1).indices  # [queries, k]
         rows, targets = unit_context[nearest], context_targets[nearest]  # [queries, k, dim], [queries, k]
         start = F.normalize(protos, dim=-1).expand(len(queries), -1, -1)  # [queries, classes, dim]
         head = start.clone().requires_grad_()
