@@ -1,51 +1,34 @@
-"""The learners in the suite: frozen, ProtoNet, MAML, the learned LSTM optimizer, LEOPARD, memory-augmented
-adaptation and a distilled student, all on the same supports and queries of datasets none of them trained on.
+"""The learners in the suite: frozen, ProtoNet, MAML, the learned LSTM optimizer, LEOPARD and memory-augmented
+adaptation, all on the same supports and queries of datasets none of them trained on.
 
 The meta-learners are those of benchmarks/learners_clinc.py (meta-trained on CLINC150's 6 training domains, 150
 steps; trained here if missing). The memory model is the ProtoNet model with an episodic memory of past tasks
 (benchmarks/pools/past_tasks.yaml: ARSC's source tasks and CLINC150's training domains); `memory+mbpa` adds
-MbPA local adaptation. The student is the ProtoNet model distilled into 3 of its 6 layers on unlabeled text
-(WikiText-2, ATIS and GoEmotions texts: none is scored). Embedding throughput of teacher and student is timed
-on the same texts in this run.
+MbPA local adaptation where a task's support set says it helps (the default check), `memory+mbpa-unchecked` on
+every task. The distilled student has its own benchmark (benchmarks/distillation.py).
 
     python benchmarks/learners_suite.py                  # about 1 h on 2 cores when the models exist
     python benchmarks/learners_suite.py --quick          # tiny budgets: checks the script
 
-Writes benchmarks/results/learners/suite.{json,md,png} and learners_suite.md (the table with training time
-and throughput).
+Writes benchmarks/results/learners/suite.{json,md,png} and learners_suite.md (the table with training time).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
-import numpy as np
-from fewshot_intents import ROOT, SHARED, metanlp
+from fewshot_intents import ROOT, metanlp
 from learners_clinc import train_args
-
-from metanlp.evaluation import mean_ci
 
 LEARNERS = ("protonet", "maml", "lstm", "leopard")
 
 
-def throughput(model: Path, texts: list[str], repeats: int) -> dict:
-    """Texts embedded per second (median of `repeats` passes over the same texts, tokenisation excluded)."""
-    import torch
-
-    from metanlp.learners import load_learner
-
-    encoder = load_learner(model).encoder.eval()
-    tokens = encoder.tokenize(texts)
-    seconds = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        encoder.embed(tokens, batch_size=64)
-        seconds.append(time.perf_counter() - started)
-    return {"texts_per_s": len(texts) / float(np.median(seconds)), "threads": torch.get_num_threads(),
-            "layers": encoder.model.config.num_hidden_layers}
+def add_reuse_options(parser: argparse.ArgumentParser, methods: str) -> None:
+    parser.add_argument("--reuse", type=Path, default=None,
+                        help="an earlier suite.json of the same supports: rows of --reuse-methods are taken from it")
+    parser.add_argument("--reuse-methods", default=methods)
 
 
 def main() -> None:
@@ -53,21 +36,18 @@ def main() -> None:
     parser.add_argument("--models", type=Path, default=ROOT / "benchmarks" / "results" / "learners",
                         help="where the meta-trained models are (or are trained)")
     parser.add_argument("--train-steps", type=int, default=150)
-    parser.add_argument("--distil-steps", type=int, default=2000)
     parser.add_argument("--shots", default="5,10")
-    parser.add_argument("--draws", type=int, default=2)
+    parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--max-queries", type=int, default=300)
     parser.add_argument("--datasets", default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "learners")
-    parser.add_argument("--reuse", type=Path, default=None,
-                        help="an earlier suite.json of the same supports: rows of --reuse-methods are taken from it")
-    parser.add_argument("--reuse-methods", default="frozen,protonet,lstm,leopard,memory,memory+mbpa")
+    add_reuse_options(parser, "frozen,protonet,lstm,leopard,memory,memory+mbpa")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     pools = ROOT / "benchmarks" / "pools"
     quiet = ["--quiet"]
     if args.quick:
-        args.train_steps, args.distil_steps, args.shots, args.draws, args.max_queries = 2, 5, "5", 1, 50
+        args.train_steps, args.shots, args.draws, args.max_queries = 2, "5", 1, 50
         args.datasets, args.models = args.datasets or "snips,airline_tweets", args.out / "quick"
     args.out.mkdir(parents=True, exist_ok=True)
     recorded = args.models / "train_seconds.json"  # training times of the models trained here, kept for reruns
@@ -84,20 +64,16 @@ def main() -> None:
         for learner, run in json.loads(previous.read_text()).items():
             train_seconds.setdefault(learner, run["train_seconds"])
     work = args.out / "work"
-    memory, mbpa, student = work / "memory", work / "memory_mbpa", work / "student"
+    memory, mbpa, unchecked = work / "memory", work / "memory_mbpa", work / "memory_mbpa_unchecked"
     if not (memory / "learner.json").exists():
         train_seconds["memory"] = metanlp(["memory", "--model", str(args.models / "protonet"), "--pool",
                                            str(pools / "past_tasks.yaml"), "--out", str(memory), "--force"])
-    if not (mbpa / "learner.json").exists():
-        metanlp(["memory", "--model", str(memory), "--local-steps", "5", "--out", str(mbpa), "--force"])
-    if not (student / "learner.json").exists():
-        texts = [SHARED / "wikitext2" / "test.txt", SHARED / "wikitext2" / "valid.txt",
-                 SHARED / "atis" / "train.jsonl", SHARED / "goemotions" / "train.jsonl"]
-        train_seconds["student"] = metanlp(["distil", "--teacher", str(args.models / "protonet"),
-                                            *[a for t in texts if t.exists() for a in ("--text", str(t))],
-                                            "--steps", str(args.distil_steps), "--out", str(student), *quiet])
+    for out, check in ((mbpa, "--local-check"), (unchecked, "--no-local-check")):
+        if not (out / "learner.json").exists():
+            metanlp(["memory", "--model", str(memory), "--local-steps", "5", check, "--out", str(out), "--force"])
     models = {"protonet": args.models / "protonet", "maml": args.models / "maml", "lstm": args.models / "lstm",
-              "leopard": args.models / "leopard", "memory": memory, "memory+mbpa": mbpa, "student": student}
+              "leopard": args.models / "leopard", "memory": memory, "memory+mbpa": mbpa,
+              "memory+mbpa-unchecked": unchecked}
     suite = args.out / "suite.json"
     command = ["benchmark", "--pool", str(pools / "learners.yaml"), "--methods", "frozen", "--no-model-logreg",
                "--shots", args.shots, "--draws", str(args.draws), "--max-queries", str(args.max_queries),
@@ -108,15 +84,12 @@ def main() -> None:
     if args.reuse:
         command += ["--reuse", str(args.reuse), "--reuse-methods", args.reuse_methods]
     metanlp(command)
-    snips = [json.loads(line)["text"] for line in (SHARED / "snips" / "test.jsonl").read_text().splitlines()]
-    speed = {name: throughput(models[name], snips[: 100 if args.quick else 700], 1 if args.quick else 3)
-             for name in ("protonet", "student")}
-    write_table(args, json.loads(suite.read_text()), train_seconds, speed)
+    write_table(args, json.loads(suite.read_text()), train_seconds)
 
 
-def write_table(args, results: dict, train_seconds: dict, speed: dict) -> None:
+def write_table(args, results: dict, train_seconds: dict) -> None:
     """learners_suite.md: mean accuracy over the held-out datasets per K with paired differences to frozen,
-    adaptation ms, training time; the student against its teacher with throughput."""
+    adaptation ms, training time."""
     lines = ["Same supports and queries for every row (`python benchmarks/learners_suite.py`); mean over the "
              "held-out datasets, each weighted equally; differences paired over support draws (Student 95% CI).\n",
              "| K | method | accuracy % | Δ vs frozen, pp | adapt ms per support set | training s |",
@@ -128,18 +101,6 @@ def write_table(args, results: dict, train_seconds: dict, speed: dict) -> None:
             trained = train_seconds.get(method.split("+")[0])
             lines.append(f"| {entry['shots']} | {method} | {100 * row['accuracy']:.1f} ± {100 * row['ci95']:.1f} | "
                          f"{delta} | {1000 * row['adapt_s']:.0f} | {f'{trained:.0f}' if trained else '—'} |")
-    lines += ["", "Student (3 of 6 layers) against its teacher (ProtoNet), paired over every (dataset, K, draw):", "",
-              "| model | layers | texts/s (2 cores) | mean accuracy % |", "|---|---|---|---|"]
-    rows = results["rows"]
-    units = sorted({(r["dataset"], r["key"]) for r in rows})
-    per = {m: np.array([np.mean([r["accuracy"] for r in rows if r["method"] == m and (r["dataset"], r["key"]) == u])
-                        for u in units]) for m in ("protonet", "student")}
-    for name in ("protonet", "student"):
-        lines.append(f"| {name} | {speed[name]['layers']} | {speed[name]['texts_per_s']:.0f} | "
-                     f"{100 * per[name].mean():.1f} |")
-    diff, ci = mean_ci(per["student"] - per["protonet"], student=True)
-    lines += ["", f"Speed-up {speed['student']['texts_per_s'] / speed['protonet']['texts_per_s']:.2f}x; accuracy "
-                  f"{100 * diff:+.1f} ± {100 * ci:.1f} pp (student - teacher, {len(units)} paired units)."]
     (args.out / "learners_suite.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
