@@ -7,7 +7,7 @@ steps; trained here if missing). The memory model is the ProtoNet model with an 
 MbPA local adaptation where a task's support set says it helps (the default check), `memory+mbpa-unchecked` on
 every task. The distilled student has its own benchmark (benchmarks/distillation.py).
 
-    python benchmarks/learners_suite.py                  # about 1 h on 2 cores when the models exist
+    python benchmarks/learners_suite.py                  # 33 min on 2 cores (24 of them training the models)
     python benchmarks/learners_suite.py --quick          # tiny budgets: checks the script
 
 Writes benchmarks/results/learners/suite.{json,md,png} and learners_suite.md (the table with training time).
