@@ -254,8 +254,8 @@ def local_adaptation_helps(members: torch.Tensor, context: torch.Tensor, context
     """Whether MbPA classifies more of the support's rows right than the prototypes, each row left out of its
     class's prototype and of its own neighbours. members: [classes, context] weights the prototypes were made
     with; the first `support` context rows are the support set. A row whose class has no other row (given or
-    borrowed) is not scored; with none left (one shot, nothing borrowed) there is nothing to check on: False. Label-name rows, when the learner
-    adds them, move both rules' prototypes alike and are left out here."""
+    borrowed) is not scored; with none left (one shot, nothing borrowed) there is nothing to check on: False.
+    Label-name rows, when the learner adds them, move both rules' prototypes alike and are left out here."""
     targets = context_targets[:support]
     mass = members.sum(dim=1)
     own_weight = members[targets, torch.arange(support)]
