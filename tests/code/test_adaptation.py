@@ -148,7 +148,9 @@ def test_contrastive_respects_its_step_and_seconds_budgets_and_leaves_the_learne
         assert any(not torch.equal(v, before[k]) for k, v in adapted.state_dict().items())
     _, timed = domain_adapt(learner, texts, labels, strategies=["contrastive"],
                             budget=AdaptBudget(contrastive_steps=100_000, seconds=1.0, lr=1e-3, batch_size=8))
-    assert timed.seconds["contrastive"] < 2.5 and timed.contrastive_steps < 100_000
+    # The budget is checked between steps: it overshoots by about one step and the final pass, which a loaded
+    # machine stretches (2.5 s was exceeded with CI beside a distillation run); unbounded steps would take hours.
+    assert timed.seconds["contrastive"] < 6.0 and timed.contrastive_steps < 100_000
 
 
 def test_contrastive_batches_hold_several_rows_of_few_classes(learner, corpus):
