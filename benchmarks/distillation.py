@@ -9,7 +9,7 @@ frozen encoder, the teacher and every student on the same supports of benchmarks
 (SNIPS, airline tweets, AG News, GoEmotions: none trained on by any of them), and each model's encoder embeds
 the same texts for throughput (tokenisation excluded, median of --repeats passes), in this process.
 
-    python benchmarks/distillation.py --teacher artifacts/model        # ~1 h 20 min on 2 cores
+    python benchmarks/distillation.py --teacher artifacts/model        # ~40 min on 2 cores (31 distilling)
     python benchmarks/distillation.py --teacher artifacts/model --quick  # tiny budgets: checks the script
 
 Writes benchmarks/results/distillation/{suite.json,suite.md,suite.png,distillation.json,distillation.md}.
@@ -88,7 +88,7 @@ def paired(rows: list[dict], method: str, reference: str, shots: int | None = No
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", type=Path, default=ROOT / "artifacts" / "model")
-    parser.add_argument("--hidden-weights", default="1,0", help="one student per value")
+    parser.add_argument("--hidden-weights", default="1", help="one student per value (1,0: the ablation)")
     parser.add_argument("--steps", type=int, default=2500)
     parser.add_argument("--per-text", type=int, default=10000)
     parser.add_argument("--shots", default="5,10")
