@@ -27,6 +27,7 @@ from fewshot_intents import ROOT, SHARED, metanlp
 from learners_suite import add_reuse_options
 
 from metanlp.evaluation import mean_ci
+from metanlp.suite import compare
 
 UNSCORED_TEXT = ("wikitext2/test.txt", "wikitext2/valid.txt", "atis/train.jsonl", "clinc150/train.jsonl",
                  "covid_vaccine_intents/train.jsonl", "20newsgroups/train.jsonl", "arsc/train.jsonl")
@@ -68,21 +69,21 @@ def speed_texts(per_dataset: int) -> list[str]:
     return texts
 
 
-def paired(rows: list[dict], method: str, reference: str, shots: int | None = None) -> dict:
-    """method - reference: per support draw the mean over datasets (each weighted equally), then the mean and
-    Student 95% CI over draws; with shots=None over every (dataset, K, draw) unit instead."""
-    def accuracy(name: str) -> dict:
-        return {r["key"]: r["accuracy"] for r in rows if r["method"] == name and shots in (None, r["shots"])}
+def per_shots(rows: list[dict], method: str, reference: str) -> dict:
+    """method - reference per K over the datasets, paired over support draws (`suite.compare`), with the
+    method's mean accuracy there."""
+    result = {}
+    for entry in compare(rows, method, reference)["mean"]:
+        mine = [r["accuracy"] for r in rows if r["method"] == method and r["shots"] == entry["shots"]]
+        result[str(entry["shots"])] = {"diff": entry["diff"], "ci95": entry["ci95"], "accuracy": float(np.mean(mine))}
+    return result
 
-    given, wanted = accuracy(method), accuracy(reference)
-    if shots is None:
-        diffs = np.array([given[k] - wanted[k] for k in sorted(given)])
-    else:
-        draws = sorted({k.rsplit("|", 1)[1] for k in given})
-        diffs = np.array([np.mean([given[k] - wanted[k] for k in given if k.endswith(f"|{d}")]) for d in draws])
-    diff, ci = mean_ci(diffs, student=True)
-    return {"diff": float(diff), "ci95": float(ci), "units": len(diffs),
-            "accuracy": float(np.mean(list(given.values())))}
+
+def over_units(rows: list[dict], method: str, reference: str) -> dict:
+    """method - reference over every (dataset, K, draw) unit both scored (Student 95% CI)."""
+    given, wanted = ({r["key"]: r["accuracy"] for r in rows if r["method"] == name} for name in (method, reference))
+    diff, ci = mean_ci(np.array([given[k] - wanted[k] for k in sorted(given) if k in wanted]), student=True)
+    return {"diff": float(diff), "ci95": float(ci), "units": len(given)}
 
 
 def main() -> None:
@@ -135,9 +136,9 @@ def main() -> None:
               "models": {}}
     for name in models:
         result["models"][name] = {
-            "vs_teacher": {str(k): paired(rows, name, "teacher", k) for k in shots},
-            "vs_teacher_all_units": paired(rows, name, "teacher"),
-            "vs_frozen": {str(k): paired(rows, name, "frozen", k) for k in shots},
+            "vs_teacher": per_shots(rows, name, "teacher"),
+            "vs_teacher_all_units": over_units(rows, name, "teacher"),
+            "vs_frozen": per_shots(rows, name, "frozen"),
             "speed_up": speed[name]["texts_per_s"] / speed["teacher"]["texts_per_s"]}
     (args.out / "distillation.json").write_text(json.dumps(result, indent=2))
     write_table(args, result, shots)
