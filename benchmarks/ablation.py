@@ -21,11 +21,13 @@ from metanlp.suite import compare
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", type=Path, action="append", required=True, help="a suite JSON (repeatable)")
+    parser.add_argument("--results", action="append", required=True,
+                        help="a suite JSON (repeatable); FILE@TAG names its methods METHOD@TAG, to compare a method "
+                             "with itself in an earlier run of the same supports (e.g. before a change)")
     parser.add_argument("--compare", action="append", required=True, help="ON:OFF method names (repeatable)")
     parser.add_argument("--out", type=Path, required=True, help="path without suffix: .json and .md are written")
     args = parser.parse_args()
-    rows = [row for path in args.results for row in json.loads(path.read_text())["rows"]]
+    rows = [row for item in args.results for row in tagged_rows(item)]
     methods = {r["method"] for r in rows}
     pairs = []
     for item in args.compare:
@@ -36,11 +38,18 @@ def main() -> None:
         pairs.append((on, off))
     comparisons = [compare(rows, on, off) for on, off in pairs]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"results": [str(p) for p in args.results],
+    args.out.with_suffix(".json").write_text(json.dumps({"results": args.results,
                                                          "comparisons": comparisons}, indent=2))
     text = markdown(comparisons)
     args.out.with_suffix(".md").write_text(text)
     print(text)
+
+
+def tagged_rows(item: str) -> list[dict]:
+    """The rows of a suite JSON given as FILE or FILE@TAG (then every method is renamed METHOD@TAG)."""
+    path, _, tag = item.partition("@")
+    rows = json.loads(Path(path).read_text())["rows"]
+    return [{**row, "method": f"{row['method']}@{tag}"} for row in rows] if tag else rows
 
 
 def markdown(comparisons: list[dict]) -> str:

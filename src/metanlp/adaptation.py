@@ -15,8 +15,9 @@ Strategies, applied in this order when combined:
   chosen on the same held-out shot (model fusion);
 - `prototypes`: no weight change (the learner's own adaptation: class means of the support set);
 - `transductive`: no weight change either, and the only strategy that reads the texts being classified (never
-  their labels): the prototypes are refined by soft k-means over the query embeddings (Ren et al., 2018), so a
-  text's prediction depends on the other texts predicted with it. Only when asked for.
+  their labels): the prototypes are refined by soft k-means over the query embeddings (Ren et al., 2018), with
+  the batch's class proportions estimated alongside (EM of the mixture, Saerens et al., 2002) when it has enough
+  texts per class, so a text's prediction depends on the other texts predicted with it. Only when asked for.
 
 Budgets are explicit: steps and seconds per strategy.
 """
@@ -37,6 +38,7 @@ from metanlp.encoder import TokenizedTexts, autocast
 from metanlp.learners.base import Classifier, Learner, support_targets
 from metanlp.learners.protonet import (
     ProtoNet,
+    class_proportions,
     prototype_logits,
     prototypes,
     refine_prototypes,
@@ -59,6 +61,9 @@ class AdaptBudget:
     contrastive_every: int = 5  # the held-out shot is scored every this many contrastive steps
     contrastive_temperature: float = 0.1
     transductive_steps: int = 1  # soft k-means iterations over the queries
+    # estimate the batch's class proportions with the prototypes (a mixture's EM), not assume them equal, when
+    # the batch has at least this many texts per class (with fewer the estimate runs to a few hub classes); 0: never
+    transductive_proportion_rows: int = 50
     # refine only when the support's leave-one-out loss says the queries help (off: always refine)
     transductive_check: bool = True
     seconds: float = 90.0  # wall-clock cap per strategy, all its passes together
@@ -227,7 +232,7 @@ def check_strategies(strategies) -> None:
 
 
 def refinement_helps(support: torch.Tensor, targets: torch.Tensor, queries: torch.Tensor, distance: str,
-                     scale: torch.Tensor, steps: int) -> bool:
+                     scale: torch.Tensor, steps: int, proportions: bool = False) -> bool:
     """Whether refining the prototypes with `queries` lowers the support's leave-one-out loss: each support row
     is scored against the prototypes without it, plain and refined (its class's sum of query weights, from
     the refinement with every row, kept). Imbalanced or off-domain queries pull prototypes together, which
@@ -239,8 +244,9 @@ def refinement_helps(support: torch.Tensor, targets: torch.Tensor, queries: torc
         return False
     counts = rows_of.to(support.dtype)
     sums = torch.zeros(n_classes, support.shape[1], dtype=support.dtype).index_add_(0, targets, support)
-    refined = refine_prototypes(sums / counts[:, None], rows_of, queries, distance, scale, steps - 1)
-    weights = torch.softmax(prototype_logits(queries, refined, distance, scale), dim=-1)
+    refined, _ = refine_prototypes(sums / counts[:, None], rows_of, queries, distance, scale, steps - 1, proportions)
+    logits = prototype_logits(queries, refined, distance, scale)
+    weights = torch.softmax(logits + class_proportions(logits, rows_of) if proportions else logits, dim=-1)
     query_sums, query_mass = weights.T @ queries, weights.sum(dim=0)
     rows, own = support[usable], targets[usable]
 
@@ -257,9 +263,12 @@ def refinement_helps(support: torch.Tensor, targets: torch.Tensor, queries: torc
 
 
 def transductive(learner: Learner, classifier: Classifier, texts: list[str], labels: list[str], steps: int,
-                 check: bool = True) -> Classifier:
+                 check: bool = True, proportion_rows: int = 50) -> Classifier:
     """`classifier` whose prototypes are refined, at each prediction, by soft k-means over the texts predicted
-    (`refine_prototypes`); the support rows keep their weight (one each). `check`: refine a batch only when
+    (`refine_prototypes`); the support rows keep their weight (one each). `proportion_rows`: with at least this
+    many texts per class in the batch, its class proportions are estimated with them and added to the final
+    logits (log prior), so an imbalanced batch is neither pulled toward equal classes nor scored as if balanced
+    (0: never). `check`: refine a batch only when
     `refinement_helps` says so on the support's leave-one-out loss (never at one shot)."""
     state = classifier.state
     if not isinstance(learner, ProtoNet) or state is None or set(state) != {"prototypes", "scale"}:
@@ -273,11 +282,14 @@ def transductive(learner: Learner, classifier: Classifier, texts: list[str], lab
     def logits(queries: TokenizedTexts) -> torch.Tensor:
         embedded = learner.encoder.embed(queries).float()
         plain = protos.to(embedded.device)
+        proportions = proportion_rows > 0 and len(embedded) >= proportion_rows * len(plain)
         if check and not refinement_helps(support.to(embedded.device), targets.to(embedded.device), embedded,
-                                          distance, scale, steps):
+                                          distance, scale, steps, proportions):
             return prototype_logits(embedded, plain, distance, scale)
-        refined = refine_prototypes(plain, counts.to(embedded.device), embedded, distance, scale, steps)
-        return prototype_logits(embedded, refined, distance, scale)
+        refined, log_prior = refine_prototypes(plain, counts.to(embedded.device), embedded, distance, scale, steps,
+                                               proportions)
+        refined_logits = prototype_logits(embedded, refined, distance, scale)
+        return refined_logits if log_prior is None else refined_logits + log_prior
 
     return Classifier(classifier.classes, learner.encoder, logits)
 
@@ -353,7 +365,7 @@ class DomainAdaptedLearner(Learner):
         classifier = learner.adapt(texts, list(labels))
         if "transductive" in self.strategies:
             classifier = transductive(learner, classifier, texts, list(labels), self.budget.transductive_steps,
-                                      self.budget.transductive_check)
+                                      self.budget.transductive_check, self.budget.transductive_proportion_rows)
         # a tuned encoder, or prototypes that move with each prediction: only adapting again rebuilds it
         classifier.state = None
         return classifier

@@ -700,11 +700,14 @@ def benchmark(
         help="adaptation strategies (comma-separated, applied together) run on each --model and the frozen "
              "encoder before their own adaptation, e.g. contrastive or transductive (repeatable): rows "
              "NAME+STRATEGIES")] = None,
+    proportion_rows: Annotated[int | None, typer.Option(
+        min=0, help="transductive: estimate the queries' class proportions when there are at least this many per "
+                    "class (0: assume them equal; default: the adaptation budget's, 50)")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """The benchmark suite: every method on the same supports and queries of the pool's eval datasets; accuracy
     with 95% CIs, paired differences to frozen and to SetFit, adaptation seconds per support set."""
-    from metanlp.adaptation import DomainAdaptedLearner, check_strategies
+    from metanlp.adaptation import AdaptBudget, DomainAdaptedLearner, check_strategies
     from metanlp.config import learner_config
     from metanlp.data.pool import read_pool
     from metanlp.encoder import TextEncoder, resolve_device
@@ -760,12 +763,13 @@ def benchmark(
         if model_logreg:
             factories[f"{name}+logreg"] = lambda own=own: build_learner("logreg", own().encoder)
     # each adaptation combination on each model, and on the frozen encoder (is the meta-learned start worth it?)
+    budget = AdaptBudget() if proportion_rows is None else AdaptBudget(transductive_proportion_rows=proportion_rows)
     for combination in adapt or []:
         strategies = _csv(combination)
         check_strategies(strategies)
         for name in [*models, *(["frozen"] if "frozen" in baselines else [])]:
             factories[f"{name}+{'+'.join(strategies)}"] = (
-                lambda start=factories[name], strategies=strategies: DomainAdaptedLearner(start(), strategies))
+                lambda start=factories[name], strategies=strategies: DomainAdaptedLearner(start(), strategies, budget))
     previous = None
     if reuse is not None:
         import json as _json
@@ -780,7 +784,8 @@ def benchmark(
     results["notes"] = notes
     results["config"] = {"pool": str(pool), "models": {k: str(v) for k, v in models.items()}, "methods": baselines,
                          "shots": shots, "draws": draws, "max_queries": max_queries, "seed": seed,
-                         "setfit_iterations": setfit_iterations, "datasets": names, "adapt": adapt or []}
+                         "setfit_iterations": setfit_iterations, "datasets": names, "adapt": adapt or [],
+                         "transductive_proportion_rows": budget.transductive_proportion_rows}
     paths = write_suite_report(results, out)
     typer.echo(paths["markdown"].read_text())
     typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")

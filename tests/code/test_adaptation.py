@@ -179,13 +179,60 @@ def test_soft_k_means_step_equals_a_hand_computation():
     counts = torch.tensor([2, 1])
     queries = torch.tensor([[1.0, 0.0], [3.0, 2.0]])
     scale = torch.tensor(1.0)
-    refined = refine_prototypes(protos, counts, queries, "euclidean", scale, steps=1)
+    refined, log_prior = refine_prototypes(protos, counts, queries, "euclidean", scale, steps=1)
     # euclidean logits: -|q - p|^2 / dim; softmax over the two classes
     w = torch.softmax(-torch.cdist(queries, protos).pow(2) / 2, dim=-1)
     expected = torch.stack([(2 * protos[0] + w[:, 0] @ queries) / (2 + w[:, 0].sum()),
                             (1 * protos[1] + w[:, 1] @ queries) / (1 + w[:, 1].sum())])
     assert torch.allclose(refined, expected)
-    assert torch.equal(refine_prototypes(protos, counts, queries, "euclidean", scale, steps=0), protos)
+    assert log_prior is None
+    assert torch.equal(refine_prototypes(protos, counts, queries, "euclidean", scale, steps=0)[0], protos)
+
+
+def test_class_proportions_recover_an_imbalanced_batch():
+    """Two well-separated classes, 80% of the batch in the first: a classifier that assumes equal classes, its
+    proportions estimated by EM, finds 0.8 / 0.2; pooled with a balanced support of 10 + 10 rows they move
+    toward 0.5 by exactly the support's share."""
+    from metanlp.learners.protonet import class_proportions
+
+    logits = torch.cat([torch.tensor([[8.0, 0.0]]).repeat(80, 1), torch.tensor([[0.0, 8.0]]).repeat(20, 1)])
+    assert torch.allclose(class_proportions(logits).exp(), torch.tensor([0.8, 0.2]), atol=1e-3)
+    pooled = class_proportions(logits, torch.tensor([10, 10])).exp()
+    assert torch.allclose(pooled, torch.tensor([90 / 120, 30 / 120]), atol=1e-3)
+    balanced = torch.cat([torch.tensor([[8.0, 0.0]]).repeat(50, 1), torch.tensor([[0.0, 8.0]]).repeat(50, 1)])
+    assert torch.allclose(class_proportions(balanced).exp(), torch.tensor([0.5, 0.5]), atol=1e-4)
+
+
+def test_soft_k_means_step_with_class_proportions_equals_a_hand_computation():
+    from metanlp.learners.protonet import class_proportions, refine_prototypes
+
+    protos = torch.tensor([[0.0, 0.0], [4.0, 0.0]])
+    counts = torch.tensor([2, 1])
+    queries = torch.tensor([[1.0, 0.0], [3.0, 2.0], [0.5, 0.5]])
+    scale = torch.tensor(1.0)
+    refined, log_prior = refine_prototypes(protos, counts, queries, "euclidean", scale, steps=1, proportions=True)
+    logits = -torch.cdist(queries, protos).pow(2) / 2
+    w = torch.softmax(logits + class_proportions(logits, counts), dim=-1)
+    expected = torch.stack([(2 * protos[0] + w[:, 0] @ queries) / (2 + w[:, 0].sum()),
+                            (1 * protos[1] + w[:, 1] @ queries) / (1 + w[:, 1].sum())])
+    assert torch.allclose(refined, expected)
+    assert torch.allclose(log_prior, class_proportions(-torch.cdist(queries, expected).pow(2) / 2, counts))
+    assert abs(float(log_prior.exp().sum()) - 1) < 1e-5
+
+
+def test_transductive_estimates_class_proportions_only_with_enough_texts_per_class(learner, corpus):
+    from metanlp.adaptation import DomainAdaptedLearner
+
+    texts, labels = support_of(corpus, classes=4, shots=3)
+    queries = corpus.texts[200:240]  # 10 per class
+
+    def scores(rows):
+        budget = AdaptBudget(transductive_check=False, transductive_proportion_rows=rows)
+        return DomainAdaptedLearner(learner, ["transductive"], budget).adapt(texts, labels).predict(queries).scores
+
+    equal = scores(0)
+    assert np.allclose(scores(11), equal, atol=1e-6)  # 40 texts < 11 x 4 classes: proportions stay equal
+    assert not np.allclose(scores(10), equal, atol=1e-4)
 
 
 def test_transductive_refinement_is_off_unless_asked(learner, corpus):

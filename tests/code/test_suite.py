@@ -66,6 +66,21 @@ def test_every_method_sees_the_same_supports_and_the_report_says_so(suite_pool, 
                                                                         if r["method"] == "frozen"]
 
 
+def test_transductive_rows_say_how_class_proportions_were_treated(suite_pool, tmp_path):
+    args = ["benchmark", "--pool", str(suite_pool), "--methods", "frozen", "--encoder", "tiny-random-bert",
+            "--shots", "5", "--draws", "1", "--datasets", "fruit", "--adapt", "transductive", "--quiet"]
+    for rows, name in ((None, "default.json"), (0, "equal.json")):
+        given = [] if rows is None else ["--proportion-rows", str(rows)]
+        result = CliRunner().invoke(app, [*args, *given, "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+    default, equal = (json.loads((tmp_path / n).read_text()) for n in ("default.json", "equal.json"))
+    assert default["config"]["transductive_proportion_rows"] == 50
+    assert equal["config"]["transductive_proportion_rows"] == 0
+    assert {r["method"] for r in equal["rows"]} == {"frozen", "frozen+transductive"}
+    refused = CliRunner().invoke(app, [*args, "--proportion-rows", "-1", "--out", str(tmp_path / "x.json")])
+    assert refused.exit_code != 0 and not (tmp_path / "x.json").exists()
+
+
 def test_a_model_trained_on_an_eval_dataset_is_flagged(suite_pool, tmp_path):
     model = tmp_path / "model"
     pool = yaml.safe_load(suite_pool.read_text())

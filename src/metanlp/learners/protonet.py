@@ -63,16 +63,46 @@ def prototype_logits(queries: torch.Tensor, protos: torch.Tensor, distance: str,
     return -scale * torch.cdist(queries, protos).pow(2) / queries.shape[-1]
 
 
+def class_proportions(logits: torch.Tensor, counts: torch.Tensor | None = None, iterations: int = 50,
+                      tolerance: float = 1e-5) -> torch.Tensor:
+    """The log class proportions of a batch under a classifier that assumes equal ones (Saerens et al., 2002):
+    the fixed point of pi = mean over the batch of softmax(logits + log pi), from equal proportions. `counts`:
+    labelled rows of each class (the support) pooled with the batch's soft counts, as soft k-means pools them
+    for the prototypes, so a batch with few rows per class cannot run away from them."""
+    log_prior = torch.full((logits.shape[-1],), -math.log(logits.shape[-1]), dtype=logits.dtype,
+                           device=logits.device)
+    known = torch.zeros_like(log_prior) if counts is None else counts.to(logits.dtype)
+    for _ in range(iterations):
+        soft = torch.softmax(logits + log_prior, dim=-1).sum(dim=0) + known
+        updated = (soft / soft.sum()).clamp_min(1e-8).log()
+        converged = bool((updated - log_prior).abs().max() < tolerance)
+        log_prior = updated
+        if converged:
+            break
+    return log_prior
+
+
 def refine_prototypes(protos: torch.Tensor, counts: torch.Tensor, queries: torch.Tensor, distance: str,
-                      scale: torch.Tensor, steps: int) -> torch.Tensor:
+                      scale: torch.Tensor, steps: int, proportions: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Transductive refinement (soft k-means, Ren et al., 2018): each step, every query joins every class with its
     predicted probability, and each prototype becomes the weighted mean of its support rows (`counts` of them,
-    mean `protos`) and of the queries. Zero steps return `protos`."""
+    mean `protos`) and of the queries. `proportions`: the class proportions are estimated too (EM of a mixture
+    whose weights are not assumed equal: an imbalanced batch would otherwise pull the prototypes of its rare
+    classes toward the common one); returned as log proportions for the final logits (else None).
+    Zero steps return `protos`."""
     support_sums, refined = counts[:, None].to(protos.dtype) * protos, protos
+    log_prior = None
     for _ in range(steps):
-        weights = torch.softmax(prototype_logits(queries, refined, distance, scale), dim=-1)  # [queries, classes]
+        logits = prototype_logits(queries, refined, distance, scale)
+        if proportions:
+            log_prior = class_proportions(logits, counts)
+            logits = logits + log_prior
+        weights = torch.softmax(logits, dim=-1)  # [queries, classes]
         refined = (support_sums + weights.T @ queries) / (counts[:, None] + weights.sum(dim=0)[:, None])
-    return refined
+    if proportions and steps > 0:
+        log_prior = class_proportions(prototype_logits(queries, refined, distance, scale), counts)
+    return refined, log_prior
 
 
 class ProtoNet(Learner):
