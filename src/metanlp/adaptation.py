@@ -268,8 +268,8 @@ def transductive(learner: Learner, classifier: Classifier, texts: list[str], lab
     (`refine_prototypes`); the support rows keep their weight (one each). `proportion_rows`: with at least this
     many texts per class in the batch, its class proportions are estimated with them and added to the final
     logits (log prior), so an imbalanced batch is neither pulled toward equal classes nor scored as if balanced
-    (0: never). `check`: refine a batch only when
-    `refinement_helps` says so on the support's leave-one-out loss (never at one shot)."""
+    (0: never). `check`: refine a batch (prototypes and proportions) only when `refinement_helps` says so on the
+    support's leave-one-out loss (never at one shot)."""
     state = classifier.state
     if not isinstance(learner, ProtoNet) or state is None or set(state) != {"prototypes", "scale"}:
         raise DataError(f"adaptation strategy 'transductive' refines class prototypes; learner {learner.name!r} "
