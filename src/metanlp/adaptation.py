@@ -38,9 +38,9 @@ from metanlp.encoder import TokenizedTexts, autocast
 from metanlp.learners.base import Classifier, Learner, support_targets
 from metanlp.learners.protonet import (
     ProtoNet,
-    class_proportions,
     prototype_logits,
     prototypes,
+    query_weights,
     refine_prototypes,
     supervised_contrastive_loss,
 )
@@ -245,8 +245,7 @@ def refinement_helps(support: torch.Tensor, targets: torch.Tensor, queries: torc
     counts = rows_of.to(support.dtype)
     sums = torch.zeros(n_classes, support.shape[1], dtype=support.dtype).index_add_(0, targets, support)
     refined, _ = refine_prototypes(sums / counts[:, None], rows_of, queries, distance, scale, steps - 1, proportions)
-    logits = prototype_logits(queries, refined, distance, scale)
-    weights = torch.softmax(logits + class_proportions(logits, rows_of) if proportions else logits, dim=-1)
+    weights, _ = query_weights(queries, refined, rows_of, distance, scale, proportions)
     query_sums, query_mass = weights.T @ queries, weights.sum(dim=0)
     rows, own = support[usable], targets[usable]
 
@@ -263,7 +262,8 @@ def refinement_helps(support: torch.Tensor, targets: torch.Tensor, queries: torc
 
 
 def transductive(learner: Learner, classifier: Classifier, texts: list[str], labels: list[str], steps: int,
-                 check: bool = True, proportion_rows: int = 50) -> Classifier:
+                 check: bool = True,
+                 proportion_rows: int = AdaptBudget.transductive_proportion_rows) -> Classifier:
     """`classifier` whose prototypes are refined, at each prediction, by soft k-means over the texts predicted
     (`refine_prototypes`); the support rows keep their weight (one each). `proportion_rows`: with at least this
     many texts per class in the batch, its class proportions are estimated with them and added to the final

@@ -82,6 +82,15 @@ def class_proportions(logits: torch.Tensor, counts: torch.Tensor | None = None, 
     return log_prior
 
 
+def query_weights(queries: torch.Tensor, protos: torch.Tensor, counts: torch.Tensor, distance: str,
+                  scale: torch.Tensor, proportions: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One E-step of the refinement: each query's weight in each class ([queries, classes], softmax of its logits
+    plus, with `proportions`, the batch's log class proportions) and those log proportions (else None)."""
+    logits = prototype_logits(queries, protos, distance, scale)
+    log_prior = class_proportions(logits, counts) if proportions else None
+    return torch.softmax(logits if log_prior is None else logits + log_prior, dim=-1), log_prior
+
+
 def refine_prototypes(protos: torch.Tensor, counts: torch.Tensor, queries: torch.Tensor, distance: str,
                       scale: torch.Tensor, steps: int, proportions: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -94,11 +103,7 @@ def refine_prototypes(protos: torch.Tensor, counts: torch.Tensor, queries: torch
     support_sums, refined = counts[:, None].to(protos.dtype) * protos, protos
     log_prior = None
     for _ in range(steps):
-        logits = prototype_logits(queries, refined, distance, scale)
-        if proportions:
-            log_prior = class_proportions(logits, counts)
-            logits = logits + log_prior
-        weights = torch.softmax(logits, dim=-1)  # [queries, classes]
+        weights, log_prior = query_weights(queries, refined, counts, distance, scale, proportions)
         refined = (support_sums + weights.T @ queries) / (counts[:, None] + weights.sum(dim=0)[:, None])
     if proportions and steps > 0:
         log_prior = class_proportions(prototype_logits(queries, refined, distance, scale), counts)
