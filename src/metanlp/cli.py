@@ -642,11 +642,11 @@ def _model_option(value: str) -> tuple[str, Path]:
 
 
 def _seen_datasets(model: Path, pool, root: Path, scored_classes: dict[str, set[str]]) -> list[str]:
-    """The pool's eval datasets whose rows the model may have meta-trained or validated on: the same file, with
-    row and class filters that do not keep the two apart (ARSC's source and target tasks share a file); for a
-    model trained on a class split, the same file with classes in common (`scored_classes`: dataset -> the
-    classes the suite scores)."""
-    from metanlp.data.pool import dataset_path
+    """The pool's eval datasets whose rows the model may have meta-trained or validated on: the same file and a
+    label space in common (ARSC's source and target tasks share a file but not a task; CLINC150's held-out domains
+    share it but not a class); for a model trained on a class split, the same file with classes in common
+    (`scored_classes`: dataset -> the classes the suite scores)."""
+    from metanlp.data.pool import dataset_path, load_spaces
     from metanlp.learners import read_spec
 
     provenance = read_spec(model).provenance
@@ -658,17 +658,19 @@ def _seen_datasets(model: Path, pool, root: Path, scored_classes: dict[str, set[
                 and (not provenance.classes or used & scored_classes.get(e.name, set()))]
     model_root = Path(provenance.train_data or ".").resolve().parent
 
-    def apart(a, b) -> bool:
-        for column in set(a.where or {}) & set(b.where or {}):
-            values = [set(v) if isinstance(v, list) else {v} for v in (a.where[column], b.where[column])]
-            if not values[0] & values[1]:
-                return True
-        return bool(a.classes and b.classes and not set(a.classes) & set(b.classes))
+    def train_file(entry, entry_root: Path) -> Path:
+        return Path(dataset_path(entry, entry_root, "train")).resolve()
 
-    used = [e for e in provenance.pool.tasks if e.role != "eval"]
+    def selected(entry, entry_root: Path, by_task: bool) -> set[tuple[str, str]]:
+        # (task, class) pairs the entry's filters keep; the task only when both entries split by one
+        return {(space.name.removeprefix(entry.name) if by_task else "", label)
+                for space in load_spaces(entry, entry_root, "train") for label in space.data.classes}
+
+    used = [u for u in provenance.pool.tasks if u.role != "eval"]
     return [e.name for e in pool.tasks if e.role == "eval" and any(
-        Path(dataset_path(e, root, "train")).resolve() == Path(dataset_path(u, model_root, "train")).resolve()
-        and not apart(e, u) for u in used)]
+        train_file(u, model_root) == train_file(e, root)
+        and selected(e, root, bool(e.task_column and u.task_column)) & selected(
+            u, model_root, bool(e.task_column and u.task_column)) for u in used)]
 
 
 @app.command()

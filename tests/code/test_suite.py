@@ -102,6 +102,36 @@ def test_a_model_trained_on_an_eval_dataset_is_flagged(suite_pool, tmp_path):
     assert methods == {"frozen", "mine", "mine+logreg"}
 
 
+@pytest.mark.parametrize(("trained_split", "flagged"), [("source", False), ("target", True)])
+def test_entries_of_one_file_are_apart_when_their_filters_keep_different_tasks(tmp_path, trained_split, flagged):
+    # ARSC's shape: one file, a task column; training keeps tasks by `domain`, the suite by `split`
+    for split in ("train", "test"):
+        write_jsonl(tmp_path / f"reviews_{split}.jsonl", [
+            {"text": f"{word} {task} {split} {i}", "label": label, "task": task, "domain": task.split(".")[0],
+             "split": "target" if task.startswith("books") else "source"}
+            for task in ("toys.t2", "toys.t4", "books.t2") for label, word in (("1", "good"), ("-1", "bad"))
+            for i in range(6)])
+    train_filter = {"domain": "toys"} if trained_split == "source" else {"domain": ["toys", "books"]}
+    pool = {"tasks": [{"name": "src", "path": "reviews_train.jsonl", "role": "meta_train", "task_column": "task",
+                       "where": train_filter},
+                      {"name": "val", "path": "reviews_train.jsonl", "role": "meta_val", "task_column": "task",
+                       "where": {"domain": "toys"}},
+                      {"name": "target", "path": "reviews_{split}.jsonl", "role": "eval", "task_column": "task",
+                       "where": {"split": "target"}, "shots": [5]}]}
+    (tmp_path / "pool.yaml").write_text(yaml.safe_dump(pool))
+    trained = CliRunner().invoke(app, ["train", "--pool", str(tmp_path / "pool.yaml"), "--encoder",
+                                       "tiny-random-bert", "--episodes", "1", "--ways", "2", "--shots", "1",
+                                       "--queries", "1", "--val-episodes", "2", "--out", str(tmp_path / "model"),
+                                       "--no-checkpoint", "--quiet"])
+    assert trained.exit_code == 0, trained.output
+    result = CliRunner().invoke(app, ["benchmark", "--pool", str(tmp_path / "pool.yaml"), "--model",
+                                      f"mine={tmp_path / 'model'}", "--methods", "frozen", "--encoder",
+                                      "tiny-random-bert", "--no-model-logreg", "--out", str(tmp_path / "s.json"),
+                                      "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert ("meta-trained on eval datasets ['target']" in " ".join(result.output.split())) == flagged
+
+
 @pytest.mark.parametrize(("trained_classes", "flagged"), [(["a", "q"], True), (["q"], False)])
 def test_a_model_of_a_class_split_is_flagged_only_when_it_trained_on_scored_classes(
         suite_pool, tmp_path, tiny_encoder_config, trained_classes, flagged):
