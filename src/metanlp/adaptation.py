@@ -40,7 +40,6 @@ from metanlp.learners.protonet import (
     ProtoNet,
     prototype_logits,
     prototypes,
-    query_weights,
     refine_prototypes,
     supervised_contrastive_loss,
 )
@@ -244,8 +243,9 @@ def refinement_helps(support: torch.Tensor, targets: torch.Tensor, queries: torc
         return False
     counts = rows_of.to(support.dtype)
     sums = torch.zeros(n_classes, support.shape[1], dtype=support.dtype).index_add_(0, targets, support)
-    refined, _ = refine_prototypes(sums / counts[:, None], rows_of, queries, distance, scale, steps - 1, proportions)
-    weights, _ = query_weights(queries, refined, rows_of, distance, scale, proportions)
+    # the E-step of the refinement's last step: the queries' weights in each class after steps - 1
+    weights = torch.softmax(refine_prototypes(sums / counts[:, None], rows_of, queries, distance, scale, steps - 1,
+                                              proportions)[1], dim=-1)
     query_sums, query_mass = weights.T @ queries, weights.sum(dim=0)
     rows, own = support[usable], targets[usable]
 
@@ -286,10 +286,7 @@ def transductive(learner: Learner, classifier: Classifier, texts: list[str], lab
         if check and not refinement_helps(support.to(embedded.device), targets.to(embedded.device), embedded,
                                           distance, scale, steps, proportions):
             return prototype_logits(embedded, plain, distance, scale)
-        refined, log_prior = refine_prototypes(plain, counts.to(embedded.device), embedded, distance, scale, steps,
-                                               proportions)
-        refined_logits = prototype_logits(embedded, refined, distance, scale)
-        return refined_logits if log_prior is None else refined_logits + log_prior
+        return refine_prototypes(plain, counts.to(embedded.device), embedded, distance, scale, steps, proportions)[1]
 
     return Classifier(classifier.classes, learner.encoder, logits)
 

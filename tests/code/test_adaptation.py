@@ -179,13 +179,13 @@ def test_soft_k_means_step_equals_a_hand_computation():
     counts = torch.tensor([2, 1])
     queries = torch.tensor([[1.0, 0.0], [3.0, 2.0]])
     scale = torch.tensor(1.0)
-    refined, log_prior = refine_prototypes(protos, counts, queries, "euclidean", scale, steps=1)
+    refined, logits = refine_prototypes(protos, counts, queries, "euclidean", scale, steps=1)
     # euclidean logits: -|q - p|^2 / dim; softmax over the two classes
     w = torch.softmax(-torch.cdist(queries, protos).pow(2) / 2, dim=-1)
     expected = torch.stack([(2 * protos[0] + w[:, 0] @ queries) / (2 + w[:, 0].sum()),
                             (1 * protos[1] + w[:, 1] @ queries) / (1 + w[:, 1].sum())])
     assert torch.allclose(refined, expected)
-    assert log_prior is None
+    assert torch.allclose(logits, -torch.cdist(queries, expected).pow(2) / 2)  # no class proportions added
     assert torch.equal(refine_prototypes(protos, counts, queries, "euclidean", scale, steps=0)[0], protos)
 
 
@@ -210,14 +210,17 @@ def test_soft_k_means_step_with_class_proportions_equals_a_hand_computation():
     counts = torch.tensor([2, 1])
     queries = torch.tensor([[1.0, 0.0], [3.0, 2.0], [0.5, 0.5]])
     scale = torch.tensor(1.0)
-    refined, log_prior = refine_prototypes(protos, counts, queries, "euclidean", scale, steps=1, proportions=True)
+    refined, refined_logits = refine_prototypes(protos, counts, queries, "euclidean", scale, steps=1,
+                                                proportions=True)
     logits = -torch.cdist(queries, protos).pow(2) / 2
     w = torch.softmax(logits + class_proportions(logits, counts), dim=-1)
     expected = torch.stack([(2 * protos[0] + w[:, 0] @ queries) / (2 + w[:, 0].sum()),
                             (1 * protos[1] + w[:, 1] @ queries) / (1 + w[:, 1].sum())])
     assert torch.allclose(refined, expected)
-    assert torch.allclose(log_prior, class_proportions(-torch.cdist(queries, expected).pow(2) / 2, counts))
-    assert abs(float(log_prior.exp().sum()) - 1) < 1e-5
+    plain = -torch.cdist(queries, expected).pow(2) / 2
+    log_prior = refined_logits - plain  # the same log proportions added to every query's logits
+    assert torch.allclose(log_prior, class_proportions(plain, counts).expand_as(plain), atol=1e-6)
+    assert abs(float(log_prior[0].exp().sum()) - 1) < 1e-5
 
 
 def test_transductive_estimates_class_proportions_only_with_enough_texts_per_class(learner, corpus):

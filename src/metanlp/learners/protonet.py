@@ -82,32 +82,30 @@ def class_proportions(logits: torch.Tensor, counts: torch.Tensor | None = None, 
     return log_prior
 
 
-def query_weights(queries: torch.Tensor, protos: torch.Tensor, counts: torch.Tensor, distance: str,
-                  scale: torch.Tensor, proportions: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One E-step of the refinement: each query's weight in each class ([queries, classes], softmax of its logits
-    plus, with `proportions`, the batch's log class proportions) and those log proportions (else None)."""
+def query_logits(queries: torch.Tensor, protos: torch.Tensor, counts: torch.Tensor, distance: str,
+                 scale: torch.Tensor, proportions: bool) -> torch.Tensor:
+    """The queries' logits under `protos`, plus, with `proportions`, the batch's log class proportions estimated
+    from them: the refinement's E-step (their softmax is each query's weight in each class) and its answer."""
     logits = prototype_logits(queries, protos, distance, scale)
-    log_prior = class_proportions(logits, counts) if proportions else None
-    return torch.softmax(logits if log_prior is None else logits + log_prior, dim=-1), log_prior
+    return logits + class_proportions(logits, counts) if proportions else logits
 
 
 def refine_prototypes(protos: torch.Tensor, counts: torch.Tensor, queries: torch.Tensor, distance: str,
                       scale: torch.Tensor, steps: int, proportions: bool = False
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Transductive refinement (soft k-means, Ren et al., 2018): each step, every query joins every class with its
     predicted probability, and each prototype becomes the weighted mean of its support rows (`counts` of them,
     mean `protos`) and of the queries. `proportions`: the class proportions are estimated too (EM of a mixture
     whose weights are not assumed equal: an imbalanced batch would otherwise pull the prototypes of its rare
-    classes toward the common one); returned as log proportions for the final logits (else None).
-    Zero steps return `protos`."""
+    classes toward the common one) and their log added to the logits. Returns the refined prototypes and the
+    queries' logits under them (`query_logits`); zero steps return `protos`."""
     support_sums, refined = counts[:, None].to(protos.dtype) * protos, protos
-    log_prior = None
+    logits = query_logits(queries, refined, counts, distance, scale, proportions)
     for _ in range(steps):
-        weights, log_prior = query_weights(queries, refined, counts, distance, scale, proportions)
+        weights = torch.softmax(logits, dim=-1)
         refined = (support_sums + weights.T @ queries) / (counts[:, None] + weights.sum(dim=0)[:, None])
-    if proportions and steps > 0:
-        log_prior = class_proportions(prototype_logits(queries, refined, distance, scale), counts)
-    return refined, log_prior
+        logits = query_logits(queries, refined, counts, distance, scale, proportions)
+    return refined, logits
 
 
 class ProtoNet(Learner):
