@@ -40,6 +40,7 @@ from metanlp.learners.protonet import (
     ProtoNet,
     prototype_logits,
     prototypes,
+    query_logits,
     refine_prototypes,
     supervised_contrastive_loss,
 )
@@ -278,15 +279,18 @@ def transductive(learner: Learner, classifier: Classifier, texts: list[str], lab
     counts = torch.bincount(targets, minlength=len(classifier.classes))
     protos, scale, distance = state["prototypes"].float(), state["scale"].float(), learner.config.distance
     support = learner.encoder.embed(learner.encoder.tokenize(list(texts))).float() if check else None
+    prior = learner.class_log_prior(classifier.classes)  # learned label base rates stay in every logit
 
     def logits(queries: TokenizedTexts) -> torch.Tensor:
         embedded = learner.encoder.embed(queries).float()
         plain = protos.to(embedded.device)
+        offset = None if prior is None else prior.to(embedded.device)
         proportions = proportion_rows > 0 and len(embedded) >= proportion_rows * len(plain)
         if check and not refinement_helps(support.to(embedded.device), targets.to(embedded.device), embedded,
                                           distance, scale, steps, proportions):
-            return prototype_logits(embedded, plain, distance, scale)
-        return refine_prototypes(plain, counts.to(embedded.device), embedded, distance, scale, steps, proportions)[1]
+            return query_logits(embedded, plain, counts, distance, scale, False, offset)
+        return refine_prototypes(plain, counts.to(embedded.device), embedded, distance, scale, steps, proportions,
+                                 offset)[1]
 
     return Classifier(classifier.classes, learner.encoder, logits)
 

@@ -100,14 +100,15 @@ def _split_config(data: str, split_by: str | None, train_domains: str | None, va
                        test_domains=_csv(test_domains), sizes=sizes, exclude_labels=_csv(exclude), seed=seed)
 
 
-def _learner_config(learner: str, inner_steps, inner_lr, adapt, top_layers):
-    """The learner's spec from its kind and the gradient-learner options given."""
+def _learner_config(learner: str, inner_steps, inner_lr, adapt, top_layers, label_prior=None):
+    """The learner's spec from its kind and the learner options given."""
     given = {k: v for k, v in {"inner_steps": inner_steps, "inner_lr": inner_lr, "adapt": adapt,
-                               "top_layers": top_layers}.items() if v is not None}
+                               "top_layers": top_layers, "label_prior": label_prior}.items() if v is not None}
     config = learner_config(learner)
     unknown = [k for k in given if k not in type(config).model_fields]
     if unknown:
-        raise DataError(f"--{unknown[0].replace('_', '-')} is for gradient learners, not {learner!r}")
+        family = "ProtoNet" if unknown[0] == "label_prior" else "gradient learners"
+        raise DataError(f"--{unknown[0].replace('_', '-')} is for {family}, not {learner!r}")
     return learner_config(learner, **given)
 
 
@@ -150,6 +151,9 @@ def train(
     adapt: Annotated[Literal["head", "top", "all", "lora"] | None, typer.Option(
         help="gradient learners: what the inner loop adapts (the head, the top layers, all, or LoRA adapters)")] = None,
     top_layers: Annotated[int | None, typer.Option(help="gradient learners: layers adapted with --adapt top")] = None,
+    label_prior: Annotated[float | None, typer.Option(
+        min=0, help="ProtoNet: add the label names' base rates in the meta-training tasks, times this weight, to "
+                    "a new task's logits (1: Bayes' rule; for new tasks of the training tasks' kind)")] = None,
     ways: Annotated[int, typer.Option(help="classes per training and validation episode (validation: 1-shot)")
                     ] = 5,
     shots: Annotated[int, typer.Option(help="support examples per class in an episode")] = 5,
@@ -182,7 +186,7 @@ def train(
                          distributed=DistributedConfig(processes=processes),
                          episode=EpisodeConfig(ways=ways, shots=shots, queries=queries),
                          val_episode=EpisodeConfig(ways=ways, shots=1, queries=queries))
-    spec_learner = _learner_config(learner, inner_steps, inner_lr, adapt, top_layers)
+    spec_learner = _learner_config(learner, inner_steps, inner_lr, adapt, top_layers, label_prior)
     encoder_config = EncoderConfig(name_or_path=encoder, pooling=pooling, max_length=max_length)
     spaces = {}
     if pool is not None:

@@ -197,8 +197,20 @@ class ProtoNetConfig(_Strict):
     # episode's support and query rows (Khosla et al., 2020), at temperature `supcon_temperature`; 0 is off.
     supcon: float = Field(0.0, ge=0)
     supcon_temperature: float = Field(0.1, gt=0)
+    # Label base rates: how common each label name was in its meta-training task (ARSC's reviews are mostly
+    # "positive"), learned from the training rows' counts at the end of meta-training and added, times this
+    # weight, to the logits of a new task's classes of those names (1: Bayes' rule); 0 is off.
+    label_prior: float = Field(0.0, ge=0)
 
     meta_trainable: ClassVar[bool] = True
+
+    @model_serializer(mode="wrap")
+    def _without_unset_label_prior(self, handler):
+        # Written only when set, so models saved before the field existed keep their exact bytes (and DVC hashes).
+        data = handler(self)
+        if isinstance(data, dict) and not data.get("label_prior"):
+            data.pop("label_prior", None)
+        return data
 
     def search_space(self, trial) -> dict:
         """The values an Optuna trial tries, as dotted keys of `meta_train` (its `learner` and `train`)."""
@@ -212,6 +224,7 @@ class FrozenConfig(ProtoNetConfig):
 
     kind: Literal["frozen"] = "frozen"
     learn_scale: Literal[False] = False
+    label_prior: Literal[0.0] = 0.0  # nothing is meta-trained, so no base rates are learned
 
     meta_trainable: ClassVar[bool] = False
 
@@ -362,6 +375,7 @@ class MemoryConfig(ProtoNetConfig):
     per query. Built from a trained model by `metanlp memory`, not meta-trained."""
 
     kind: Literal["memory"] = "memory"
+    label_prior: Literal[0.0] = 0.0  # ProtoNet's base rates are not carried into a memory learner
     capacity: int = Field(20000, ge=1)  # rows kept; see the module for the eviction rule
     neighbours: int = Field(8, ge=0)  # memory rows borrowed per support class
     weight: float = Field(0.5, ge=0)  # of a borrowed row in its prototype (a support row counts 1)

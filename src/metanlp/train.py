@@ -194,6 +194,8 @@ def _meta_train(learner: Learner, train_data: LabelledTexts, val_data: LabelledT
         learner.load_state_dict(best_state)
     world.broadcast_weights(learner)  # every rank ends with rank 0's best weights
     learner.eval()
+    # after validation, which scores balanced episodes: base rates would only blur the model's selection there
+    learner.learn_from_training_rows(train_data)
     result = TrainResult(state.best_accuracy, state.best_episode, state.step, stopped_early, state.history)
     if world.main:
         if out_dir is not None:  # written once, at the end: an interrupted run leaves no half-trained model

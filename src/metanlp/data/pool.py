@@ -9,6 +9,7 @@ episode from that space, with ways = min(N, the space's classes).
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,24 @@ def label_space_weights(data: LabelledTexts, label_spaces: str) -> dict[str, flo
     """The episode sampler's `spaces` for `data.label_spaces`: each domain's weight under "domain", None (classes
     of the whole set mix) under "split"."""
     return domain_weights(data) if label_spaces == "domain" else None
+
+
+def label_base_rates(data: LabelledTexts) -> dict[str, float]:
+    """How common each label name is in the tasks of `data`, as the mean over the tasks that have it of its log
+    row count less the mean log count of its task's classes (0 where classes are balanced; a 3:1 two-class task
+    gives +-log(3)/2). A task is a label space of a pool's joined set (classes `space::label`), else the whole
+    set; a new task's logits plus these are Bayes' rule with the training tasks' typical proportions."""
+    by_task: dict[str, dict[str, int]] = {}
+    for label, count in Counter(data.labels).items():
+        task, _, name = label.rpartition(SEPARATOR)
+        by_task.setdefault(task, {})[name] = count
+    rates: dict[str, list[float]] = {}
+    for counts in by_task.values():
+        logs = {name: math.log(n) for name, n in counts.items()}
+        centre = sum(logs.values()) / len(logs)
+        for name, value in logs.items():
+            rates.setdefault(name, []).append(value - centre)
+    return {name: sum(values) / len(values) for name, values in sorted(rates.items())}
 
 
 def load_held_out(entry: PoolDataset, root: Path, trained_classes: set[str], corpus: Path | None = None

@@ -20,7 +20,7 @@ from torch import nn
 
 from metanlp.config import LearnerSpec, Provenance
 from metanlp.data.episodes import Episode
-from metanlp.data.load import DataError
+from metanlp.data.load import DataError, LabelledTexts
 from metanlp.encoder import TextEncoder, TokenBatch, TokenizedTexts
 
 
@@ -137,6 +137,10 @@ class Learner(nn.Module):
         loss, logits = self.batch_loss(tokens, episodes)
         loss.backward()
         return loss.detach(), [lg.detach() for lg in logits]
+
+    def learn_from_training_rows(self, data: LabelledTexts) -> None:
+        """What the learner takes from its meta-training rows themselves rather than by gradient (ProtoNet's
+        label base rates); called once, after meta-training."""
 
     def save_extra(self, directory: Path) -> None:
         """Write what the learner keeps beside its weights (e.g. an episodic memory) into the model folder."""

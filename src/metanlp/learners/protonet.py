@@ -6,8 +6,10 @@ fine-tunes the encoder (and a temperature) so that this nearest-prototype rule w
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -15,9 +17,12 @@ from torch import nn
 
 from metanlp.config import FrozenConfig, ProtoNetConfig, Provenance
 from metanlp.data.episodes import Episode
-from metanlp.data.pool import SEPARATOR
+from metanlp.data.load import DataError, LabelledTexts
+from metanlp.data.pool import SEPARATOR, label_base_rates
 from metanlp.encoder import TextEncoder, TokenizedTexts, autocast
 from metanlp.learners.base import Classifier, Learner, check_state, support_targets
+
+LABEL_PRIOR_FILE = "label_prior.json"  # the learned label base rates, beside the weights
 
 
 def prototypes(embeddings: torch.Tensor, targets: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -83,15 +88,17 @@ def class_proportions(logits: torch.Tensor, counts: torch.Tensor | None = None, 
 
 
 def query_logits(queries: torch.Tensor, protos: torch.Tensor, counts: torch.Tensor, distance: str,
-                 scale: torch.Tensor, proportions: bool) -> torch.Tensor:
-    """The queries' logits under `protos`, plus, with `proportions`, the batch's log class proportions estimated
-    from them: the refinement's E-step (their softmax is each query's weight in each class) and its answer."""
+                 scale: torch.Tensor, proportions: bool, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """The queries' logits under `protos` (plus a fixed per-class `offset`: learned label base rates), plus, with
+    `proportions`, the batch's log class proportions estimated from them: the refinement's E-step (their softmax
+    is each query's weight in each class) and its answer."""
     logits = prototype_logits(queries, protos, distance, scale)
+    logits = logits if offset is None else logits + offset
     return logits + class_proportions(logits, counts) if proportions else logits
 
 
 def refine_prototypes(protos: torch.Tensor, counts: torch.Tensor, queries: torch.Tensor, distance: str,
-                      scale: torch.Tensor, steps: int, proportions: bool = False
+                      scale: torch.Tensor, steps: int, proportions: bool = False, offset: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Transductive refinement (soft k-means, Ren et al., 2018): each step, every query joins every class with its
     predicted probability, and each prototype becomes the weighted mean of its support rows (`counts` of them,
@@ -100,11 +107,11 @@ def refine_prototypes(protos: torch.Tensor, counts: torch.Tensor, queries: torch
     classes toward the common one) and their log added to the logits. Returns the refined prototypes and the
     queries' logits under them (`query_logits`); zero steps return `protos`."""
     support_sums, refined = counts[:, None].to(protos.dtype) * protos, protos
-    logits = query_logits(queries, refined, counts, distance, scale, proportions)
+    logits = query_logits(queries, refined, counts, distance, scale, proportions, offset)
     for _ in range(steps):
         weights = torch.softmax(logits, dim=-1)
         refined = (support_sums + weights.T @ queries) / (counts[:, None] + weights.sum(dim=0)[:, None])
-        logits = query_logits(queries, refined, counts, distance, scale, proportions)
+        logits = query_logits(queries, refined, counts, distance, scale, proportions, offset)
     return refined, logits
 
 
@@ -116,6 +123,34 @@ class ProtoNet(Learner):
         super().__init__(encoder, config or ProtoNetConfig(), provenance)
         self.log_scale = nn.Parameter(torch.tensor(math.log(self.config.init_scale)),
                                       requires_grad=self.config.learn_scale)
+        self.label_rates: dict[str, float] = {}  # `label_prior`: label name -> base rate, from meta-training
+
+    def learn_from_training_rows(self, data: LabelledTexts) -> None:
+        if self.config.label_prior > 0:
+            self.label_rates = label_base_rates(data)
+
+    def class_log_prior(self, classes: list[str]) -> torch.Tensor | None:
+        """The learned base rates of `classes` times `label_prior` (0 for a name never met in meta-training),
+        to add to their logits; None when off or no class was met."""
+        rates = [self.label_rates.get(c) for c in classes]
+        if not self.config.label_prior or all(r is None for r in rates):
+            return None
+        return self.config.label_prior * torch.tensor([r or 0.0 for r in rates])
+
+    def save_extra(self, directory: Path) -> None:
+        if self.config.label_prior > 0:
+            (directory / LABEL_PRIOR_FILE).write_text(json.dumps(self.label_rates, indent=2, sort_keys=True))
+
+    def load_extra(self, directory: Path) -> None:
+        if self.config.label_prior > 0:
+            path = directory / LABEL_PRIOR_FILE
+            try:
+                rates = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                raise DataError(f"{path}: the model's label_prior needs its label base rates ({err})") from err
+            if not isinstance(rates, dict) or not all(isinstance(v, int | float) for v in rates.values()):
+                raise DataError(f"{path}: not a mapping of label names to numbers")
+            self.label_rates = {str(k): float(v) for k, v in rates.items()}
 
     def episode_loss(self, tokens: TokenizedTexts, episode: Episode):
         n_support = len(episode.support)
@@ -174,9 +209,11 @@ class ProtoNet(Learner):
     def restore(self, classes: list[str], state: dict[str, torch.Tensor]) -> Classifier:
         check_state(state, {"prototypes": (len(classes), self.encoder.dim), "scale": ()})
         protos, scale = state["prototypes"].float(), state["scale"].float()
+        prior = self.class_log_prior(classes)
 
         def logits(queries: TokenizedTexts) -> torch.Tensor:
-            return prototype_logits(self.encoder.embed(queries), protos, self.config.distance, scale)
+            plain = prototype_logits(self.encoder.embed(queries), protos, self.config.distance, scale)
+            return plain if prior is None else plain + prior.to(plain.device)
 
         return Classifier(classes, self.encoder, logits, state)
 
