@@ -86,6 +86,11 @@ def test_rates_survive_save_and_load_and_a_model_without_them_is_refused(encoder
     loaded = load_learner(tmp_path / "m")
     assert loaded.label_rates == {"positive": 0.7, "negative": -0.7}
     assert np.allclose(logits(loaded), logits(learner), atol=1e-6)
+    from metanlp.stages.register import model_digest  # the registry tells models apart by their rates too
+
+    digest = model_digest(tmp_path / "m")
+    (tmp_path / "m" / "label_prior.json").write_text(json.dumps({"positive": 0.1, "negative": -0.1}))
+    assert model_digest(tmp_path / "m") != digest
     (tmp_path / "m" / "label_prior.json").write_text("[1, 2]")
     with pytest.raises(DataError, match="label_prior.json: not a mapping"):
         load_learner(tmp_path / "m")

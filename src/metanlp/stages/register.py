@@ -24,6 +24,7 @@ from metanlp.atomic import file_digest
 from metanlp.config import PipelineParams
 from metanlp.evaluation import mean_ci
 from metanlp.learners.persistence import SPEC_FILE, WEIGHTS_FILE
+from metanlp.learners.protonet import LABEL_PRIOR_FILE
 from metanlp.stages.build_corpus import MANIFEST
 from metanlp.stages.common import Stage, StageError, read_json, run_record, write_json
 from metanlp.stages.evaluate import METRICS, RESULTS, TIMINGS, read_timings, timing_metrics
@@ -142,8 +143,10 @@ DIGEST_TAG = "metanlp.model_md5"
 
 
 def model_digest(model_dir: Path) -> str:
-    """What makes a model this model: its spec and its weights (not its reports)."""
+    """What makes a model this model: its spec, its weights and learned label base rates (not its reports)."""
     parts = [file_digest(model_dir / name) for name in (SPEC_FILE, WEIGHTS_FILE)]
+    # only when present, so a model without them keeps the digest it was registered under
+    parts += [file_digest(model_dir / LABEL_PRIOR_FILE)] if (model_dir / LABEL_PRIOR_FILE).exists() else []
     return hashlib.md5("".join(parts).encode()).hexdigest()
 
 
