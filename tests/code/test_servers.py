@@ -129,7 +129,11 @@ def test_a_prefect_worker_runs_the_retraining_deployment_of_a_work_pool(tiny_pro
         deployment = httpx.get(f"{api}/deployments/name/metanlp-train/retrain").json()
         assert deployment["work_pool_name"] == "metanlp-pool"
         assert deployment["entrypoint"] == "metanlp.pipeline.train_flow"  # loadable wherever metanlp is installed
-        flow_run = httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={}).json()
+        created = httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={}, timeout=60)
+        # a failure says what the server answered (once, in CI under load, the answer had no flow run id)
+        server_log = (tmp_path / "prefect.log").read_text()[-3000:] if not created.is_success else ""
+        assert created.is_success, f"{created.status_code}: {created.text[-2000:]}\n{server_log}"
+        flow_run = created.json()
 
         log = tmp_path / "worker.log"
         with log.open("w") as out:
