@@ -665,16 +665,24 @@ def _seen_datasets(model: Path, pool, root: Path, scored_classes: dict[str, set[
     def train_file(entry, entry_root: Path) -> Path:
         return Path(dataset_path(entry, entry_root, "train")).resolve()
 
+    read: dict[tuple[int, bool], set[tuple[str, str]]] = {}  # each entry's rows are read once
+
     def selected(entry, entry_root: Path, by_task: bool) -> set[tuple[str, str]]:
         # (task, class) pairs the entry's filters keep; the task only when both entries split by one
-        return {(space.name.removeprefix(entry.name) if by_task else "", label)
-                for space in load_spaces(entry, entry_root, "train") for label in space.data.classes}
+        key = (id(entry), by_task)
+        if key not in read:
+            read[key] = {(space.name.removeprefix(entry.name) if by_task else "", label)
+                         for space in load_spaces(entry, entry_root, "train") for label in space.data.classes}
+        return read[key]
+
+    def shares_a_space(e, u) -> bool:
+        if train_file(u, model_root) != train_file(e, root):
+            return False
+        by_task = bool(e.task_column and u.task_column)
+        return bool(selected(e, root, by_task) & selected(u, model_root, by_task))
 
     used = [u for u in provenance.pool.tasks if u.role != "eval"]
-    return [e.name for e in pool.tasks if e.role == "eval" and any(
-        train_file(u, model_root) == train_file(e, root)
-        and selected(e, root, bool(e.task_column and u.task_column)) & selected(
-            u, model_root, bool(e.task_column and u.task_column)) for u in used)]
+    return [e.name for e in pool.tasks if e.role == "eval" and any(shares_a_space(e, u) for u in used)]
 
 
 @app.command()
