@@ -85,6 +85,12 @@ def joined(spaces: list[LabelSpace], source: str) -> LabelledTexts:
     return LabelledTexts(texts, labels, domains, source=source)
 
 
+def split_label(label: str) -> tuple[str, str]:
+    """A joined set's class `space::label` as (space, label); ('', label) for a class of a plain set."""
+    space, _, name = label.rpartition(SEPARATOR)
+    return space, name
+
+
 def space_weights(pool: TaskPool, spaces: list[LabelSpace]) -> dict[str, float]:
     """Each space's sampling weight: its dataset's weight (default: rows ** 0.5, so small sets are not drowned)
     shared equally among the dataset's spaces (ARSC's tasks)."""
@@ -120,7 +126,7 @@ def label_base_rates(data: LabelledTexts) -> dict[str, float]:
     set; a new task's logits plus these are Bayes' rule with the training tasks' typical proportions."""
     by_task: dict[str, dict[str, int]] = {}
     for label, count in Counter(data.labels).items():
-        task, _, name = label.rpartition(SEPARATOR)
+        task, name = split_label(label)
         by_task.setdefault(task, {})[name] = count
     rates: dict[str, list[float]] = {}
     for counts in by_task.values():

@@ -18,7 +18,7 @@ from torch import nn
 from metanlp.config import FrozenConfig, ProtoNetConfig, Provenance
 from metanlp.data.episodes import Episode
 from metanlp.data.load import DataError, LabelledTexts
-from metanlp.data.pool import SEPARATOR, label_base_rates
+from metanlp.data.pool import label_base_rates, split_label
 from metanlp.encoder import TextEncoder, TokenizedTexts, autocast
 from metanlp.learners.base import Classifier, Learner, check_state, support_targets
 
@@ -58,7 +58,7 @@ NAME_WORD = re.compile(r"[^\W\d_]{2,}")  # two letters in a row: "card arrival" 
 def label_text(label: str) -> str | None:
     """A label's name as text ("card_arrival" -> "card arrival", a pool's "snips::PlayMusic" -> "PlayMusic"), or
     None when the label is an id that says nothing about its class ("0", "17", "t4")."""
-    text = LABEL_SEPARATORS.sub(" ", label.rsplit(SEPARATOR, 1)[-1]).strip()
+    text = LABEL_SEPARATORS.sub(" ", split_label(label)[1]).strip()
     return text if NAME_WORD.search(text) else None
 
 
