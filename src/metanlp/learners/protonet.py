@@ -87,11 +87,12 @@ def class_proportions(logits: torch.Tensor, counts: torch.Tensor | None = None, 
     return log_prior
 
 
-def query_logits(queries: torch.Tensor, protos: torch.Tensor, counts: torch.Tensor, distance: str,
+def query_logits(queries: torch.Tensor, protos: torch.Tensor, counts: torch.Tensor | None, distance: str,
                  scale: torch.Tensor, proportions: bool, offset: torch.Tensor | None = None) -> torch.Tensor:
     """The queries' logits under `protos` (plus a fixed per-class `offset`: learned label base rates), plus, with
     `proportions`, the batch's log class proportions estimated from them: the refinement's E-step (their softmax
-    is each query's weight in each class) and its answer."""
+    is each query's weight in each class) and its answer; `counts` (the support's rows per class) are pooled into
+    that estimate."""
     logits = prototype_logits(queries, protos, distance, scale)
     logits = logits if offset is None else logits + offset
     return logits + class_proportions(logits, counts) if proportions else logits
@@ -212,8 +213,9 @@ class ProtoNet(Learner):
         prior = self.class_log_prior(classes)
 
         def logits(queries: TokenizedTexts) -> torch.Tensor:
-            plain = prototype_logits(self.encoder.embed(queries), protos, self.config.distance, scale)
-            return plain if prior is None else plain + prior.to(plain.device)
+            embedded = self.encoder.embed(queries)
+            return query_logits(embedded, protos.to(embedded.device), None, self.config.distance, scale, False,
+                                None if prior is None else prior.to(embedded.device))
 
         return Classifier(classes, self.encoder, logits, state)
 
