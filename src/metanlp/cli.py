@@ -100,15 +100,16 @@ def _split_config(data: str, split_by: str | None, train_domains: str | None, va
                        test_domains=_csv(test_domains), sizes=sizes, exclude_labels=_csv(exclude), seed=seed)
 
 
-def _learner_config(learner: str, inner_steps, inner_lr, adapt, top_layers, label_prior=None):
-    """The learner's spec from its kind and the learner options given."""
-    given = {k: v for k, v in {"inner_steps": inner_steps, "inner_lr": inner_lr, "adapt": adapt,
-                               "top_layers": top_layers, "label_prior": label_prior}.items() if v is not None}
+def _learner_config(learner: str, **options):
+    """The learner's spec from its kind and the learner options given (None: not given). An option the kind
+    does not take is refused naming the meta-trainable kinds whose configs have it."""
+    given = {k: v for k, v in options.items() if v is not None}
     config = learner_config(learner)
     unknown = [k for k in given if k not in type(config).model_fields]
     if unknown:
-        family = "ProtoNet" if unknown[0] == "label_prior" else "gradient learners"
-        raise DataError(f"--{unknown[0].replace('_', '-')} is for {family}, not {learner!r}")
+        takers = [kind for kind in LEARNER_KINDS if unknown[0] in type(learner_config(kind)).model_fields
+                  and type(learner_config(kind)).meta_trainable]
+        raise DataError(f"--{unknown[0].replace('_', '-')} is for {', '.join(takers)}, not {learner!r}")
     return learner_config(learner, **given)
 
 
@@ -154,6 +155,9 @@ def train(
     label_prior: Annotated[float | None, typer.Option(
         min=0, help="ProtoNet: add the label names' base rates in the meta-training tasks, times this weight, to "
                     "a new task's logits (1: Bayes' rule; for new tasks of the training tasks' kind)")] = None,
+    supcon: Annotated[float | None, typer.Option(
+        min=0, help="ProtoNet: add this weight times a supervised contrastive loss over each episode's rows to the "
+                    "prototype loss (0: off, the default here; params.yaml's pipeline uses 1)")] = None,
     ways: Annotated[int, typer.Option(help="classes per training and validation episode (validation: 1-shot)")
                     ] = 5,
     shots: Annotated[int, typer.Option(help="support examples per class in an episode")] = 5,
@@ -186,7 +190,8 @@ def train(
                          distributed=DistributedConfig(processes=processes),
                          episode=EpisodeConfig(ways=ways, shots=shots, queries=queries),
                          val_episode=EpisodeConfig(ways=ways, shots=1, queries=queries))
-    spec_learner = _learner_config(learner, inner_steps, inner_lr, adapt, top_layers, label_prior)
+    spec_learner = _learner_config(learner, inner_steps=inner_steps, inner_lr=inner_lr, adapt=adapt,
+                                   top_layers=top_layers, label_prior=label_prior, supcon=supcon)
     encoder_config = EncoderConfig(name_or_path=encoder, pooling=pooling, max_length=max_length)
     spaces = {}
     if pool is not None:

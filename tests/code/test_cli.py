@@ -138,6 +138,18 @@ def test_every_gradient_learner_trains_and_evaluates_from_the_cli(learner, tmp_p
     assert json.loads((tmp_path / "e.json").read_text())["settings"][0]["methods"][learner]["episodes"] == 2
 
 
+def test_train_sets_the_supcon_weight_and_refuses_learner_options_a_kind_does_not_take(tmp_path):
+    result = runner.invoke(app, [*TINY_TRAIN, "--episodes", "2", "--supcon", "0.5", "--out", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "m" / "learner.json").read_text())["learner"]["supcon"] == 0.5
+    gradient = "maml, fomaml, anil, metasgd, reptile, leopard, lstm"
+    for learner, option, takers in (("maml", "--supcon", "protonet"), ("protonet", "--inner-steps", gradient)):
+        refused = runner.invoke(app, [*TINY_TRAIN, "--learner", learner, option, "2", "--out", str(tmp_path / "x")])
+        assert refused.exit_code != 0
+        assert f"{option} is for {takers}, not '{learner}'" in " ".join(refused.output.split())
+        assert not (tmp_path / "x").exists()
+
+
 def test_pretrain_mlm_then_smlmt_writes_an_encoder_that_train_accepts(tmp_path):
     out = tmp_path / "encoder"
     result = runner.invoke(app, ["pretrain", "--text", "default", "--out", str(out), "--mode", "mlm,smlmt",

@@ -128,5 +128,5 @@ def test_train_learns_the_rates_of_its_pool_and_other_learners_refuse_the_option
     assert rates["positive"] == pytest.approx(math.log(3) / 4) and rates["negative"] == pytest.approx(-math.log(3) / 4)
     assert json.loads((tmp_path / "m" / "learner.json").read_text())["learner"]["label_prior"] == 1.0
     refused = CliRunner().invoke(app, [*args, "--learner", "maml", "--label-prior", "1", "--out", str(tmp_path / "x")])
-    assert refused.exit_code != 0 and "--label-prior is for ProtoNet" in " ".join(refused.output.split())
+    assert refused.exit_code != 0 and "--label-prior is for protonet, not 'maml'" in " ".join(refused.output.split())
     assert not (tmp_path / "x").exists()
