@@ -722,6 +722,9 @@ def benchmark(
     proportion_rows: Annotated[int | None, typer.Option(
         min=0, help="transductive: estimate the queries' class proportions when there are at least this many per "
                     "class (0: assume them equal; default: the adaptation budget's, 50)")] = None,
+    adapt_seconds: Annotated[float | None, typer.Option(
+        min=0.001, help="wall-clock cap per encoder strategy and support set (contrastive, finetune, selfsup), its "
+                        "step choice included (default: the adaptation budget's, 90)")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """The benchmark suite: every method on the same supports and queries of the pool's eval datasets; accuracy
@@ -782,7 +785,8 @@ def benchmark(
         if model_logreg:
             factories[f"{name}+logreg"] = lambda own=own: build_learner("logreg", own().encoder)
     # each adaptation combination on each model, and on the frozen encoder (is the meta-learned start worth it?)
-    budget = AdaptBudget() if proportion_rows is None else AdaptBudget(transductive_proportion_rows=proportion_rows)
+    given = {"transductive_proportion_rows": proportion_rows, "seconds": adapt_seconds}
+    budget = AdaptBudget(**{k: v for k, v in given.items() if v is not None})
     for combination in adapt or []:
         strategies = _csv(combination)
         check_strategies(strategies)
@@ -804,7 +808,8 @@ def benchmark(
     results["config"] = {"pool": str(pool), "models": {k: str(v) for k, v in models.items()}, "methods": baselines,
                          "shots": shots, "draws": draws, "max_queries": max_queries, "seed": seed,
                          "setfit_iterations": setfit_iterations, "datasets": names, "adapt": adapt or [],
-                         "transductive_proportion_rows": budget.transductive_proportion_rows}
+                         "transductive_proportion_rows": budget.transductive_proportion_rows,
+                         "adapt_seconds": budget.seconds}
     paths = write_suite_report(results, out)
     typer.echo(paths["markdown"].read_text())
     typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
