@@ -22,6 +22,7 @@ from metanlp.learners.memory import (
     with_memory,
 )
 from metanlp.learners.protonet import prototype_logits
+from metanlp.stages.register import model_digest
 
 runner = CliRunner()
 SUPPORT = ["water the tomatoes", "my dog is sick", "water the roses daily", "book the vet for my cat"]
@@ -75,8 +76,10 @@ def test_a_memory_model_round_trips_and_a_memory_of_other_weights_is_refused(tmp
     loaded = load_learner(tmp_path / "model")
     assert loaded.memory.texts == learner.memory.texts and torch.equal(loaded.memory.keys, learner.memory.keys)
     np.testing.assert_allclose(loaded.adapt(SUPPORT, LABELS).predict(QUERIES).scores, before.scores, atol=1e-6)
+    digest = model_digest(tmp_path / "model")  # the registry tells models apart by their memory too
     meta = tmp_path / "model" / "memory" / "memory.json"
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "encoder_sha256": "0" * 64}))
+    assert model_digest(tmp_path / "model") != digest
     with pytest.raises(DataError, match="other encoder weights"):
         load_learner(tmp_path / "model")
 

@@ -102,6 +102,9 @@ class Learner(nn.Module):
     # Submodules meta-trained at the encoder's learning rate: networks, unlike a temperature or inner rates,
     # which take the faster `scale_lr`.
     encoder_rate_modules: tuple[str, ...] = ()
+    # Names `save_extra` may write beside the weights (files or folders): part of what makes a model this model,
+    # so the registry's digest covers them where present.
+    saved_beside: tuple[str, ...] = ()
 
     def __init__(self, encoder: TextEncoder, config, provenance: Provenance | None = None) -> None:
         super().__init__()

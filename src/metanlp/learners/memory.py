@@ -175,6 +175,7 @@ class MemoryAugmented(ProtoNet):
     `local_steps`, MbPA-style local adaptation per query). Built from a trained model by `metanlp memory`."""
 
     meta_trainable = False
+    saved_beside = (MEMORY_DIR,)  # its config fixes label_prior at 0: no base rates
 
     def __init__(self, encoder: TextEncoder, config: MemoryConfig | None = None,
                  provenance: Provenance | None = None) -> None:

@@ -118,6 +118,7 @@ def refine_prototypes(protos: torch.Tensor, counts: torch.Tensor, queries: torch
 
 class ProtoNet(Learner):
     meta_trainable = True
+    saved_beside = (LABEL_PRIOR_FILE,)
 
     def __init__(self, encoder: TextEncoder, config: ProtoNetConfig | None = None,
                  provenance: Provenance | None = None) -> None:

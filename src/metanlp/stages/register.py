@@ -23,8 +23,8 @@ import yaml
 from metanlp.atomic import file_digest
 from metanlp.config import PipelineParams
 from metanlp.evaluation import mean_ci
+from metanlp.learners import LEARNERS, read_spec
 from metanlp.learners.persistence import SPEC_FILE, WEIGHTS_FILE
-from metanlp.learners.protonet import LABEL_PRIOR_FILE
 from metanlp.stages.build_corpus import MANIFEST
 from metanlp.stages.common import Stage, StageError, read_json, run_record, write_json
 from metanlp.stages.evaluate import METRICS, RESULTS, TIMINGS, read_timings, timing_metrics
@@ -143,10 +143,12 @@ DIGEST_TAG = "metanlp.model_md5"
 
 
 def model_digest(model_dir: Path) -> str:
-    """What makes a model this model: its spec, its weights and learned label base rates (not its reports)."""
+    """What makes a model this model: its spec, its weights and what its learner keeps beside them (ProtoNet's
+    label base rates, a memory learner's memory), not its reports."""
     parts = [file_digest(model_dir / name) for name in (SPEC_FILE, WEIGHTS_FILE)]
-    # only when present, so a model without them keeps the digest it was registered under
-    parts += [file_digest(model_dir / LABEL_PRIOR_FILE)] if (model_dir / LABEL_PRIOR_FILE).exists() else []
+    # only those present, so a model without them keeps the digest it was registered under
+    beside = LEARNERS[read_spec(model_dir).learner.kind].saved_beside
+    parts += [file_digest(model_dir / name) for name in beside if (model_dir / name).exists()]
     return hashlib.md5("".join(parts).encode()).hexdigest()
 
 
