@@ -192,7 +192,9 @@ class ProtoNetConfig(_Strict):
     learn_scale: bool = True
     # Label semantics: a class whose label is a name ("card_arrival" -> "card arrival") counts its embedded
     # name as this many support examples in its prototype; 0 is off, and ids ("0", "17", "t4") never count.
-    label_names: float = Field(0.0, ge=0)
+    # "auto": the weight is chosen per support set, among 0 and a few weights, by the support's leave-one-out
+    # loss, so names that say little or mislead are dropped where the examples show it.
+    label_names: Annotated[float, Field(ge=0)] | Literal["auto"] = 0.0
     # Meta-training objective: the prototype loss plus `supcon` times a supervised contrastive loss over the
     # episode's support and query rows (Khosla et al., 2020), at temperature `supcon_temperature`; 0 is off.
     supcon: float = Field(0.0, ge=0)
@@ -217,6 +219,12 @@ class ProtoNetConfig(_Strict):
         return {"train.lr": trial.suggest_float("train.lr", 5e-6, 1e-4, log=True),
                 "learner.init_scale": trial.suggest_float("learner.init_scale", 5.0, 30.0),  # the temperature
                 "train.scale_lr": trial.suggest_float("train.scale_lr", 1e-3, 5e-2, log=True)}
+
+
+def uses_label_names(config) -> bool:
+    """Whether a learner spec counts label names in its prototypes (a fixed weight above 0, or "auto")."""
+    weight = getattr(config, "label_names", 0.0)
+    return weight == "auto" or weight > 0
 
 
 class FrozenConfig(ProtoNetConfig):
@@ -376,6 +384,7 @@ class MemoryConfig(ProtoNetConfig):
 
     kind: Literal["memory"] = "memory"
     label_prior: Literal[0.0] = 0.0  # ProtoNet's base rates are not carried into a memory learner
+    label_names: float = Field(0.0, ge=0)  # a fixed weight: its prototypes also hold borrowed rows
     capacity: int = Field(20000, ge=1)  # rows kept; see the module for the eviction rule
     neighbours: int = Field(8, ge=0)  # memory rows borrowed per support class
     weight: float = Field(0.5, ge=0)  # of a borrowed row in its prototype (a support row counts 1)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from metanlp.config import FrozenConfig, ProtoNetConfig
 from metanlp.learners import build_learner
-from metanlp.learners.protonet import label_text
+from metanlp.learners.protonet import label_text, leave_one_out_loss
 
 SUPPORT = ["water the ferns", "when to water roses", "aphids on my kale", "slugs ate the lettuce",
            "prune the apple tree", "cut back the hedge"]
@@ -72,3 +72,66 @@ def test_zero_shot_uses_the_names_alone_and_refuses_ids(encoder):
     assert set(classifier.predict(["water the ferns"]).labels) <= {"water_plants", "pruning"}
     with pytest.raises(ValueError, match=r"zero-shot needs label names; \['0'\] are ids"):
         learner.zero_shot(["0", "pruning"])
+
+
+def hand_leave_one_out(embedded, targets, extra, extra_weight, scale):
+    losses = []
+    for i in range(len(embedded)):
+        protos = []
+        for c in range(len(extra)):
+            rows = [j for j in range(len(embedded)) if targets[j] == c and j != i]
+            if not rows and extra_weight[c] == 0:
+                break  # row i is alone in its class with nothing beside it: no prototype to score it against
+            total = sum((embedded[j] for j in rows), torch.zeros(2)) + extra_weight[c] * extra[c]
+            protos.append(total / (len(rows) + extra_weight[c]))
+        else:
+            cosines = torch.stack([F.cosine_similarity(embedded[i], p, dim=0) for p in protos])
+            losses.append(-torch.log_softmax(scale * cosines, dim=0)[targets[i]])
+    return float(torch.stack(losses).mean())
+
+
+def test_leave_one_out_loss_equals_a_hand_computation():
+    embedded = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [0.6, 0.8], [-1.0, 0.2]])
+    targets = torch.tensor([0, 0, 1, 1, 2])
+    extra = torch.tensor([[0.0, 0.0], [0.0, 2.0], [-1.0, 0.0]])  # classes 1 and 2 hold a name beside their rows
+    scale = torch.tensor(7.0)
+    # with class 2's name, its one row is scored against the name alone; without, that row is skipped
+    for extra_weight in (torch.tensor([0.0, 1.5, 0.5]), torch.tensor([0.0, 1.5, 0.0])):
+        expected = hand_leave_one_out(embedded, targets, extra, extra_weight, scale)
+        got = leave_one_out_loss(embedded, targets, 3, extra, extra_weight, "cosine", scale)
+        assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_auto_counts_names_that_help_the_support_and_drops_names_that_mislead(encoder):
+    learner = build_learner(FrozenConfig(label_names="auto"), encoder)
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    targets = torch.arange(3).repeat_interleave(4)
+    support = centres[targets] + 0.6 * torch.randn(12, 3, generator=generator)
+    named, norm = [0, 1, 2], support.norm(dim=-1).mean()  # names weigh as long as the rows, as in `adapt`
+    assert learner.chosen_name_weight(support, targets, 3, named, centres * norm) == 8  # at the true centres
+    assert learner.chosen_name_weight(support, targets, 3, named, -centres * norm) == 0  # pointing away from them
+
+
+def test_auto_is_one_of_the_fixed_weights_and_ids_fall_back_to_the_examples(encoder):
+    from metanlp.learners.protonet import LABEL_NAME_WEIGHTS
+
+    auto = build_learner(FrozenConfig(label_names="auto"), encoder)
+    ids = ["0", "0", "1", "1", "2", "2"]
+    assert torch.equal(protos(auto, ids), protos(build_learner(FrozenConfig(), encoder), ids))
+    names = ["watering", "watering", "pests", "pests", "pruning", "pruning"]
+    fixed = [protos(build_learner(FrozenConfig(label_names=w), encoder), names) for w in LABEL_NAME_WEIGHTS]
+    assert any(torch.allclose(protos(auto, names), p, atol=1e-6) for p in fixed)
+
+
+def test_label_names_takes_a_weight_or_auto_and_the_memory_learner_a_weight():
+    from pydantic import ValidationError
+
+    from metanlp.config import MemoryConfig
+
+    assert ProtoNetConfig(label_names="auto").label_names == "auto"
+    for wrong in ("sometimes", -1.0):
+        with pytest.raises(ValidationError):
+            ProtoNetConfig(label_names=wrong)
+    with pytest.raises(ValidationError):
+        MemoryConfig(label_names="auto")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metanlp.config import FrozenConfig, ProtoNetConfig, Provenance
+from metanlp.config import FrozenConfig, ProtoNetConfig, Provenance, uses_label_names
 from metanlp.data.episodes import Episode
 from metanlp.data.load import DataError, LabelledTexts
 from metanlp.data.pool import label_base_rates, split_label
@@ -23,6 +23,7 @@ from metanlp.encoder import TextEncoder, TokenizedTexts, autocast
 from metanlp.learners.base import Classifier, Learner, check_state, support_targets
 
 LABEL_PRIOR_FILE = "label_prior.json"  # the learned label base rates, beside the weights
+LABEL_NAME_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)  # what `label_names: auto` chooses from
 
 
 def prototypes(embeddings: torch.Tensor, targets: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -49,6 +50,24 @@ def supervised_contrastive_loss(embeddings: torch.Tensor, targets: torch.Tensor,
         return unit.sum() * 0.0  # no pair in the batch: nothing to pull together
     per_anchor = log_prob.masked_fill(~positives, 0.0).sum(dim=1)[anchors] / counts[anchors]
     return -per_anchor.mean()
+
+
+def leave_one_out_loss(embedded: torch.Tensor, targets: torch.Tensor, n_classes: int, extra: torch.Tensor,
+                       extra_weight: torch.Tensor, distance: str, scale: torch.Tensor) -> float:
+    """Mean cross-entropy of the support rows, each against the prototypes with itself left out of its own
+    class's. A prototype is (its rows' sum + `extra_weight` x `extra`) / (its count + `extra_weight`): `extra`
+    [classes, dim] is what a class holds beside its rows (an embedded label name), weight 0 for nothing. A row
+    alone in a class with nothing beside it is skipped."""
+    counts = torch.bincount(targets, minlength=n_classes).to(embedded.dtype)
+    sums = torch.zeros(n_classes, embedded.shape[1], dtype=embedded.dtype).index_add_(0, targets, embedded)
+    held = extra_weight[:, None] * extra
+    logits = prototype_logits(embedded, (sums + held) / (counts + extra_weight)[:, None], distance, scale).clone()
+    rest = counts[targets] - 1 + extra_weight[targets]
+    kept = rest > 0
+    own = (sums[targets] - embedded + held[targets]) / rest.clamp_min(1e-12)[:, None]
+    rows = torch.arange(len(embedded))
+    logits[rows, targets] = torch.diagonal(prototype_logits(embedded, own, distance, scale))
+    return float(F.cross_entropy(logits[kept], targets[kept])) if kept.any() else float("nan")
 
 
 LABEL_SEPARATORS = re.compile(r"[_\-./:]+")
@@ -174,9 +193,9 @@ class ProtoNet(Learner):
         classes, targets = support_targets(list(labels))
         embedded = self.encoder.embed(self.tokens(support))
         protos = prototypes(embedded, targets, len(classes))
-        if self.config.label_names > 0:
+        if uses_label_names(self.config):
             protos = self.with_label_names(protos, classes, torch.bincount(targets, minlength=len(classes)),
-                                           embedded.norm(dim=-1).mean())
+                                           embedded.norm(dim=-1).mean(), embedded, targets)
         return self.restore(classes, {"prototypes": protos, "scale": self.log_scale.detach().exp().cpu()})
 
     def name_embeddings(self, names: list[str], norm: torch.Tensor | float) -> torch.Tensor:
@@ -184,18 +203,38 @@ class ProtoNet(Learner):
         return F.normalize(self.encoder.embed(self.tokens(names)), dim=-1) * norm
 
     def with_label_names(self, protos: torch.Tensor, classes: list[str], counts: torch.Tensor,
-                         norm: torch.Tensor) -> torch.Tensor:
-        """Each named class's prototype moved toward its embedded name, which counts as `label_names` examples;
-        classes whose labels are ids keep their support mean."""
+                         norm: torch.Tensor, support: torch.Tensor | None = None,
+                         targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Each named class's prototype moved toward its embedded name, which counts as `label_names` examples
+        (with "auto", the weight the `support` rows' leave-one-out loss prefers); classes whose labels are ids
+        keep their support mean."""
         names = [label_text(c) for c in classes]
         named = [i for i, name in enumerate(names) if name is not None]
         if not named:
             return protos
-        weight, counted = self.config.label_names, counts[named, None].to(protos.dtype)
+        embedded_names = self.name_embeddings([names[i] for i in named], norm)
+        weight = self.config.label_names
+        if weight == "auto":
+            weight = self.chosen_name_weight(support, targets, len(classes), named, embedded_names)
+        counted = counts[named, None].to(protos.dtype)
         mixed = protos.clone()
-        mixed[named] = (counted * protos[named] + weight * self.name_embeddings([names[i] for i in named], norm)
-                        ) / (counted + weight)
+        mixed[named] = (counted * protos[named] + weight * embedded_names) / (counted + weight)
         return mixed
+
+    def chosen_name_weight(self, support: torch.Tensor, targets: torch.Tensor, n_classes: int, named: list[int],
+                           embedded_names: torch.Tensor) -> float:
+        """The weight of `LABEL_NAME_WEIGHTS` with the lowest leave-one-out loss on the support rows at this
+        learner's temperature (the smaller on a tie, so 0 unless the names help)."""
+        support, targets = support.float().cpu(), targets.cpu()
+        extra = torch.zeros(n_classes, support.shape[1])
+        extra[named] = embedded_names.float().cpu()
+        scale, on_named = self.log_scale.detach().exp().cpu(), torch.zeros(n_classes)
+        losses = {}
+        for weight in LABEL_NAME_WEIGHTS:
+            on_named[named] = weight
+            losses[weight] = leave_one_out_loss(support, targets, n_classes, extra, on_named.clone(),
+                                                self.config.distance, scale)
+        return min(LABEL_NAME_WEIGHTS, key=lambda w: (losses[w], w))
 
     def zero_shot(self, classes: list[str]) -> Classifier:
         """A classifier from the label names alone (no examples): each prototype is its embedded name."""

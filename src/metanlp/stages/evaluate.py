@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from metanlp.atomic import file_digest
-from metanlp.config import EvaluateParams, PipelineParams
+from metanlp.config import EvaluateParams, PipelineParams, uses_label_names
 from metanlp.data.load import LabelledTexts
 from metanlp.evaluation import BASELINE, Setting, build_settings, evaluate_model
 from metanlp.reporting import write_report
@@ -75,7 +75,7 @@ def evaluate_on_test(model_dir: Path, root: Path, params: EvaluateParams, method
     spec = read_spec(model_dir)
     names = [spec.learner.kind, *(methods if methods is not None else [BASELINE])]
     extra = {}
-    if methods is None and getattr(spec.learner, "label_names", 0) > 0:
+    if methods is None and uses_label_names(spec.learner):
         extra[NAMES_BASELINE] = frozen_with_label_names(spec)
     test = load_split(root, "test")
     spaces = split_spaces(root, "test", test, label_spaces)
