@@ -80,8 +80,8 @@ def hand_leave_one_out(embedded, targets, extra, extra_weight, scale):
         protos = []
         for c in range(len(extra)):
             rows = [j for j in range(len(embedded)) if targets[j] == c and j != i]
-            if not rows and extra_weight[c] == 0:
-                break  # row i is alone in its class with nothing beside it: no prototype to score it against
+            if not rows and c == targets[i]:
+                break  # row i is alone in its class: nothing to leave it out of
             total = sum((embedded[j] for j in rows), torch.zeros(2)) + extra_weight[c] * extra[c]
             protos.append(total / (len(rows) + extra_weight[c]))
         else:
@@ -95,7 +95,7 @@ def test_leave_one_out_loss_equals_a_hand_computation():
     targets = torch.tensor([0, 0, 1, 1, 2])
     extra = torch.tensor([[0.0, 0.0], [0.0, 2.0], [-1.0, 0.0]])  # classes 1 and 2 hold a name beside their rows
     scale = torch.tensor(7.0)
-    # with class 2's name, its one row is scored against the name alone; without, that row is skipped
+    # class 2's one row is skipped with or without its name: every weight is scored on the same rows
     for extra_weight in (torch.tensor([0.0, 1.5, 0.5]), torch.tensor([0.0, 1.5, 0.0])):
         expected = hand_leave_one_out(embedded, targets, extra, extra_weight, scale)
         got = leave_one_out_loss(embedded, targets, 3, extra, extra_weight, "cosine", scale)
@@ -111,6 +111,8 @@ def test_auto_counts_names_that_help_the_support_and_drops_names_that_mislead(en
     named, norm = [0, 1, 2], support.norm(dim=-1).mean()  # names weigh as long as the rows, as in `adapt`
     assert learner.chosen_name_weight(support, targets, 3, named, centres * norm) == 8  # at the true centres
     assert learner.chosen_name_weight(support, targets, 3, named, -centres * norm) == 0  # pointing away from them
+    one_shot = torch.arange(3)  # nothing to leave out: examples alone, not a guess
+    assert learner.chosen_name_weight(support[[0, 4, 8]], one_shot, 3, named, centres * norm) == 0
 
 
 def test_auto_is_one_of_the_fixed_weights_and_ids_fall_back_to_the_examples(encoder):

@@ -57,14 +57,15 @@ def leave_one_out_loss(embedded: torch.Tensor, targets: torch.Tensor, n_classes:
     """Mean cross-entropy of the support rows, each against the prototypes with itself left out of its own
     class's. A prototype is (its rows' sum + `extra_weight` x `extra`) / (its count + `extra_weight`): `extra`
     [classes, dim] is what a class holds beside its rows (an embedded label name), weight 0 for nothing. A row
-    alone in a class with nothing beside it is skipped."""
+    alone in its class is skipped whatever its class holds, so that every weight is scored on the same rows;
+    NaN when every row is alone (one shot)."""
     counts = torch.bincount(targets, minlength=n_classes).to(embedded.dtype)
     sums = torch.zeros(n_classes, embedded.shape[1], dtype=embedded.dtype).index_add_(0, targets, embedded)
     held = extra_weight[:, None] * extra
     logits = prototype_logits(embedded, (sums + held) / (counts + extra_weight)[:, None], distance, scale).clone()
-    rest = counts[targets] - 1 + extra_weight[targets]
-    kept = rest > 0
-    own = (sums[targets] - embedded + held[targets]) / rest.clamp_min(1e-12)[:, None]
+    kept = counts[targets] > 1
+    own = (sums[targets] - embedded + held[targets]) / (counts[targets] - 1 + extra_weight[targets]).clamp_min(
+        1e-12)[:, None]
     rows = torch.arange(len(embedded))
     logits[rows, targets] = torch.diagonal(prototype_logits(embedded, own, distance, scale))
     return float(F.cross_entropy(logits[kept], targets[kept])) if kept.any() else float("nan")
@@ -224,7 +225,8 @@ class ProtoNet(Learner):
     def chosen_name_weight(self, support: torch.Tensor, targets: torch.Tensor, n_classes: int, named: list[int],
                            embedded_names: torch.Tensor) -> float:
         """The weight of `LABEL_NAME_WEIGHTS` with the lowest leave-one-out loss on the support rows at this
-        learner's temperature (the smaller on a tie, so 0 unless the names help)."""
+        learner's temperature (the smaller on a tie, so 0 unless the names help); 0 at one shot, where no row
+        can be left out."""
         support, targets = support.float().cpu(), targets.cpu()
         extra = torch.zeros(n_classes, support.shape[1])
         extra[named] = embedded_names.float().cpu()
@@ -234,6 +236,8 @@ class ProtoNet(Learner):
             on_named[named] = weight
             losses[weight] = leave_one_out_loss(support, targets, n_classes, extra, on_named.clone(),
                                                 self.config.distance, scale)
+        if math.isnan(losses[0.0]):
+            return 0.0
         return min(LABEL_NAME_WEIGHTS, key=lambda w: (losses[w], w))
 
     def zero_shot(self, classes: list[str]) -> Classifier:
