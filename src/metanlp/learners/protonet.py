@@ -67,7 +67,8 @@ def leave_one_out_loss(embedded: torch.Tensor, targets: torch.Tensor, n_classes:
     own = (sums[targets] - embedded + held[targets]) / (counts[targets] - 1 + extra_weight[targets]).clamp_min(
         1e-12)[:, None]
     rows = torch.arange(len(embedded))
-    logits[rows, targets] = torch.diagonal(prototype_logits(embedded, own, distance, scale))
+    # each row against its own left-out prototype alone: a batch of one-row sets, not the rows x rows matrix
+    logits[rows, targets] = prototype_logits(embedded[:, None], own[:, None], distance, scale)[:, 0, 0]
     return float(F.cross_entropy(logits[kept], targets[kept])) if kept.any() else float("nan")
 
 
@@ -83,8 +84,9 @@ def label_text(label: str) -> str | None:
 
 
 def prototype_logits(queries: torch.Tensor, protos: torch.Tensor, distance: str, scale: torch.Tensor):
+    # [..., queries, dim] against [..., protos, dim]: one set, or a batch of sets (mT transposes the last two)
     if distance == "cosine":
-        return scale * F.normalize(queries, dim=-1) @ F.normalize(protos, dim=-1).T
+        return scale * F.normalize(queries, dim=-1) @ F.normalize(protos, dim=-1).mT
     return -scale * torch.cdist(queries, protos).pow(2) / queries.shape[-1]
 
 
