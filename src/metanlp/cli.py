@@ -30,6 +30,7 @@ from metanlp.config import (
     TrainConfig,
     describe_validation_error,
     learner_config,
+    meta_trainable_kinds,
 )
 from metanlp.data.load import (
     DEFAULT_CORPUS,
@@ -107,9 +108,8 @@ def _learner_config(learner: str, **options):
     config = learner_config(learner)
     unknown = [k for k in given if k not in type(config).model_fields]
     if unknown:
-        takers = [kind for kind in LEARNER_KINDS if unknown[0] in type(learner_config(kind)).model_fields
-                  and type(learner_config(kind)).meta_trainable]
-        raise DataError(f"--{unknown[0].replace('_', '-')} is for {', '.join(takers)}, not {learner!r}")
+        takers = ", ".join(meta_trainable_kinds(unknown[0]))
+        raise DataError(f"--{unknown[0].replace('_', '-')} is for {takers}, not {learner!r}")
     return learner_config(learner, **given)
 
 

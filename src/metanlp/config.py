@@ -404,8 +404,15 @@ LearnerConfig = Annotated[
     | ANILConfig | MetaSGDConfig | ReptileConfig | LeopardConfig | LSTMConfig | MemoryConfig,
     Field(discriminator="kind"),
 ]
-LEARNER_KINDS = tuple(spec.model_fields["kind"].default for spec in get_args(get_args(LearnerConfig)[0]))
+_LEARNER_SPECS = {spec.model_fields["kind"].default: spec for spec in get_args(get_args(LearnerConfig)[0])}
+LEARNER_KINDS = tuple(_LEARNER_SPECS)
 _LEARNER_CONFIG = TypeAdapter(LearnerConfig)
+
+
+def meta_trainable_kinds(option: str | None = None) -> list[str]:
+    """The learner kinds that can be meta-trained (those whose spec has `option`, when given)."""
+    return [kind for kind, spec in _LEARNER_SPECS.items()
+            if spec.meta_trainable and (option is None or option in spec.model_fields)]
 
 
 def learner_config(kind: str, **options) -> LearnerConfig:
@@ -546,8 +553,8 @@ class MetaTrainParams(_Strict):
     @model_validator(mode="after")
     def _check(self) -> MetaTrainParams:
         if not self.learner.meta_trainable:
-            trainable = [k for k in LEARNER_KINDS if _LEARNER_CONFIG.validate_python({"kind": k}).meta_trainable]
-            raise ValueError(f"learner {self.learner.kind!r} cannot be meta-trained; choose from {trainable}")
+            raise ValueError(f"learner {self.learner.kind!r} cannot be meta-trained; choose from "
+                             f"{meta_trainable_kinds()}")
         return self
 
 
