@@ -19,7 +19,9 @@ Strategies, applied in this order when combined:
   the batch's class proportions estimated alongside (EM of the mixture, Saerens et al., 2002) when it has enough
   texts per class, so a text's prediction depends on the other texts predicted with it. Only when asked for.
 
-Budgets are explicit: steps and seconds per strategy.
+Budgets are explicit: steps and seconds per strategy. `contrastive` and `finetune` may tune only the top layers
+(`AdaptBudget.top_layers`): the layers below then run once per support set, not at every step and check, so the
+same seconds buy several times the steps.
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from metanlp.config import GradientConfig
 from metanlp.data.load import DataError
 from metanlp.encoder import TokenizedTexts, autocast
 from metanlp.learners.base import Classifier, Learner, support_targets
+from metanlp.learners.encoder_split import EncoderSplit
 from metanlp.learners.protonet import (
     ProtoNet,
     prototype_logits,
@@ -71,6 +75,9 @@ class AdaptBudget:
     head_lr: float = 1e-2
     anchor: float = 0.1  # selfsup: weight of the L2 pull toward the starting weights
     batch_size: int = 32
+    # contrastive and finetune tune only the top N encoder layers, the ones below run once per support set (BERT
+    # family; other encoders tune everything); None: every weight
+    top_layers: int | None = None
     seed: int = 0
 
 
@@ -115,11 +122,41 @@ class _Tuner:
                  objective: str = "head"):
         self.encoder, self.tokens, self.targets, self.n_classes, self.budget, self.objective = (
             learner.encoder, tokens, targets, n_classes, budget, objective)
-        self.start = {k: v.detach().clone() for k, v in self.encoder.named_parameters()}
+        self.split, self.bottom_states = None, None
+        if budget.top_layers is not None:
+            split = EncoderSplit(self.encoder, GradientConfig(adapt="top", top_layers=budget.top_layers, packed=False))
+            if split.n_bottom is not None:
+                self.split, self.bottom_states = split, self.run_bottom(split)
+        tuned = ("",) if self.split is None else tuple(  # name prefixes of the weights that are tuned
+            f"model.encoder.layer.{i}." for i in range(self.split.n_bottom, len(self.encoder.model.encoder.layer)))
+        self.start = {k: v.detach().clone() for k, v in self.encoder.named_parameters() if k.startswith(tuned)}
+
+    @torch.no_grad()
+    def run_bottom(self, split: EncoderSplit, chunk: int = 128) -> torch.Tensor:
+        """The token states of every support row after the layers that stay fixed, padded to the longest row:
+        [rows, width, hidden]."""
+        order = np.argsort(self.tokens.lengths.numpy(), kind="stable")
+        states = None
+        for start in range(0, len(order), chunk):
+            rows = order[start : start + chunk]
+            hidden, _ = split.bottom(self.tokens.batch(rows))
+            if states is None:
+                states = hidden.new_zeros(len(self.tokens), self.tokens.input_ids.shape[1], hidden.shape[-1])
+            states[torch.as_tensor(rows), : hidden.shape[1]] = hidden
+        return states
 
     def embed(self, weights, rows) -> torch.Tensor:
-        with autocast(self.encoder.device):
-            return F.normalize(functional_call(self.encoder, weights, (self.tokens.batch(rows),)).float(), dim=-1)
+        batch = self.tokens.batch(rows)
+        if self.split is None:
+            with autocast(self.encoder.device):
+                return F.normalize(functional_call(self.encoder, weights, (batch,)).float(), dim=-1)
+        from transformers.masking_utils import create_bidirectional_mask
+
+        attention_mask = batch.attention_mask.to(self.bottom_states.device)
+        hidden = self.bottom_states[torch.as_tensor(rows, device=attention_mask.device), : attention_mask.shape[1]]
+        mask = create_bidirectional_mask(config=self.encoder.model.config, inputs_embeds=hidden,
+                                         attention_mask=attention_mask)
+        return self.split.top(weights, hidden, mask, attention_mask).float()
 
     def class_groups(self, rows: np.ndarray) -> list[np.ndarray]:
         """The rows of each class that has at least two of them (a row alone in its class has no positive)."""

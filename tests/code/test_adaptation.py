@@ -165,6 +165,39 @@ def test_contrastive_batches_hold_several_rows_of_few_classes(learner, corpus):
     assert len(batch) == 8 and sorted(np.bincount(targets[batch].numpy()).tolist()) == [0, 0, 4, 4]
 
 
+@pytest.mark.parametrize("objective", ["contrastive", "head"])
+def test_tuning_the_top_layers_runs_the_bottom_once_and_changes_only_the_top(learner, corpus, objective):
+    """With `top_layers` the tuner starts from the same embeddings as the whole encoder (the bottom's states are
+    run once and reused), and its steps move the top layers' weights only."""
+    from metanlp.adaptation import _Tuner
+
+    texts, labels = support_of(corpus, classes=4, shots=4)
+    targets = torch.tensor([sorted(set(labels)).index(label) for label in labels])
+    tokens = learner.encoder.tokenize(texts)
+    whole = _Tuner(learner, tokens, targets, 4, AdaptBudget(lr=1e-2, batch_size=8), objective)
+    top = _Tuner(learner, tokens, targets, 4, AdaptBudget(lr=1e-2, batch_size=8, top_layers=1), objective)
+    rows = np.arange(len(texts))
+    assert torch.allclose(top.embed(top.start, rows), whole.embed(whole.start, rows), atol=1e-5)
+    assert top.start and all(name.startswith("model.encoder.layer.1.") for name in top.start)
+    assert len(top.start) < len(whole.start)
+    tuned, _, _, done = top.train(rows, 3)
+    assert done == 3 and any(not torch.equal(tuned[k], top.start[k]) for k in tuned)
+    assert not torch.allclose(top.embed(tuned, rows), top.embed(top.start, rows))
+    # the tuned top on the whole encoder gives what the tuner saw
+    whole_weights = {**dict(learner.encoder.named_parameters()), **tuned}
+    assert torch.allclose(top.embed(tuned, rows), whole.embed(whole_weights, rows), atol=1e-5)
+
+
+def test_domain_adapt_with_top_layers_leaves_the_bottom_as_it_was(learner, corpus):
+    texts, labels = support_of(corpus, classes=4, shots=4)
+    budget = AdaptBudget(finetune_steps=4, lr=1e-2, top_layers=1)
+    adapted, report = domain_adapt(learner, texts, labels, strategies=["finetune"], budget=budget)
+    before, after = learner.encoder.state_dict(), adapted.encoder.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if not k.startswith("model.encoder.layer.1."))
+    if report.finetune_steps:
+        assert any(not torch.equal(after[k], v) for k, v in before.items() if k.startswith("model.encoder.layer.1."))
+
+
 def test_contrastive_with_one_shot_per_class_changes_nothing(learner, corpus):
     texts, labels = support_of(corpus, classes=4, shots=1)
     adapted, report = domain_adapt(learner, texts, labels, strategies=["contrastive"])
