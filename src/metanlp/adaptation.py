@@ -78,6 +78,9 @@ class AdaptBudget:
     # contrastive and finetune tune only the top N encoder layers, the ones below run once per support set (BERT
     # family; other encoders tune everything); None: every weight
     top_layers: int | None = None
+    # after the steps are chosen on the held-out shot, train again on every row for that many steps (half the
+    # seconds each); off: keep the choosing pass's weights at its best step, the whole budget for that one pass
+    refit: bool = True
     seed: int = 0
 
 
@@ -177,10 +180,10 @@ class _Tuner:
         return np.concatenate([rng.permutation(by_class[c])[:per_class] for c in chosen])
 
     def train(self, rows: np.ndarray, steps: int, score_rows: np.ndarray | None = None,
-              deadline: float | None = None, score_every: int = 1):
+              deadline: float | None = None, score_every: int = 1, keep_best: bool = False):
         """Returns the tuned weights, the head (None for `contrastive`), the held-out loss at each scored step
         ({steps done: loss}) and the steps run: no step starts after `deadline` (a `time.perf_counter()`
-        value), so fewer may run."""
+        value), so fewer may run. `keep_best`: the weights are those of the scored step with the lowest loss."""
         b = self.budget
         weights = {k: v.clone().requires_grad_() for k, v in self.start.items()}
         groups = [{"params": list(weights.values()), "lr": b.lr}]
@@ -191,7 +194,7 @@ class _Tuner:
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         rng = np.random.default_rng(b.seed)
         by_class = self.class_groups(rows) if self.objective == "contrastive" else []
-        scores, done = {}, 0
+        scores, done, kept = {}, 0, None
         for _ in range(steps):
             batch = self.batch(rows, by_class, rng)
             embedded = self.embed(weights, batch)
@@ -206,9 +209,12 @@ class _Tuner:
             out_of_time = deadline is not None and time.perf_counter() > deadline
             if score_rows is not None and (done % score_every == 0 or done == steps or out_of_time):
                 scores[done] = self.loss(weights, head, score_rows, rows)
+                if keep_best and scores[done] == min(scores.values()):
+                    kept = {k: v.detach().clone() for k, v in weights.items()}
             if out_of_time:
                 break
-        return {k: v.detach() for k, v in weights.items()}, (None if head is None else head.detach()), scores, done
+        final = kept if kept is not None else {k: v.detach() for k, v in weights.items()}
+        return final, (None if head is None else head.detach()), scores, done
 
     def prototype_head(self, rows: np.ndarray, weights=None, scale: float = 10.0) -> torch.Tensor:
         """Proto-MAML head: the class prototypes of `rows` (under `weights`, the start by default), unit norm,
@@ -233,7 +239,8 @@ class _Tuner:
                          ) -> tuple[dict[str, torch.Tensor], int, float]:
         """Steps chosen on a held-out shot per class (none if no step beats the start; `one_shot_steps` when a
         class has one shot), then a pass on every row: the weights, the steps and the fusion factor. Both
-        passes share the seconds budget: choosing gets half."""
+        passes share the seconds budget: choosing gets half. Without `budget.refit` there is no second pass: the
+        choosing pass's weights at the chosen step are kept, and it gets the whole budget."""
         b = self.budget
         deadline = started + b.seconds
         split = held_out_split(self.targets.cpu().numpy(), b.seed)
@@ -243,8 +250,9 @@ class _Tuner:
             factor = 0.5 if fused else 1.0
         else:
             fit, held = split
-            tuned, head, losses, _ = self.train(fit, steps_cap, score_rows=held, deadline=started + b.seconds / 2,
-                                                score_every=score_every)
+            tuned, head, losses, _ = self.train(fit, steps_cap, score_rows=held,
+                                                deadline=started + (b.seconds / 2 if b.refit else b.seconds),
+                                                score_every=score_every, keep_best=not b.refit)
             before = self.loss(self.start, None, held, fit)
             best = min(losses, key=losses.get) if losses else 0
             steps = best if best and losses[best] < before else 0
@@ -257,7 +265,8 @@ class _Tuner:
                 factor = FUSION_GRID[int(np.argmin(fused_losses))]
         weights = self.start
         if steps:
-            tuned, _, _, steps = self.train(np.arange(len(self.tokens)), steps, deadline=deadline)
+            if b.refit or split is None:
+                tuned, _, _, steps = self.train(np.arange(len(self.tokens)), steps, deadline=deadline)
             weights = fuse(self.start, tuned, factor)
         return weights, steps, factor
 

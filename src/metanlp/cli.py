@@ -486,6 +486,9 @@ def adapt(
     seconds: Annotated[float, typer.Option(min=0.001, help="wall-clock cap per strategy")] = 90.0,
     top_layers: Annotated[int | None, typer.Option(
         min=1, help="contrastive and finetune tune only the top N encoder layers (default: all)")] = None,
+    refit: Annotated[bool, typer.Option(help="after choosing the steps on a held-out shot, tune again on every row "
+                                             "(half the seconds each); --no-refit keeps the choosing pass's best "
+                                             "weights")] = True,
     seed: Annotated[int, typer.Option(help="seed of the held-out shot and of fine-tuning")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     force: Annotated[bool, typer.Option(help="replace --out even if it is not an output of this command")] = False,
@@ -504,7 +507,7 @@ def adapt(
     texts = read_texts(unlabeled) if unlabeled else None
     learner = load_learner(model).to(resolve_device(device))
     budget = AdaptBudget(finetune_steps=steps, contrastive_steps=contrastive_steps, selfsup_steps=selfsup_steps,
-                         seconds=seconds, top_layers=top_layers, seed=seed)
+                         seconds=seconds, top_layers=top_layers, refit=refit, seed=seed)
     adapted, summary = domain_adapt(learner, support_set.texts, support_set.labels, texts, _csv(strategy), budget)
     record = {"support": support, "unlabeled": unlabeled, **summary.__dict__}
     save_learner(adapted, out, provenance=learner.provenance.model_copy(update={"adapted": record}), force=force)
@@ -730,6 +733,9 @@ def benchmark(
     adapt_top_layers: Annotated[int | None, typer.Option(
         min=1, help="contrastive and finetune tune only the top N encoder layers; the layers below run once per "
                     "support set (default: all layers)")] = None,
+    adapt_refit: Annotated[bool, typer.Option(
+        help="contrastive and finetune: after choosing the steps on a held-out shot, train again on every row "
+             "(half the seconds each); --no-adapt-refit keeps the choosing pass's best weights")] = True,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """The benchmark suite: every method on the same supports and queries of the pool's eval datasets; accuracy
@@ -791,7 +797,7 @@ def benchmark(
             factories[f"{name}+logreg"] = lambda own=own: build_learner("logreg", own().encoder)
     # each adaptation combination on each model, and on the frozen encoder (is the meta-learned start worth it?)
     given = {"transductive_proportion_rows": proportion_rows, "seconds": adapt_seconds,
-             "top_layers": adapt_top_layers}
+             "top_layers": adapt_top_layers, "refit": adapt_refit}
     budget = AdaptBudget(**{k: v for k, v in given.items() if v is not None})
     for combination in adapt or []:
         strategies = _csv(combination)
@@ -815,7 +821,8 @@ def benchmark(
                          "shots": shots, "draws": draws, "max_queries": max_queries, "seed": seed,
                          "setfit_iterations": setfit_iterations, "datasets": names, "adapt": adapt or [],
                          "transductive_proportion_rows": budget.transductive_proportion_rows,
-                         "adapt_seconds": budget.seconds, "adapt_top_layers": budget.top_layers}
+                         "adapt_seconds": budget.seconds, "adapt_top_layers": budget.top_layers,
+                         "adapt_refit": budget.refit}
     paths = write_suite_report(results, out)
     typer.echo(paths["markdown"].read_text())
     typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")

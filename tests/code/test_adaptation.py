@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -186,6 +188,30 @@ def test_tuning_the_top_layers_runs_the_bottom_once_and_changes_only_the_top(lea
     # the tuned top on the whole encoder gives what the tuner saw
     whole_weights = {**dict(learner.encoder.named_parameters()), **tuned}
     assert torch.allclose(top.embed(tuned, rows), whole.embed(whole_weights, rows), atol=1e-5)
+
+
+def test_without_refit_the_weights_of_the_best_held_out_step_are_kept(learner, corpus):
+    """`refit=False`: no second pass on every row; the choosing pass's weights at its lowest held-out loss."""
+    from metanlp.adaptation import _Tuner
+
+    texts, labels = support_of(corpus, classes=4, shots=4)
+    targets = torch.tensor([sorted(set(labels)).index(label) for label in labels])
+    budget = AdaptBudget(lr=1e-2, batch_size=8, refit=False, contrastive_steps=6)
+    learner.eval()  # no dropout: the three passes below see the same batches and compute the same steps
+    tuner = _Tuner(learner, learner.encoder.tokenize(texts), targets, 4, budget, "contrastive")
+    fit, held = held_out_split(targets.numpy(), budget.seed)
+    kept, _, losses, done = tuner.train(fit, 6, score_rows=held, keep_best=True)
+    last, _, _, _ = tuner.train(fit, 6, score_rows=held)
+    best = min(losses, key=losses.get)
+    at_best, _, _, _ = tuner.train(fit, best)  # the same seeded batches, stopped at the best step
+    assert done == 6 and all(torch.allclose(kept[k], at_best[k]) for k in kept)
+    if best < 6:
+        assert any(not torch.equal(kept[k], last[k]) for k in kept)
+    weights, steps, _ = tuner.choose_and_train(6, time.perf_counter())
+    before = tuner.loss(tuner.start, None, held, fit)
+    assert steps == (best if losses[best] < before else 0)
+    if steps:
+        assert all(torch.allclose(weights[k], at_best[k]) for k in weights)
 
 
 def test_domain_adapt_with_top_layers_leaves_the_bottom_as_it_was(learner, corpus):
