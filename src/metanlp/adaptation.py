@@ -194,7 +194,7 @@ class _Tuner:
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         rng = np.random.default_rng(b.seed)
         by_class = self.class_groups(rows) if self.objective == "contrastive" else []
-        scores, done, kept = {}, 0, None
+        scores, done, kept, kept_loss = {}, 0, None, float("inf")
         for _ in range(steps):
             batch = self.batch(rows, by_class, rng)
             embedded = self.embed(weights, batch)
@@ -209,8 +209,8 @@ class _Tuner:
             out_of_time = deadline is not None and time.perf_counter() > deadline
             if score_rows is not None and (done % score_every == 0 or done == steps or out_of_time):
                 scores[done] = self.loss(weights, head, score_rows, rows)
-                if keep_best and scores[done] == min(scores.values()):
-                    kept = {k: v.detach().clone() for k, v in weights.items()}
+                if keep_best and scores[done] < kept_loss:  # the first of equal losses, as min() picks the step
+                    kept, kept_loss = {k: v.detach().clone() for k, v in weights.items()}, scores[done]
             if out_of_time:
                 break
         final = kept if kept is not None else {k: v.detach() for k, v in weights.items()}
