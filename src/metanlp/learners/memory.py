@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from metanlp.config import MemoryConfig, Provenance
+from metanlp.config import MemoryConfig, Provenance, uses_label_names
 from metanlp.data.load import DataError
 from metanlp.encoder import TextEncoder, TokenizedTexts
 from metanlp.learners.base import Classifier, Learner, support_targets
@@ -221,7 +221,7 @@ class MemoryAugmented(ProtoNet):
         context, context_targets = torch.cat([embedded, borrowed]), torch.cat([targets, borrowed_targets])
         members = F.one_hot(context_targets, len(classes)).T.float() * weights
         protos = (members @ context) / members.sum(dim=1, keepdim=True)
-        if self.config.label_names > 0:
+        if uses_label_names(self.config):
             protos = self.with_label_names(protos, classes, members.sum(dim=1), embedded.norm(dim=-1).mean())
         scale = self.log_scale.detach().exp().cpu()
         local = bool(self.config.local_steps) and (
