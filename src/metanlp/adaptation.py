@@ -180,10 +180,11 @@ class _Tuner:
         return np.concatenate([rng.permutation(by_class[c])[:per_class] for c in chosen])
 
     def train(self, rows: np.ndarray, steps: int, score_rows: np.ndarray | None = None,
-              deadline: float | None = None, score_every: int = 1, keep_best: bool = False):
+              deadline: float | None = None, score_every: int = 1, keep_best: bool = False, reserve: float = 0.0):
         """Returns the tuned weights, the head (None for `contrastive`), the held-out loss at each scored step
-        ({steps done: loss}) and the steps run: no step starts after `deadline` (a `time.perf_counter()`
-        value), so fewer may run. `keep_best`: the weights are those of the scored step with the lowest loss."""
+        ({steps done: loss}) and the steps run: no step starts later than one held-out check's time (`reserve`
+        until a check is timed) before `deadline` (a `time.perf_counter()` value), so fewer may run and the
+        last check ends near it. `keep_best`: the weights are those of the scored step with the lowest loss."""
         b = self.budget
         weights = {k: v.clone().requires_grad_() for k, v in self.start.items()}
         groups = [{"params": list(weights.values()), "lr": b.lr}]
@@ -195,6 +196,10 @@ class _Tuner:
         rng = np.random.default_rng(b.seed)
         by_class = self.class_groups(rows) if self.objective == "contrastive" else []
         scores, done, kept, kept_loss = {}, 0, None, float("inf")
+
+        def out_of_time() -> bool:
+            return deadline is not None and time.perf_counter() + reserve > deadline
+
         for _ in range(steps):
             batch = self.batch(rows, by_class, rng)
             embedded = self.embed(weights, batch)
@@ -206,12 +211,15 @@ class _Tuner:
             loss.backward()
             optimizer.step()
             done += 1
-            out_of_time = deadline is not None and time.perf_counter() > deadline
-            if score_rows is not None and (done % score_every == 0 or done == steps or out_of_time):
+            stop = out_of_time()
+            if score_rows is not None and (done % score_every == 0 or done == steps or stop):
+                checked = time.perf_counter()
                 scores[done] = self.loss(weights, head, score_rows, rows)
+                reserve = time.perf_counter() - checked  # what the next check will take
                 if keep_best and scores[done] < kept_loss:  # the first of equal losses, as min() picks the step
                     kept, kept_loss = {k: v.detach().clone() for k, v in weights.items()}, scores[done]
-            if out_of_time:
+                stop = stop or out_of_time()  # a check can use the time another step and check would need
+            if stop:
                 break
         final = kept if kept is not None else {k: v.detach() for k, v in weights.items()}
         return final, (None if head is None else head.detach()), scores, done
@@ -250,10 +258,13 @@ class _Tuner:
             factor = 0.5 if fused else 1.0
         else:
             fit, held = split
+            # the start's loss first, inside the cap; its time is what each check costs, kept for the last one
+            checked = time.perf_counter()
+            before = self.loss(self.start, None, held, fit)
             tuned, head, losses, _ = self.train(fit, steps_cap, score_rows=held,
                                                 deadline=started + (b.seconds / 2 if b.refit else b.seconds),
-                                                score_every=score_every, keep_best=not b.refit)
-            before = self.loss(self.start, None, held, fit)
+                                                score_every=score_every, keep_best=not b.refit,
+                                                reserve=time.perf_counter() - checked)
             best = min(losses, key=losses.get) if losses else 0
             steps = best if best and losses[best] < before else 0
             if report is not None:
