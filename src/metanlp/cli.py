@@ -306,6 +306,9 @@ def evaluate(
              "finetune, fused, transductive (refines prototypes from the queries), or a comma-separated "
              "combination (repeatable)")] = None,
     unlabeled: Annotated[str | None, typer.Option(help="--adapt selfsup: the domain's unlabeled text")] = None,
+    adapt_refit: Annotated[bool, typer.Option(
+        help="--adapt contrastive and finetune: after choosing the steps on a held-out shot, train again on every "
+             "row (half the seconds each); by default the choosing pass's best weights are kept")] = False,
     encoder: Annotated[str, typer.Option(help="encoder for the baselines when no --model")] = DEFAULT_ENCODER,
     seed: Annotated[int, typer.Option(help="seed of the episodes (the same for every method)")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
@@ -335,7 +338,7 @@ def evaluate(
                               spaces=label_space_weights(query_set, label_spaces))
     extra = {}
     if adapt:
-        from metanlp.adaptation import DomainAdaptedLearner
+        from metanlp.adaptation import AdaptBudget, DomainAdaptedLearner
         from metanlp.encoder import resolve_device
         from metanlp.learners import load_learner
 
@@ -345,7 +348,8 @@ def evaluate(
         texts = read_texts(unlabeled) if unlabeled else None
         for combination in adapt:
             strategies = _csv(combination)
-            extra[f"{base.name}+{'+'.join(strategies)}"] = DomainAdaptedLearner(base, strategies, unlabeled=texts)
+            extra[f"{base.name}+{'+'.join(strategies)}"] = DomainAdaptedLearner(
+                base, strategies, AdaptBudget(refit=adapt_refit), unlabeled=texts)
     limits = {"finetune": finetune_episodes} if finetune_episodes else None
     results = evaluate_model(model, query_set, settings, names, support_set, encoder, device, extra, seed,
                              show_progress=not quiet, episode_limits=limits)
@@ -487,8 +491,8 @@ def adapt(
     top_layers: Annotated[int | None, typer.Option(
         min=1, help="contrastive and finetune tune only the top N encoder layers (default: all)")] = None,
     refit: Annotated[bool, typer.Option(help="after choosing the steps on a held-out shot, tune again on every row "
-                                             "(half the seconds each); --no-refit keeps the choosing pass's best "
-                                             "weights")] = True,
+                                             "(half the seconds each); by default the choosing pass's best "
+                                             "weights are kept")] = False,
     seed: Annotated[int, typer.Option(help="seed of the held-out shot and of fine-tuning")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     force: Annotated[bool, typer.Option(help="replace --out even if it is not an output of this command")] = False,
@@ -735,7 +739,7 @@ def benchmark(
                     "support set (default: all layers)")] = None,
     adapt_refit: Annotated[bool, typer.Option(
         help="contrastive and finetune: after choosing the steps on a held-out shot, train again on every row "
-             "(half the seconds each); --no-adapt-refit keeps the choosing pass's best weights")] = True,
+             "(half the seconds each); by default the choosing pass's best weights are kept")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """The benchmark suite: every method on the same supports and queries of the pool's eval datasets; accuracy

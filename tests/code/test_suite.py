@@ -84,12 +84,12 @@ def test_transductive_rows_say_how_class_proportions_were_treated(suite_pool, tm
 def test_the_encoder_strategies_budget_is_a_benchmark_option_and_recorded(suite_pool, tmp_path):
     args = ["benchmark", "--pool", str(suite_pool), "--methods", "frozen", "--encoder", "tiny-random-bert",
             "--shots", "5", "--draws", "1", "--datasets", "fruit", "--adapt", "contrastive", "--quiet"]
-    result = CliRunner().invoke(app, [*args, "--adapt-seconds", "0.5", "--adapt-top-layers", "1", "--no-adapt-refit",
+    result = CliRunner().invoke(app, [*args, "--adapt-seconds", "0.5", "--adapt-top-layers", "1", "--adapt-refit",
                                       "--out", str(tmp_path / "capped.json")])
     assert result.exit_code == 0, result.output
     capped = json.loads((tmp_path / "capped.json").read_text())
     assert capped["config"]["adapt_seconds"] == 0.5 and capped["config"]["adapt_top_layers"] == 1
-    assert capped["config"]["adapt_refit"] is False
+    assert capped["config"]["adapt_refit"] is True
     assert {r["method"] for r in capped["rows"]} == {"frozen", "frozen+contrastive"}
     for wrong in (["--adapt-seconds", "0"], ["--adapt-top-layers", "0"]):
         refused = CliRunner().invoke(app, [*args, *wrong, "--out", str(tmp_path / "x.json")])
