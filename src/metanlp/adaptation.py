@@ -80,7 +80,7 @@ class AdaptBudget:
     top_layers: int | None = None
     # on: after the steps are chosen on the held-out shot, train again on every row for that many steps (half the
     # seconds each pass); off: keep the choosing pass's weights at its best step, the whole budget for that one
-    # pass (as accurate in the mean on every suite measured, faster: README "One pass ... not two")
+    # pass (as accurate in the mean on every suite measured, and faster: README "One pass the default")
     refit: bool = False
     seed: int = 0
 
