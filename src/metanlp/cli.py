@@ -356,7 +356,7 @@ def evaluate(
     results["config"] = {"data": data, "model": str(model) if model else None, "split": split, "ways": ways,
                          "shots": shot_list, "queries": queries, "episodes": episodes, "repeats": repeats,
                          "support_data": support_data, "methods": names, "finetune_episodes": finetune_episodes,
-                         "adapt": adapt, "unlabeled": unlabeled, "seed": seed}
+                         "adapt": adapt, "adapt_refit": adapt_refit, "unlabeled": unlabeled, "seed": seed}
     paths = write_report(results, out, title=Path(data).stem)
     typer.echo(markdown_table(results))
     typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
@@ -384,6 +384,11 @@ def predict(
                                                "milliseconds), logreg, or contrastive (the encoder tuned on the "
                                                "support first: seconds to minutes; it gained on COVID-vaccine "
                                                "intents, lost on CLINC150: see README)")] = "default",
+    adapt_seconds: Annotated[float | None, typer.Option(
+        min=0.001, help="--strategy contrastive: wall-clock cap of the encoder tuning, its held-out checks "
+                        "included (default 90)")] = None,
+    adapt_top_layers: Annotated[int | None, typer.Option(
+        min=1, help="--strategy contrastive: tune only the top N encoder layers (default: all)")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
     """Adapt the model to the support examples and label new texts: a few on the terminal, or a whole file
@@ -394,13 +399,22 @@ def predict(
     from metanlp.tasks import check_strategy, strategy_learner
 
     check_strategy(strategy, "--strategy")  # before the model is opened
+    given = {"seconds": adapt_seconds, "top_layers": adapt_top_layers}
+    budget = None
+    if any(v is not None for v in given.values()):
+        if strategy != "contrastive":
+            raise DataError(f"--adapt-seconds and --adapt-top-layers budget the encoder tuning of --strategy "
+                            f"contrastive, not {strategy!r}")
+        from metanlp.adaptation import AdaptBudget
+
+        budget = AdaptBudget(**{k: v for k, v in given.items() if v is not None})
 
     if out is not None:
         if texts is None or text:
             raise DataError("--out scores a file: give it with --texts (and no --text)")
         summary = score_file(model, support, str(texts), str(out), top=top, text_column=text_column,
                              label_column=label_column, batch_size=batch_size, device=device,
-                             tracking_uri=tracking_uri, show_progress=not quiet, strategy=strategy)
+                             tracking_uri=tracking_uri, show_progress=not quiet, strategy=strategy, budget=budget)
         typer.echo(f"scored {summary.texts} texts into {summary.out} ({len(summary.classes)} classes; adapted in "
                    f"{summary.adapt_seconds:.1f} s, scored in {summary.score_seconds:.1f} s)")
         return
@@ -410,7 +424,7 @@ def predict(
     if any(not q.strip() for q in queries):
         raise DataError("--text: empty text")
     support_set = load_labelled(support, text_column=text_column, label_column=label_column)
-    learner = strategy_learner(open_model(model, tracking_uri).learner.to(resolve_device(device)), strategy)
+    learner = strategy_learner(open_model(model, tracking_uri).learner.to(resolve_device(device)), strategy, budget)
     predictions = learner.adapt(support_set.texts, support_set.labels).predict(queries)
     rows = zip(queries, predictions.labels, predictions.top(top), strict=True)
     if as_json:

@@ -13,12 +13,16 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from metanlp.atomic import file_in_the_way, write_file_atomic
 from metanlp.data.load import DataError, iter_text_batches, load_labelled
 from metanlp.learners import Classifier
 from metanlp.progress import progress_bar
 from metanlp.tasks import DEFAULT_STRATEGY, strategy_learner
+
+if TYPE_CHECKING:  # annotation only: adaptation is imported when a task tunes the encoder
+    from metanlp.adaptation import AdaptBudget
 
 OUTPUT_FORMATS = (".csv", ".jsonl")
 
@@ -85,16 +89,16 @@ def write_scores(classifier: Classifier, texts: Path, out: Path, top: int = 3, t
 def score_file(model: str, support: str, texts: str, out: str, *, top: int = 3, text_column: str = "text",
                label_column: str = "label", batch_size: int = 256, device: str = "auto",
                tracking_uri: str | None = None, show_progress: bool = True,
-               strategy: str = DEFAULT_STRATEGY) -> ScoringSummary:
+               strategy: str = DEFAULT_STRATEGY, budget: AdaptBudget | None = None) -> ScoringSummary:
     """Adapt `model` (a folder or `models:/NAME@alias`) to `support` once (by `strategy`, one of
-    `metanlp.tasks.STRATEGIES`) and label every text of `texts`."""
+    `metanlp.tasks.STRATEGIES`; `budget`: an `AdaptBudget` for `contrastive`) and label every text of `texts`."""
     from metanlp.encoder import resolve_device
     from metanlp.service import open_model
 
     out_path = check_output(Path(out))
     support_set = load_labelled(support, text_column=text_column, label_column=label_column)
     source = open_model(model, tracking_uri)
-    learner = strategy_learner(source.learner.to(resolve_device(device)), strategy)
+    learner = strategy_learner(source.learner.to(resolve_device(device)), strategy, budget)
     started = time.perf_counter()
     classifier = learner.adapt(support_set.texts, support_set.labels)
     adapted = time.perf_counter()

@@ -19,6 +19,7 @@ import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -26,6 +27,9 @@ from safetensors.torch import load_file, save_file
 from metanlp.atomic import write_file_atomic, write_text_atomic
 from metanlp.data.load import DataError, quote
 from metanlp.learners import Classifier, Learner
+
+if TYPE_CHECKING:  # annotation only: adaptation is imported when a task tunes the encoder
+    from metanlp.adaptation import AdaptBudget
 
 DEFAULT_STRATEGY = "default"
 STRATEGIES = {
@@ -76,8 +80,9 @@ def check_strategy(strategy: str, field: str = "strategy") -> None:
         raise TaskError(f"{field}: unknown {quote(strategy)}; choose from {sorted(STRATEGIES)}")
 
 
-def strategy_learner(learner: Learner, strategy: str) -> Learner:
-    """The learner that adapts a task of this strategy on `learner`'s model."""
+def strategy_learner(learner: Learner, strategy: str, budget: AdaptBudget | None = None) -> Learner:
+    """The learner that adapts a task of this strategy on `learner`'s model; `budget` (an
+    `adaptation.AdaptBudget`, its defaults when None) bounds the encoder tuning of `contrastive`."""
     check_strategy(strategy)
     if strategy == DEFAULT_STRATEGY:
         return learner
@@ -86,9 +91,9 @@ def strategy_learner(learner: Learner, strategy: str) -> Learner:
 
         return build_learner("logreg", learner.encoder, learner.provenance)
     if strategy == "contrastive":
-        from metanlp.adaptation import DomainAdaptedLearner
+        from metanlp.adaptation import AdaptBudget, DomainAdaptedLearner
 
-        return DomainAdaptedLearner(learner, ["contrastive"])
+        return DomainAdaptedLearner(learner, ["contrastive"], budget or AdaptBudget())
     raise AssertionError(f"strategy {strategy!r} is in STRATEGIES but has no learner here")
 
 

@@ -83,6 +83,32 @@ def test_predict_with_contrastive_adaptation_tunes_a_copy_of_the_encoder(tiny_mo
     assert (tiny_model / "model.safetensors").read_bytes() == before
 
 
+def test_predict_takes_a_budget_for_contrastive_tuning_and_refuses_it_for_other_strategies(tiny_model, small_jsonl,
+                                                                                          tmp_path):
+    args = ["predict", "--model", str(tiny_model), "--support", str(small_jsonl), "--text", "pizza example", "--json"]
+    result = runner.invoke(app, [*args, "--strategy", "contrastive", "--adapt-seconds", "0.5",
+                                 "--adapt-top-layers", "1"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["label"] in {"weather", "music", "food", "travel"}
+    refused = runner.invoke(app, [*args, "--adapt-seconds", "0.5"])  # the default strategy tunes nothing
+    assert refused.exit_code != 0 and "--strategy contrastive" in refused.output
+    from metanlp.adaptation import AdaptBudget
+    from metanlp.learners import load_learner
+    from metanlp.tasks import strategy_learner
+
+    tuned = strategy_learner(load_learner(tiny_model), "contrastive", AdaptBudget(seconds=0.5, top_layers=1))
+    assert (tuned.budget.seconds, tuned.budget.top_layers) == (0.5, 1)
+    assert strategy_learner(load_learner(tiny_model), "contrastive").budget == AdaptBudget()
+    out = tmp_path / "scored.jsonl"
+    texts = tmp_path / "texts.txt"
+    texts.write_text("pizza example\nrain example\n")
+    scored = runner.invoke(app, ["predict", "--model", str(tiny_model), "--support", str(small_jsonl), "--texts",
+                                 str(texts), "--out", str(out), "--strategy", "contrastive", "--adapt-seconds", "0.5",
+                                 "--quiet"])
+    assert scored.exit_code == 0, scored.output
+    assert len(out.read_text().strip().splitlines()) == 2
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
