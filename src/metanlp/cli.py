@@ -88,6 +88,13 @@ def _ints(value: str, option: str, least: int = 1) -> list[int]:
     return numbers
 
 
+def _adapt_budget(options: dict):
+    """The adaptation budget with the options a user gave; the budget's own defaults where they are None."""
+    from metanlp.adaptation import AdaptBudget
+
+    return AdaptBudget(**{k: v for k, v in options.items() if v is not None})
+
+
 def _split_config(data: str, split_by: str | None, train_domains: str | None, val_domains: str | None,
                   test_domains: str | None, split_sizes: str | None, exclude: str | None, seed: int) -> SplitConfig:
     if split_by is None and not (train_domains or split_sizes):
@@ -117,6 +124,13 @@ DataOpt = Annotated[str, typer.Option(help="labelled JSONL/CSV/Parquet file, 'de
                                             "or a Hugging Face dataset name")]
 TextColumnOpt = Annotated[str, typer.Option(help="column holding the texts in your labelled files")]
 LabelColumnOpt = Annotated[str, typer.Option(help="column holding the labels in your labelled files")]
+# the encoder-tuning strategies' budget, the same on every command that adapts
+RefitOpt = Annotated[bool, typer.Option(help="contrastive and finetune: after choosing the steps on a held-out shot, "
+                                             "train again on every row (half the seconds each); by default the "
+                                             "choosing pass's best weights are kept")]
+TopLayersOpt = Annotated[int | None, typer.Option(min=1, help="contrastive and finetune tune only the top N encoder "
+                                                              "layers; the layers below run once per support set "
+                                                              "(default: all layers)")]
 
 
 @app.command()
@@ -306,9 +320,7 @@ def evaluate(
              "finetune, fused, transductive (refines prototypes from the queries), or a comma-separated "
              "combination (repeatable)")] = None,
     unlabeled: Annotated[str | None, typer.Option(help="--adapt selfsup: the domain's unlabeled text")] = None,
-    adapt_refit: Annotated[bool, typer.Option(
-        help="--adapt contrastive and finetune: after choosing the steps on a held-out shot, train again on every "
-             "row (half the seconds each); by default the choosing pass's best weights are kept")] = False,
+    adapt_refit: RefitOpt = False,
     encoder: Annotated[str, typer.Option(help="encoder for the baselines when no --model")] = DEFAULT_ENCODER,
     seed: Annotated[int, typer.Option(help="seed of the episodes (the same for every method)")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
@@ -405,9 +417,7 @@ def predict(
         if strategy != "contrastive":
             raise DataError(f"--adapt-seconds and --adapt-top-layers budget the encoder tuning of --strategy "
                             f"contrastive, not {strategy!r}")
-        from metanlp.adaptation import AdaptBudget
-
-        budget = AdaptBudget(**{k: v for k, v in given.items() if v is not None})
+        budget = _adapt_budget(given)
 
     if out is not None:
         if texts is None or text:
@@ -502,11 +512,8 @@ def adapt(
                                                                "how many)")] = 40,
     selfsup_steps: Annotated[int, typer.Option(min=1, help="masked-LM steps of the selfsup strategy")] = 20,
     seconds: Annotated[float, typer.Option(min=0.001, help="wall-clock cap per strategy")] = 90.0,
-    top_layers: Annotated[int | None, typer.Option(
-        min=1, help="contrastive and finetune tune only the top N encoder layers (default: all)")] = None,
-    refit: Annotated[bool, typer.Option(help="after choosing the steps on a held-out shot, tune again on every row "
-                                             "(half the seconds each); by default the choosing pass's best "
-                                             "weights are kept")] = False,
+    top_layers: TopLayersOpt = None,
+    refit: RefitOpt = False,
     seed: Annotated[int, typer.Option(help="seed of the held-out shot and of fine-tuning")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     force: Annotated[bool, typer.Option(help="replace --out even if it is not an output of this command")] = False,
@@ -748,17 +755,13 @@ def benchmark(
     adapt_seconds: Annotated[float | None, typer.Option(
         min=0.001, help="wall-clock cap per encoder strategy and support set (contrastive, finetune, selfsup), its "
                         "step choice included (default: the adaptation budget's, 90)")] = None,
-    adapt_top_layers: Annotated[int | None, typer.Option(
-        min=1, help="contrastive and finetune tune only the top N encoder layers; the layers below run once per "
-                    "support set (default: all layers)")] = None,
-    adapt_refit: Annotated[bool, typer.Option(
-        help="contrastive and finetune: after choosing the steps on a held-out shot, train again on every row "
-             "(half the seconds each); by default the choosing pass's best weights are kept")] = False,
+    adapt_top_layers: TopLayersOpt = None,
+    adapt_refit: RefitOpt = False,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """The benchmark suite: every method on the same supports and queries of the pool's eval datasets; accuracy
     with 95% CIs, paired differences to frozen and to SetFit, adaptation seconds per support set."""
-    from metanlp.adaptation import AdaptBudget, DomainAdaptedLearner, check_strategies
+    from metanlp.adaptation import DomainAdaptedLearner, check_strategies
     from metanlp.config import learner_config
     from metanlp.data.pool import read_pool
     from metanlp.encoder import TextEncoder, resolve_device
@@ -816,7 +819,7 @@ def benchmark(
     # each adaptation combination on each model, and on the frozen encoder (is the meta-learned start worth it?)
     given = {"transductive_proportion_rows": proportion_rows, "seconds": adapt_seconds,
              "top_layers": adapt_top_layers, "refit": adapt_refit}
-    budget = AdaptBudget(**{k: v for k, v in given.items() if v is not None})
+    budget = _adapt_budget(given)
     for combination in adapt or []:
         strategies = _csv(combination)
         check_strategies(strategies)

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from metanlp.adaptation import AdaptBudget, domain_adapt, fuse, held_out_split
 from metanlp.cli import app
 from metanlp.learners import build_learner, load_learner
+from metanlp.learners.base import support_targets
 
 runner = CliRunner()
 
@@ -168,7 +169,7 @@ def test_slow_held_out_checks_stay_inside_the_seconds_cap(learner, corpus, refit
             return super().loss(*args)
 
     texts, labels = support_of(corpus, classes=4, shots=4)
-    targets = torch.tensor([sorted(set(labels)).index(label) for label in labels])
+    targets = support_targets(labels)[1]
     budget = AdaptBudget(lr=1e-3, batch_size=8, seconds=2.0, refit=refit)
     tuner = SlowChecks(learner, learner.encoder.tokenize(texts), targets, 4, budget, "contrastive")
     started = time.perf_counter()
@@ -183,7 +184,7 @@ def test_contrastive_batches_hold_several_rows_of_few_classes(learner, corpus):
     from metanlp.adaptation import _Tuner
 
     texts, labels = support_of(corpus, classes=4, shots=4)
-    targets = torch.tensor([sorted(set(labels)).index(label) for label in labels])
+    targets = support_targets(labels)[1]
     tuner = _Tuner(learner, learner.encoder.tokenize(texts), targets, 4, AdaptBudget(batch_size=8), "contrastive")
     rows = np.arange(len(texts))
     batch = tuner.batch(rows, tuner.class_groups(rows), np.random.default_rng(0))
@@ -197,7 +198,7 @@ def test_tuning_the_top_layers_runs_the_bottom_once_and_changes_only_the_top(lea
     from metanlp.adaptation import _Tuner
 
     texts, labels = support_of(corpus, classes=4, shots=4)
-    targets = torch.tensor([sorted(set(labels)).index(label) for label in labels])
+    targets = support_targets(labels)[1]
     tokens = learner.encoder.tokenize(texts)
     whole = _Tuner(learner, tokens, targets, 4, AdaptBudget(lr=1e-2, batch_size=8), objective)
     top = _Tuner(learner, tokens, targets, 4, AdaptBudget(lr=1e-2, batch_size=8, top_layers=1), objective)
@@ -218,7 +219,7 @@ def test_without_refit_the_weights_of_the_best_held_out_step_are_kept(learner, c
     from metanlp.adaptation import _Tuner
 
     texts, labels = support_of(corpus, classes=4, shots=4)
-    targets = torch.tensor([sorted(set(labels)).index(label) for label in labels])
+    targets = support_targets(labels)[1]
     budget = AdaptBudget(lr=1e-2, batch_size=8, refit=False, contrastive_steps=6)
     learner.eval()  # no dropout: the three passes below see the same batches and compute the same steps
     tuner = _Tuner(learner, learner.encoder.tokenize(texts), targets, 4, budget, "contrastive")
