@@ -408,16 +408,10 @@ def predict(
     from metanlp.encoder import resolve_device
     from metanlp.scoring import score_file
     from metanlp.service import open_model
-    from metanlp.tasks import check_strategy, strategy_learner
+    from metanlp.tasks import check_strategy, strategy_learner, tuning_budget
 
     check_strategy(strategy, "--strategy")  # before the model is opened
-    given = {"seconds": adapt_seconds, "top_layers": adapt_top_layers}
-    budget = None
-    if any(v is not None for v in given.values()):
-        if strategy != "contrastive":
-            raise DataError(f"--adapt-seconds and --adapt-top-layers budget the encoder tuning of --strategy "
-                            f"contrastive, not {strategy!r}")
-        budget = _adapt_budget(given)
+    budget = tuning_budget(strategy, adapt_seconds, adapt_top_layers, ("--adapt-seconds", "--adapt-top-layers"))
 
     if out is not None:
         if texts is None or text:
@@ -863,6 +857,8 @@ def serve(
     max_rows: Annotated[int, typer.Option(min=1, help="most support rows or texts in one request")] = 1000,
     max_chars: Annotated[int, typer.Option(min=1, help="most characters in one text or label")] = 2000,
     max_body_bytes: Annotated[int, typer.Option(min=1, help="largest request body")] = 2_000_000,
+    max_adapt_seconds: Annotated[float, typer.Option(min=0.001, help="most seconds a task may ask for its "
+                                                                     "contrastive tuning (adapt_seconds)")] = 300.0,
     poll_seconds: Annotated[float, typer.Option(min=0, help="how often to look at the registry alias "
                                                             "(0: never)")] = 30.0,
 ) -> None:
@@ -874,7 +870,8 @@ def serve(
 
     source = open_model(model, tracking_uri)
     store = TaskStore(cache_size, tasks_dir)
-    application = create_app(source, store, Limits(max_rows, max_chars, max_body_bytes), poll_seconds)
+    limits = Limits(max_rows, max_chars, max_body_bytes, max_adapt_seconds)
+    application = create_app(source, store, limits, poll_seconds)
     err_console.print(f"serving {model} (version {source.current}) on http://{host}:{port} (docs at /docs)")
     uvicorn.run(application, host=host, port=port, log_level="warning")
 

@@ -52,8 +52,11 @@ class UnknownTask(TaskError):
     status = 404
 
 
-def task_id(model_version: str, strategy: str, texts: list[str], labels: list[str]) -> str:
-    payload = json.dumps([model_version, strategy, texts, labels], ensure_ascii=False)
+def task_id(model_version: str, strategy: str, texts: list[str], labels: list[str],
+            budget: dict[str, float | int] | None = None) -> str:
+    """`budget`: the tuning budget the task asked for, if any (left out when none, so the ids of tasks that ask
+    none stay what they were)."""
+    payload = json.dumps([model_version, strategy, texts, labels, *([budget] if budget else [])], ensure_ascii=False)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
@@ -68,16 +71,44 @@ class Task:
     created: float = field(default_factory=time.time)
     adapt_ms: float | None = None
     restored: bool = False  # rebuilt from its saved state, not adapted in this process
+    # `contrastive`: the tuning budget the task asked for (None: AdaptBudget's default), kept so that adapting it
+    # again after a restart or an eviction tunes as it was tuned
+    adapt_seconds: float | None = None
+    adapt_top_layers: int | None = None
+
+    def budget(self) -> dict[str, float | int]:
+        return {name: value for name, value in (("adapt_seconds", self.adapt_seconds),
+                                                ("adapt_top_layers", self.adapt_top_layers)) if value is not None}
 
     def describe(self) -> dict:
         return {"task_id": self.id, "model_version": self.model_version, "strategy": self.strategy,
                 "classes": self.classes, "support_size": len(self.texts), "created": self.created,
-                "adapt_ms": self.adapt_ms, "restored": self.restored}
+                "adapt_ms": self.adapt_ms, "restored": self.restored, **self.budget()}
 
 
 def check_strategy(strategy: str, field: str = "strategy") -> None:
     if strategy not in STRATEGIES:
         raise TaskError(f"{field}: unknown {quote(strategy)}; choose from {sorted(STRATEGIES)}")
+
+
+def tuning_budget(strategy: str, seconds: float | None, top_layers: int | None,
+                  names: tuple[str, str] = ("adapt_seconds", "adapt_top_layers")) -> AdaptBudget | None:
+    """The `adaptation.AdaptBudget` of a task that sets the cap and/or the tuned layers of its encoder tuning
+    (its defaults for what is None); None when neither is set. Refused, naming `names` (how the caller calls
+    them), for a strategy that tunes no encoder or a value out of range."""
+    given = {"seconds": seconds, "top_layers": top_layers}
+    if all(v is None for v in given.values()):
+        return None
+    if strategy != "contrastive":
+        raise TaskError(f"{names[0]}, {names[1]}: only strategy 'contrastive' tunes the encoder, so only it takes "
+                        f"them (this one is {quote(strategy)})")
+    if seconds is not None and not seconds > 0:
+        raise TaskError(f"{names[0]}: {seconds} is not a positive number of seconds")
+    if top_layers is not None and top_layers < 1:
+        raise TaskError(f"{names[1]}: {top_layers} is not a number of layers (1 or more)")
+    from metanlp.adaptation import AdaptBudget
+
+    return AdaptBudget(**{k: v for k, v in given.items() if v is not None})
 
 
 def strategy_learner(learner: Learner, strategy: str, budget: AdaptBudget | None = None) -> Learner:
@@ -131,15 +162,18 @@ class TaskStore:
         return len(self._adapted)
 
     def create(self, learner: Learner, model_version: str, texts: list[str], labels: list[str],
-               strategy: str = DEFAULT_STRATEGY) -> tuple[Task, bool]:
-        """The task of this support set (adapted now unless it is cached); returns it and whether it was."""
-        learner = strategy_learner(learner, strategy)
-        identifier = task_id(model_version, strategy, texts, labels)
+               strategy: str = DEFAULT_STRATEGY, adapt_seconds: float | None = None,
+               adapt_top_layers: int | None = None) -> tuple[Task, bool]:
+        """The task of this support set (adapted now unless it is cached); returns it and whether it was.
+        `adapt_seconds`, `adapt_top_layers`: the budget of a `contrastive` task's tuning (`tuning_budget`)."""
+        learner = strategy_learner(learner, strategy, tuning_budget(strategy, adapt_seconds, adapt_top_layers))
+        task = Task("", model_version, strategy, sorted(set(labels)), list(texts), list(labels),
+                    adapt_seconds=adapt_seconds, adapt_top_layers=adapt_top_layers)
+        task.id = task_id(model_version, strategy, task.texts, task.labels, task.budget())
         with self._lock:
-            if identifier in self._adapted:
-                self._adapted.move_to_end(identifier)
-                return self._adapted[identifier][0], True
-        task = Task(identifier, model_version, strategy, sorted(set(labels)), list(texts), list(labels))
+            if task.id in self._adapted:
+                self._adapted.move_to_end(task.id)
+                return self._adapted[task.id][0], True
         classifier = self._adapt(learner, task)
         with self._lock:
             self._remember(task, classifier)
@@ -160,7 +194,8 @@ class TaskStore:
             task.model_version = current
             if self.folder is not None:
                 self._state_path(identifier).unlink(missing_ok=True)  # made by a model no longer loaded
-        learner = strategy_learner(learners[task.model_version], task.strategy)
+        learner = strategy_learner(learners[task.model_version], task.strategy,
+                                   tuning_budget(task.strategy, task.adapt_seconds, task.adapt_top_layers))
         classifier = self._restore(learner, task)
         if classifier is None:
             classifier = self._adapt(learner, task)

@@ -53,6 +53,11 @@ def test_pyfunc_classifies_queries_from_a_support_set(registered):
     assert answer["text"].tolist() == queries
     assert set(answer["label"]) <= set(request["label"]) - {""}
     assert ((answer["score"] > 0) & (answer["score"] <= 1)).all()
+    # the budget of a contrastive task passes MLflow's params schema and reaches the task
+    tuned = model.predict(request, params={"strategy": "contrastive", "adapt_seconds": 5.0, "adapt_top_layers": 1})
+    assert tuned["text"].tolist() == queries and tuned["task_id"][0] != answer["task_id"][0]
+    with pytest.raises(Exception, match="adapt_top_layers"):
+        model.predict(request, params={"strategy": "contrastive", "adapt_top_layers": 0})
     with pytest.raises(Exception, match="label"):
         model.predict(pd.DataFrame({"text": ["only a text"]}))
 

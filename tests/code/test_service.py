@@ -26,7 +26,7 @@ def model_dir(tmp_path_factory, tiny_encoder_config):
     return folder
 
 
-LIMITS = Limits(max_rows=50, max_chars=300, max_body_bytes=20_000)
+LIMITS = Limits(max_rows=50, max_chars=300, max_body_bytes=20_000, max_adapt_seconds=300)
 
 
 def client_for(model_dir, tasks_dir=None, capacity=8):
@@ -71,6 +71,13 @@ BAD_TASKS = [
     ({"support": [{"text": "x" * 301, "label": "a"}, {"text": "b", "label": "c"}]}, 413, "301 characters"),
     ({"support": [{"text": f"t{i}", "label": str(i % 2)} for i in range(51)]}, 413, "51 rows"),
     ({"support": SUPPORT, "strategy": "magic"}, 400, "strategy: unknown"),
+    ({"support": SUPPORT, "adapt_seconds": 5}, 400, "only strategy 'contrastive' tunes the encoder"),
+    ({"support": SUPPORT, "strategy": "logreg", "adapt_top_layers": 1}, 400, "this one is 'logreg'"),
+    ({"support": SUPPORT, "strategy": "contrastive", "adapt_seconds": 0}, 400, "adapt_seconds: Input should be gr"),
+    ({"support": SUPPORT, "strategy": "contrastive", "adapt_seconds": 301}, 400, "adapt_seconds: 301, over the limit"),
+    ({"support": SUPPORT, "strategy": "contrastive", "adapt_seconds": "soon"}, 400, "adapt_seconds: Input should be"),
+    ({"support": SUPPORT, "strategy": "contrastive", "adapt_top_layers": 0}, 400, "adapt_top_layers: Input should be"),
+    ({"support": SUPPORT, "strategy": "contrastive", "adapt_top_layers": 1.5}, 400, "adapt_top_layers: Input should"),
     ({"support": SUPPORT, "extra": 1}, 400, "extra: Extra inputs are not permitted"),
     ({"support": [{"text": "a", "label": "b", "domain": "c"}]}, 400, "Extra inputs are not permitted"),
     ([1, 2, 3], 400, "Input should be a valid dictionary"),
@@ -187,6 +194,12 @@ def test_the_pyfunc_keeps_tasks_and_answers_by_task_id(model_dir):
     assert logreg["task_id"][0] != task and pyfunc.store.cached == 2  # another strategy is another task
     with pytest.raises(MlflowException, match="strategy: unknown 'magic'"):
         pyfunc.predict(None, frame, {"strategy": "magic"})
+    budgeted = pyfunc.predict(None, frame, {"strategy": "contrastive", "adapt_seconds": 5.0, "adapt_top_layers": 1})
+    assert pyfunc.store.describe(budgeted["task_id"][0])["adapt_top_layers"] == 1
+    with pytest.raises(MlflowException, match="only strategy 'contrastive'"):
+        pyfunc.predict(None, frame, {"adapt_seconds": 5.0})
+    with pytest.raises(MlflowException, match="adapt_top_layers: 0 is not a number of layers"):
+        pyfunc.predict(None, frame, {"strategy": "contrastive", "adapt_top_layers": 0})
 
 
 def test_a_promotion_while_serving_moves_new_tasks_to_the_new_version(tmp_path, tiny_encoder_config):
@@ -254,6 +267,36 @@ def test_a_contrastive_task_is_adapted_again_after_a_restart_with_the_same_answe
     again = restarted.post(f"/tasks/{task['task_id']}/predict", json=query).json()["predictions"]
     assert not restarted.get(f"/tasks/{task['task_id']}").json()["restored"]
     assert [p["top"] for p in again] == [p["top"] for p in first]
+
+
+def test_a_contrastive_task_keeps_the_tuning_budget_it_asked_for_across_a_restart(model_dir, tmp_path, monkeypatch):
+    """The budget is part of the task (another budget, another task) and is what tunes it, now and when a
+    restart adapts it again."""
+    import metanlp.tasks
+
+    budgets, original = [], metanlp.tasks.strategy_learner
+
+    def recording(learner, strategy, budget=None):
+        budgets.append(budget)
+        return original(learner, strategy, budget)
+
+    monkeypatch.setattr(metanlp.tasks, "strategy_learner", recording)
+    client = client_for(model_dir, tasks_dir=tmp_path / "tasks")
+    plain = client.post("/tasks", json={"support": SUPPORT, "strategy": "contrastive"}).json()
+    asked = {"adapt_seconds": 20, "adapt_top_layers": 1}
+    task = client.post("/tasks", json={"support": SUPPORT, "strategy": "contrastive", **asked})
+    assert task.status_code == 201, task.text
+    task = task.json()
+    assert task["task_id"] != plain["task_id"] and task["adapt_top_layers"] == 1 and task["adapt_seconds"] == 20
+    assert "adapt_seconds" not in plain
+    assert budgets[0] is None and (budgets[1].seconds, budgets[1].top_layers) == (20, 1)
+    query = {"texts": ["walk the puppy", "plant tulips"], "top_k": 3}
+    first = client.post(f"/tasks/{task['task_id']}/predict", json=query).json()["predictions"]
+    restarted = client_for(model_dir, tasks_dir=tmp_path / "tasks")
+    again = restarted.post(f"/tasks/{task['task_id']}/predict", json=query).json()["predictions"]
+    assert (budgets[-1].seconds, budgets[-1].top_layers) == (20, 1)  # adapted again with the budget it asked
+    assert [p["top"] for p in again] == [p["top"] for p in first]
+    assert restarted.get(f"/tasks/{task['task_id']}").json()["adapt_top_layers"] == 1
 
 
 @pytest.mark.parametrize("text", ["   ", "\u200b\u200b", "\x00", 3])
