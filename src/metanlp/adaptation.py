@@ -8,9 +8,11 @@ Strategies, applied in this order when combined:
   rest trains, and the weights at the step with the lowest held-out loss are kept (the start, if no step
   beats it); with `AdaptBudget.refit` all shots then train again for that many steps;
 - `contrastive`: SetFit-style contrastive fine-tuning of the encoder, started from the meta-learned weights:
-  a supervised contrastive loss (same-class support rows together, others apart) on class-balanced batches;
-  no head is trained, the learner's own adaptation (prototypes) then runs on the tuned encoder. The steps are
-  chosen as for `finetune`, by the nearest-prototype loss of the held-out shot, checked every few steps;
+  a supervised contrastive loss (same-class support rows together, others apart) on class-balanced batches,
+  each a class and the classes nearest it under the starting weights (the confusions worth working on; at
+  random with `AdaptBudget.contrastive_batches = "random"`); no head is trained, the learner's own adaptation
+  (prototypes) then runs on the tuned encoder. The steps are chosen as for `finetune`, by the nearest-prototype
+  loss of the held-out shot, checked every few steps;
 - `fused`: the fine-tuned weights averaged with the starting ones, (1 - a) * start + a * tuned, with a
   chosen on the same held-out shot (model fusion);
 - `prototypes`: no weight change (the learner's own adaptation: class means of the support set);
@@ -54,6 +56,7 @@ STRATEGIES = ("prototypes", "selfsup", "contrastive", "finetune", "fused", "tran
 ENCODER_STRATEGIES = ("selfsup", "contrastive", "finetune", "fused")  # those that change the encoder's weights
 FUSION_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 HELD_OUT_SCALES = (5.0, 10.0, 20.0, 40.0, 80.0)  # cosine temperatures the contrastive held-out loss is taken at
+CONTRASTIVE_BATCHES = ("nearest", "random")  # AdaptBudget.contrastive_batches
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,10 @@ class AdaptBudget:
     contrastive_steps: int = 40  # upper bound, as finetune_steps
     contrastive_every: int = 5  # the held-out shot is scored every this many contrastive steps
     contrastive_temperature: float = 0.1
+    # contrastive: which classes share a batch. "nearest": one class and those whose prototypes (under the starting
+    # weights) are nearest it, hard negatives; "random": classes at random. Only a label space with more classes
+    # than a batch holds (batch_size / 4) sees a difference.
+    contrastive_batches: str = "nearest"
     transductive_steps: int = 1  # soft k-means iterations over the queries
     # estimate the batch's class proportions with the prototypes (a mixture's EM), not assume them equal, when
     # the batch has at least this many texts per class (with fewer the estimate runs to a few hub classes); 0: never
@@ -83,6 +90,11 @@ class AdaptBudget:
     # pass (as accurate in the mean on every suite measured, and faster: README "One pass the default")
     refit: bool = False
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.contrastive_batches not in CONTRASTIVE_BATCHES:
+            raise DataError(f"contrastive_batches: unknown {self.contrastive_batches!r}; choose from "
+                            f"{list(CONTRASTIVE_BATCHES)}")
 
 
 @dataclass
@@ -134,6 +146,7 @@ class _Tuner:
         tuned = ("",) if self.split is None else tuple(  # name prefixes of the weights that are tuned
             f"model.encoder.layer.{i}." for i in range(self.split.n_bottom, len(self.encoder.model.encoder.layer)))
         self.start = {k: v.detach().clone() for k, v in self.encoder.named_parameters() if k.startswith(tuned)}
+        self.start_prototypes: dict[bytes, torch.Tensor] = {}  # by rows: the held-out check and batching share them
 
     @torch.no_grad()
     def run_bottom(self, split: EncoderSplit, chunk: int = 128) -> torch.Tensor:
@@ -167,17 +180,31 @@ class _Tuner:
         row_targets = self.targets[rows].cpu().numpy()
         return [group for group in (rows[row_targets == c] for c in np.unique(row_targets)) if len(group) >= 2]
 
-    def batch(self, rows: np.ndarray, by_class: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    def nearest_classes(self, rows: np.ndarray, by_class: list[np.ndarray]) -> np.ndarray:
+        """[groups, groups]: for each group of `by_class` (a class's rows), the groups by how near their
+        classes' prototypes of `rows` are to its own under the starting weights (cosine), nearest first."""
+        protos = self.prototype_head(rows, scale=1.0)
+        own = protos[torch.as_tensor([int(self.targets[group[0]]) for group in by_class])]
+        similarity = (own @ own.T).fill_diagonal_(2.0)  # a class first in its own order, even beside a twin
+        return torch.argsort(similarity, dim=1, descending=True, stable=True).cpu().numpy()
+
+    def batch(self, rows: np.ndarray, by_class: list[np.ndarray], rng: np.random.Generator,
+              nearest: np.ndarray | None = None) -> np.ndarray:
         size = self.budget.batch_size
         if len(rows) <= size:
             return rows
         if self.objective == "head":
             return rng.choice(rows, size=size, replace=False)
-        # contrastive: a few classes with several rows each, so every anchor has positives in the batch
+        # contrastive: a few classes with several rows each, so every anchor has positives in the batch; with
+        # `nearest` (`nearest_classes`), one class and the classes nearest it, else classes at random
         if not by_class:
             return rng.choice(rows, size=size, replace=False)
         per_class = min(4, max(len(r) for r in by_class))
-        chosen = rng.choice(len(by_class), size=min(len(by_class), max(1, size // per_class)), replace=False)
+        classes = min(len(by_class), max(1, size // per_class))
+        if nearest is not None:
+            chosen = nearest[rng.integers(len(by_class))][:classes]
+        else:
+            chosen = rng.choice(len(by_class), size=classes, replace=False)
         return np.concatenate([rng.permutation(by_class[c])[:per_class] for c in chosen])
 
     def train(self, rows: np.ndarray, steps: int, score_rows: np.ndarray | None = None,
@@ -196,13 +223,16 @@ class _Tuner:
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         rng = np.random.default_rng(b.seed)
         by_class = self.class_groups(rows) if self.objective == "contrastive" else []
+        nearest = None
+        if by_class and b.contrastive_batches == "nearest" and len(rows) > b.batch_size:
+            nearest = self.nearest_classes(rows, by_class)
         scores, done, kept, kept_loss = {}, 0, None, float("inf")
 
         def out_of_time() -> bool:
             return deadline is not None and time.perf_counter() + reserve > deadline
 
         for _ in range(steps):
-            batch = self.batch(rows, by_class, rng)
+            batch = self.batch(rows, by_class, rng, nearest)
             embedded = self.embed(weights, batch)
             if head is None:
                 loss = supervised_contrastive_loss(embedded, self.targets[batch], b.contrastive_temperature)
@@ -228,9 +258,16 @@ class _Tuner:
     def prototype_head(self, rows: np.ndarray, weights=None, scale: float = 10.0) -> torch.Tensor:
         """Proto-MAML head: the class prototypes of `rows` (under `weights`, the start by default), unit norm,
         times `scale` (the temperature)."""
+        at_start = weights is None or weights is self.start
+        key = np.asarray(rows).tobytes()
+        if at_start and key in self.start_prototypes:
+            return self.start_prototypes[key] * scale
         with torch.no_grad():
-            protos = prototypes(self.embed(weights or self.start, rows), self.targets[rows], self.n_classes)
-        return F.normalize(protos, dim=-1) * scale
+            protos = F.normalize(prototypes(self.embed(weights or self.start, rows), self.targets[rows],
+                                            self.n_classes), dim=-1)
+        if at_start:
+            self.start_prototypes[key] = protos
+        return protos * scale
 
     def loss(self, weights, head, rows, fit_rows) -> float:
         """Held-out cross-entropy (finer than accuracy on a handful of held-out shots). Without a head, against

@@ -131,6 +131,9 @@ RefitOpt = Annotated[bool, typer.Option(help="contrastive and finetune: after ch
 TopLayersOpt = Annotated[int | None, typer.Option(min=1, help="contrastive and finetune tune only the top N encoder "
                                                               "layers; the layers below run once per support set "
                                                               "(default: all layers)")]
+BatchesOpt = Annotated[Literal["nearest", "random"], typer.Option(
+    help="contrastive: the classes of a batch, one class and those nearest it under the starting weights (hard "
+         "negatives) or classes at random")]
 
 
 @app.command()
@@ -321,6 +324,7 @@ def evaluate(
              "combination (repeatable)")] = None,
     unlabeled: Annotated[str | None, typer.Option(help="--adapt selfsup: the domain's unlabeled text")] = None,
     adapt_refit: RefitOpt = False,
+    adapt_batches: BatchesOpt = "nearest",
     encoder: Annotated[str, typer.Option(help="encoder for the baselines when no --model")] = DEFAULT_ENCODER,
     seed: Annotated[int, typer.Option(help="seed of the episodes (the same for every method)")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
@@ -361,14 +365,15 @@ def evaluate(
         for combination in adapt:
             strategies = _csv(combination)
             extra[f"{base.name}+{'+'.join(strategies)}"] = DomainAdaptedLearner(
-                base, strategies, AdaptBudget(refit=adapt_refit), unlabeled=texts)
+                base, strategies, AdaptBudget(refit=adapt_refit, contrastive_batches=adapt_batches), unlabeled=texts)
     limits = {"finetune": finetune_episodes} if finetune_episodes else None
     results = evaluate_model(model, query_set, settings, names, support_set, encoder, device, extra, seed,
                              show_progress=not quiet, episode_limits=limits)
     results["config"] = {"data": data, "model": str(model) if model else None, "split": split, "ways": ways,
                          "shots": shot_list, "queries": queries, "episodes": episodes, "repeats": repeats,
                          "support_data": support_data, "methods": names, "finetune_episodes": finetune_episodes,
-                         "adapt": adapt, "adapt_refit": adapt_refit, "unlabeled": unlabeled, "seed": seed}
+                         "adapt": adapt, "adapt_refit": adapt_refit, "adapt_batches": adapt_batches,
+                         "unlabeled": unlabeled, "seed": seed}
     paths = write_report(results, out, title=Path(data).stem)
     typer.echo(markdown_table(results))
     typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
@@ -508,6 +513,7 @@ def adapt(
     seconds: Annotated[float, typer.Option(min=0.001, help="wall-clock cap per strategy")] = 90.0,
     top_layers: TopLayersOpt = None,
     refit: RefitOpt = False,
+    batches: BatchesOpt = "nearest",
     seed: Annotated[int, typer.Option(help="seed of the held-out shot and of fine-tuning")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     force: Annotated[bool, typer.Option(help="replace --out even if it is not an output of this command")] = False,
@@ -526,7 +532,7 @@ def adapt(
     texts = read_texts(unlabeled) if unlabeled else None
     learner = load_learner(model).to(resolve_device(device))
     budget = AdaptBudget(finetune_steps=steps, contrastive_steps=contrastive_steps, selfsup_steps=selfsup_steps,
-                         seconds=seconds, top_layers=top_layers, refit=refit, seed=seed)
+                         seconds=seconds, top_layers=top_layers, refit=refit, contrastive_batches=batches, seed=seed)
     adapted, summary = domain_adapt(learner, support_set.texts, support_set.labels, texts, _csv(strategy), budget)
     record = {"support": support, "unlabeled": unlabeled, **summary.__dict__}
     save_learner(adapted, out, provenance=learner.provenance.model_copy(update={"adapted": record}), force=force)
@@ -751,6 +757,7 @@ def benchmark(
                         "step choice included (default: the adaptation budget's, 90)")] = None,
     adapt_top_layers: TopLayersOpt = None,
     adapt_refit: RefitOpt = False,
+    adapt_batches: BatchesOpt = "nearest",
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """The benchmark suite: every method on the same supports and queries of the pool's eval datasets; accuracy
@@ -812,7 +819,7 @@ def benchmark(
             factories[f"{name}+logreg"] = lambda own=own: build_learner("logreg", own().encoder)
     # each adaptation combination on each model, and on the frozen encoder (is the meta-learned start worth it?)
     given = {"transductive_proportion_rows": proportion_rows, "seconds": adapt_seconds,
-             "top_layers": adapt_top_layers, "refit": adapt_refit}
+             "top_layers": adapt_top_layers, "refit": adapt_refit, "contrastive_batches": adapt_batches}
     budget = _adapt_budget(given)
     for combination in adapt or []:
         strategies = _csv(combination)
@@ -837,7 +844,7 @@ def benchmark(
                          "setfit_iterations": setfit_iterations, "datasets": names, "adapt": adapt or [],
                          "transductive_proportion_rows": budget.transductive_proportion_rows,
                          "adapt_seconds": budget.seconds, "adapt_top_layers": budget.top_layers,
-                         "adapt_refit": budget.refit}
+                         "adapt_refit": budget.refit, "adapt_batches": budget.contrastive_batches}
     paths = write_suite_report(results, out)
     typer.echo(paths["markdown"].read_text())
     typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")

@@ -191,6 +191,36 @@ def test_contrastive_batches_hold_several_rows_of_few_classes(learner, corpus):
     assert len(batch) == 8 and sorted(np.bincount(targets[batch].numpy()).tolist()) == [0, 0, 4, 4]
 
 
+def test_contrastive_batches_take_a_class_and_the_classes_nearest_it(learner, corpus):
+    """Hard negatives: the classes nearest a class under the starting weights share its batches (`nearest`, the
+    default); `random` mixes classes at random; another value is refused by name."""
+    from metanlp.adaptation import _Tuner
+    from metanlp.data.load import DataError
+
+    class Placed(_Tuner):  # our own tuner whose starting embeddings put classes 2k and 2k + 1 side by side
+        def embed(self, weights, rows):
+            classes = self.targets[torch.as_tensor(rows)].float()
+            angle = (classes // 2) * 0.7 + (classes % 2) * 0.05
+            return torch.stack([torch.cos(angle), torch.sin(angle)], dim=-1)
+
+    texts, labels = support_of(corpus, classes=8, shots=4)
+    targets = support_targets(labels)[1]
+    tuner = Placed(learner, learner.encoder.tokenize(texts), targets, 8, AdaptBudget(batch_size=8), "contrastive")
+    rows = np.arange(len(texts))
+    groups = tuner.class_groups(rows)
+    nearest = tuner.nearest_classes(rows, groups)
+    assert nearest[:, 0].tolist() == list(range(8)) and nearest[:, 1].tolist() == [c ^ 1 for c in range(8)]
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # 8 rows: one class and its nearest, 4 rows each
+        first, second = sorted(set(targets[tuner.batch(rows, groups, rng, nearest)].tolist()))
+        assert second == first ^ 1
+    at_random = [sorted(set(targets[tuner.batch(rows, groups, rng)].tolist())) for _ in range(20)]
+    assert any(second != first ^ 1 for first, second in at_random)
+    assert AdaptBudget().contrastive_batches == "nearest"
+    with pytest.raises(DataError, match="contrastive_batches: unknown 'hardest'"):
+        AdaptBudget(contrastive_batches="hardest")
+
+
 @pytest.mark.parametrize("objective", ["contrastive", "head"])
 def test_tuning_the_top_layers_runs_the_bottom_once_and_changes_only_the_top(learner, corpus, objective):
     """With `top_layers` the tuner starts from the same embeddings as the whole encoder (the bottom's states are
