@@ -69,7 +69,7 @@ class AdaptBudget:
     contrastive_temperature: float = 0.1
     # contrastive: which classes share a batch. "nearest": one class and those whose prototypes (under the starting
     # weights) are nearest it, hard negatives; "random": classes at random. Only a label space with more classes
-    # than a batch holds (batch_size / 4) sees a difference.
+    # than a batch holds (batch_size / 4) sees a difference: with fewer, both take the same batches.
     contrastive_batches: str = "nearest"
     transductive_steps: int = 1  # soft k-means iterations over the queries
     # estimate the batch's class proportions with the prototypes (a mixture's EM), not assume them equal, when
@@ -199,13 +199,17 @@ class _Tuner:
         # `nearest` (`nearest_classes`), one class and the classes nearest it, else classes at random
         if not by_class:
             return rng.choice(rows, size=size, replace=False)
-        per_class = min(4, max(len(r) for r in by_class))
-        classes = min(len(by_class), max(1, size // per_class))
-        if nearest is not None:
+        per_class, classes = self.batch_shape(by_class)
+        if nearest is not None and classes < len(by_class):
             chosen = nearest[rng.integers(len(by_class))][:classes]
         else:
             chosen = rng.choice(len(by_class), size=classes, replace=False)
         return np.concatenate([rng.permutation(by_class[c])[:per_class] for c in chosen])
+
+    def batch_shape(self, by_class: list[np.ndarray]) -> tuple[int, int]:
+        """A contrastive batch's rows per class (up to 4) and classes."""
+        per_class = min(4, max(len(r) for r in by_class))
+        return per_class, min(len(by_class), max(1, self.budget.batch_size // per_class))
 
     def train(self, rows: np.ndarray, steps: int, score_rows: np.ndarray | None = None,
               deadline: float | None = None, score_every: int = 1, keep_best: bool = False, reserve: float = 0.0):
@@ -223,8 +227,9 @@ class _Tuner:
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         rng = np.random.default_rng(b.seed)
         by_class = self.class_groups(rows) if self.objective == "contrastive" else []
-        nearest = None
-        if by_class and b.contrastive_batches == "nearest" and len(rows) > b.batch_size:
+        nearest = None  # only where a batch cannot hold every class is there a choice to make
+        if (by_class and b.contrastive_batches == "nearest" and len(rows) > b.batch_size
+                and self.batch_shape(by_class)[1] < len(by_class)):
             nearest = self.nearest_classes(rows, by_class)
         scores, done, kept, kept_loss = {}, 0, None, float("inf")
 

@@ -216,6 +216,15 @@ def test_contrastive_batches_take_a_class_and_the_classes_nearest_it(learner, co
         assert second == first ^ 1
     at_random = [sorted(set(targets[tuner.batch(rows, groups, rng)].tolist())) for _ in range(20)]
     assert any(second != first ^ 1 for first, second in at_random)
+    # where a batch holds every class there is nothing to choose: the same batches as `random`
+    texts, labels = support_of(corpus, classes=8, shots=6)  # 48 rows, 8 classes x 4 rows a batch
+    targets = support_targets(labels)[1]
+    whole = Placed(learner, learner.encoder.tokenize(texts), targets, 8, AdaptBudget(batch_size=32), "contrastive")
+    rows = np.arange(len(texts))
+    groups = whole.class_groups(rows)
+    nearest = whole.nearest_classes(rows, groups)
+    assert np.array_equal(whole.batch(rows, groups, np.random.default_rng(1), nearest),
+                          whole.batch(rows, groups, np.random.default_rng(1)))
     assert AdaptBudget().contrastive_batches == "nearest"
     with pytest.raises(DataError, match="contrastive_batches: unknown 'hardest'"):
         AdaptBudget(contrastive_batches="hardest")
