@@ -131,9 +131,9 @@ RefitOpt = Annotated[bool, typer.Option(help="contrastive and finetune: after ch
 TopLayersOpt = Annotated[int | None, typer.Option(min=1, help="contrastive and finetune tune only the top N encoder "
                                                               "layers; the layers below run once per support set "
                                                               "(default: all layers)")]
-BatchesOpt = Annotated[Literal["nearest", "random"], typer.Option(
-    help="contrastive: the classes of a batch, one class and those nearest it under the starting weights (hard "
-         "negatives) or classes at random")]
+BatchesOpt = Annotated[Literal["nearest", "random"] | None, typer.Option(
+    help="contrastive: the classes of a batch, at random or one class and those nearest it under the starting "
+         "weights (hard negatives: fine-grained label spaces) [default: random]")]
 
 
 @app.command()
@@ -324,7 +324,7 @@ def evaluate(
              "combination (repeatable)")] = None,
     unlabeled: Annotated[str | None, typer.Option(help="--adapt selfsup: the domain's unlabeled text")] = None,
     adapt_refit: RefitOpt = False,
-    adapt_batches: BatchesOpt = "nearest",
+    adapt_batches: BatchesOpt = None,
     encoder: Annotated[str, typer.Option(help="encoder for the baselines when no --model")] = DEFAULT_ENCODER,
     seed: Annotated[int, typer.Option(help="seed of the episodes (the same for every method)")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
@@ -353,8 +353,9 @@ def evaluate(
     settings = build_settings(query_set, ways_value, shot_list, queries, episodes, repeats, support_set, seed,
                               spaces=label_space_weights(query_set, label_spaces))
     extra = {}
+    budget = _adapt_budget({"refit": adapt_refit, "contrastive_batches": adapt_batches})
     if adapt:
-        from metanlp.adaptation import AdaptBudget, DomainAdaptedLearner
+        from metanlp.adaptation import DomainAdaptedLearner
         from metanlp.encoder import resolve_device
         from metanlp.learners import load_learner
 
@@ -364,15 +365,15 @@ def evaluate(
         texts = read_texts(unlabeled) if unlabeled else None
         for combination in adapt:
             strategies = _csv(combination)
-            extra[f"{base.name}+{'+'.join(strategies)}"] = DomainAdaptedLearner(
-                base, strategies, AdaptBudget(refit=adapt_refit, contrastive_batches=adapt_batches), unlabeled=texts)
+            extra[f"{base.name}+{'+'.join(strategies)}"] = DomainAdaptedLearner(base, strategies, budget,
+                                                                                unlabeled=texts)
     limits = {"finetune": finetune_episodes} if finetune_episodes else None
     results = evaluate_model(model, query_set, settings, names, support_set, encoder, device, extra, seed,
                              show_progress=not quiet, episode_limits=limits)
     results["config"] = {"data": data, "model": str(model) if model else None, "split": split, "ways": ways,
                          "shots": shot_list, "queries": queries, "episodes": episodes, "repeats": repeats,
                          "support_data": support_data, "methods": names, "finetune_episodes": finetune_episodes,
-                         "adapt": adapt, "adapt_refit": adapt_refit, "adapt_batches": adapt_batches,
+                         "adapt": adapt, "adapt_refit": adapt_refit, "adapt_batches": budget.contrastive_batches,
                          "unlabeled": unlabeled, "seed": seed}
     paths = write_report(results, out, title=Path(data).stem)
     typer.echo(markdown_table(results))
@@ -406,6 +407,7 @@ def predict(
                         "included (default 90)")] = None,
     adapt_top_layers: Annotated[int | None, typer.Option(
         min=1, help="--strategy contrastive: tune only the top N encoder layers (default: all)")] = None,
+    adapt_batches: BatchesOpt = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
     """Adapt the model to the support examples and label new texts: a few on the terminal, or a whole file
@@ -416,7 +418,8 @@ def predict(
     from metanlp.tasks import check_strategy, strategy_learner, tuning_budget
 
     check_strategy(strategy, "--strategy")  # before the model is opened
-    budget = tuning_budget(strategy, adapt_seconds, adapt_top_layers, ("--adapt-seconds", "--adapt-top-layers"))
+    budget = tuning_budget(strategy, adapt_seconds, adapt_top_layers, adapt_batches,
+                           ("--adapt-seconds", "--adapt-top-layers", "--adapt-batches"))
 
     if out is not None:
         if texts is None or text:
@@ -513,7 +516,7 @@ def adapt(
     seconds: Annotated[float, typer.Option(min=0.001, help="wall-clock cap per strategy")] = 90.0,
     top_layers: TopLayersOpt = None,
     refit: RefitOpt = False,
-    batches: BatchesOpt = "nearest",
+    batches: BatchesOpt = None,
     seed: Annotated[int, typer.Option(help="seed of the held-out shot and of fine-tuning")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     force: Annotated[bool, typer.Option(help="replace --out even if it is not an output of this command")] = False,
@@ -532,7 +535,8 @@ def adapt(
     texts = read_texts(unlabeled) if unlabeled else None
     learner = load_learner(model).to(resolve_device(device))
     budget = AdaptBudget(finetune_steps=steps, contrastive_steps=contrastive_steps, selfsup_steps=selfsup_steps,
-                         seconds=seconds, top_layers=top_layers, refit=refit, contrastive_batches=batches, seed=seed)
+                         seconds=seconds, top_layers=top_layers, refit=refit, seed=seed,
+                         **({"contrastive_batches": batches} if batches else {}))
     adapted, summary = domain_adapt(learner, support_set.texts, support_set.labels, texts, _csv(strategy), budget)
     record = {"support": support, "unlabeled": unlabeled, **summary.__dict__}
     save_learner(adapted, out, provenance=learner.provenance.model_copy(update={"adapted": record}), force=force)
@@ -757,7 +761,7 @@ def benchmark(
                         "step choice included (default: the adaptation budget's, 90)")] = None,
     adapt_top_layers: TopLayersOpt = None,
     adapt_refit: RefitOpt = False,
-    adapt_batches: BatchesOpt = "nearest",
+    adapt_batches: BatchesOpt = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """The benchmark suite: every method on the same supports and queries of the pool's eval datasets; accuracy

@@ -40,9 +40,10 @@ MODEL_VERSION = "pyfunc"  # one loaded pyfunc is one model: its tasks need no ot
 
 
 def classify(learner, frame: pd.DataFrame, store=None, task: str | None = None, strategy: str = "default",
-             adapt_seconds: float | None = None, adapt_top_layers: int | None = None) -> pd.DataFrame:
+             adapt_seconds: float | None = None, adapt_top_layers: int | None = None,
+             adapt_batches: str | None = None) -> pd.DataFrame:
     """Label the query rows. The support rows make (or find, in `store`) a task adapted by `strategy` (one of
-    `metanlp.tasks.STRATEGIES`; `adapt_seconds`, `adapt_top_layers`: the budget of a `contrastive` one's tuning);
+    `metanlp.tasks.STRATEGIES`; `adapt_*`: the budget of a `contrastive` one's tuning);
     or `task` names one made by an earlier request, and the request may then hold queries only."""
     from metanlp.tasks import TaskStore
 
@@ -50,7 +51,7 @@ def classify(learner, frame: pd.DataFrame, store=None, task: str | None = None, 
     support_texts, support_labels, queries = split_request(frame, need_support=not task)
     if support_texts:
         made, _ = store.create(learner, MODEL_VERSION, support_texts, support_labels, strategy, adapt_seconds,
-                               adapt_top_layers)
+                               adapt_top_layers, adapt_batches)
         task = made.id
     _, classifier = store.classifier(task, {MODEL_VERSION: learner}, MODEL_VERSION)
     predictions = classifier.predict(queries)
@@ -63,7 +64,7 @@ class FewShotClassifierModel(PythonModel):
     """Support sets adapted once and kept (bounded LRU of 32 tasks): the same support again, or its task id
     in the request's params (`{"task_id": ...}`) with query rows only, costs only the queries. The params'
     `strategy` chooses how a new task adapts (`metanlp.tasks.STRATEGIES`; "default": the model's own), and
-    `adapt_seconds` / `adapt_top_layers` budget a `contrastive` task's tuning."""
+    `adapt_seconds` / `adapt_top_layers` / `adapt_batches` budget a `contrastive` task's tuning."""
 
     def load_context(self, context) -> None:
         from metanlp.learners import load_learner
@@ -83,7 +84,7 @@ class FewShotClassifierModel(PythonModel):
             params = params or {}
             return classify(self.learner, model_input, self.store, params.get("task_id") or None,
                             params.get("strategy") or "default", params.get("adapt_seconds"),
-                            params.get("adapt_top_layers"))
+                            params.get("adapt_top_layers"), params.get("adapt_batches"))
         except (TaskError, DataError, ValueError) as err:
             raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from err
 
@@ -106,7 +107,8 @@ def signature():
                           params=ParamSchema([ParamSpec("task_id", "string", ""),
                                               ParamSpec("strategy", "string", "default"),
                                               ParamSpec("adapt_seconds", "double", None),
-                                              ParamSpec("adapt_top_layers", "long", None)]))
+                                              ParamSpec("adapt_top_layers", "long", None),
+                                              ParamSpec("adapt_batches", "string", None)]))
 
 
 def pyfunc_arguments(model_dir) -> dict:

@@ -75,10 +75,12 @@ class Task:
     # again after a restart or an eviction tunes as it was tuned
     adapt_seconds: float | None = None
     adapt_top_layers: int | None = None
+    adapt_batches: str | None = None
 
-    def budget(self) -> dict[str, float | int]:
+    def budget(self) -> dict[str, float | int | str]:
         return {name: value for name, value in (("adapt_seconds", self.adapt_seconds),
-                                                ("adapt_top_layers", self.adapt_top_layers)) if value is not None}
+                                                ("adapt_top_layers", self.adapt_top_layers),
+                                                ("adapt_batches", self.adapt_batches)) if value is not None}
 
     def describe(self) -> dict:
         return {"task_id": self.id, "model_version": self.model_version, "strategy": self.strategy,
@@ -91,23 +93,26 @@ def check_strategy(strategy: str, field: str = "strategy") -> None:
         raise TaskError(f"{field}: unknown {quote(strategy)}; choose from {sorted(STRATEGIES)}")
 
 
-def tuning_budget(strategy: str, seconds: float | None, top_layers: int | None,
-                  names: tuple[str, str] = ("adapt_seconds", "adapt_top_layers")) -> AdaptBudget | None:
-    """The `adaptation.AdaptBudget` of a task that sets the cap and/or the tuned layers of its encoder tuning
-    (its defaults for what is None); None when neither is set. Refused, naming `names` (how the caller calls
-    them), for a strategy that tunes no encoder or a value out of range."""
-    given = {"seconds": seconds, "top_layers": top_layers}
+def tuning_budget(strategy: str, seconds: float | None, top_layers: int | None, batches: str | None = None,
+                  names: tuple[str, str, str] = ("adapt_seconds", "adapt_top_layers", "adapt_batches")
+                  ) -> AdaptBudget | None:
+    """The `adaptation.AdaptBudget` of a task that sets the cap, the tuned layers and/or the batches of its
+    encoder tuning (its defaults for what is None); None when none is set. Refused, naming `names` (how the
+    caller calls them), for a strategy that tunes no encoder or a value out of range."""
+    given = {"seconds": seconds, "top_layers": top_layers, "contrastive_batches": batches}
     if all(v is None for v in given.values()):
         return None
     if strategy != "contrastive":
-        raise TaskError(f"{names[0]}, {names[1]}: only strategy 'contrastive' tunes the encoder, so only it takes "
-                        f"them (this one is {quote(strategy)})")
+        raise TaskError(f"{', '.join(names)}: only strategy 'contrastive' tunes the encoder, so only it takes them "
+                        f"(this one is {quote(strategy)})")
     if seconds is not None and not seconds > 0:
         raise TaskError(f"{names[0]}: {seconds} is not a positive number of seconds")
     if top_layers is not None and top_layers < 1:
         raise TaskError(f"{names[1]}: {top_layers} is not a number of layers (1 or more)")
-    from metanlp.adaptation import AdaptBudget
+    from metanlp.adaptation import CONTRASTIVE_BATCHES, AdaptBudget
 
+    if batches is not None and batches not in CONTRASTIVE_BATCHES:
+        raise TaskError(f"{names[2]}: unknown {quote(batches)}; choose from {list(CONTRASTIVE_BATCHES)}")
     return AdaptBudget(**{k: v for k, v in given.items() if v is not None})
 
 
@@ -163,12 +168,14 @@ class TaskStore:
 
     def create(self, learner: Learner, model_version: str, texts: list[str], labels: list[str],
                strategy: str = DEFAULT_STRATEGY, adapt_seconds: float | None = None,
-               adapt_top_layers: int | None = None) -> tuple[Task, bool]:
+               adapt_top_layers: int | None = None, adapt_batches: str | None = None) -> tuple[Task, bool]:
         """The task of this support set (adapted now unless it is cached); returns it and whether it was.
-        `adapt_seconds`, `adapt_top_layers`: the budget of a `contrastive` task's tuning (`tuning_budget`)."""
-        learner = strategy_learner(learner, strategy, tuning_budget(strategy, adapt_seconds, adapt_top_layers))
+        `adapt_seconds`, `adapt_top_layers`, `adapt_batches`: the budget of a `contrastive` task's tuning
+        (`tuning_budget`)."""
+        learner = strategy_learner(learner, strategy,
+                                   tuning_budget(strategy, adapt_seconds, adapt_top_layers, adapt_batches))
         task = Task("", model_version, strategy, sorted(set(labels)), list(texts), list(labels),
-                    adapt_seconds=adapt_seconds, adapt_top_layers=adapt_top_layers)
+                    adapt_seconds=adapt_seconds, adapt_top_layers=adapt_top_layers, adapt_batches=adapt_batches)
         task.id = task_id(model_version, strategy, task.texts, task.labels, task.budget())
         with self._lock:
             if task.id in self._adapted:
@@ -195,7 +202,8 @@ class TaskStore:
             if self.folder is not None:
                 self._state_path(identifier).unlink(missing_ok=True)  # made by a model no longer loaded
         learner = strategy_learner(learners[task.model_version], task.strategy,
-                                   tuning_budget(task.strategy, task.adapt_seconds, task.adapt_top_layers))
+                                   tuning_budget(task.strategy, task.adapt_seconds, task.adapt_top_layers,
+                                                 task.adapt_batches))
         classifier = self._restore(learner, task)
         if classifier is None:
             classifier = self._adapt(learner, task)

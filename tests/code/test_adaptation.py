@@ -192,8 +192,8 @@ def test_contrastive_batches_hold_several_rows_of_few_classes(learner, corpus):
 
 
 def test_contrastive_batches_take_a_class_and_the_classes_nearest_it(learner, corpus):
-    """Hard negatives: the classes nearest a class under the starting weights share its batches (`nearest`, the
-    default); `random` mixes classes at random; another value is refused by name."""
+    """Hard negatives: the classes nearest a class under the starting weights share its batches (`nearest`);
+    `random`, the default, mixes classes at random; another value is refused by name."""
     from metanlp.adaptation import _Tuner
     from metanlp.data.load import DataError
 
@@ -225,7 +225,7 @@ def test_contrastive_batches_take_a_class_and_the_classes_nearest_it(learner, co
     nearest = whole.nearest_classes(rows, groups)
     assert np.array_equal(whole.batch(rows, groups, np.random.default_rng(1), nearest),
                           whole.batch(rows, groups, np.random.default_rng(1)))
-    assert AdaptBudget().contrastive_batches == "nearest"
+    assert AdaptBudget().contrastive_batches == "random"
     with pytest.raises(DataError, match="contrastive_batches: unknown 'hardest'"):
         AdaptBudget(contrastive_batches="hardest")
 

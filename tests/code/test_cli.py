@@ -87,7 +87,7 @@ def test_predict_takes_a_budget_for_contrastive_tuning_and_refuses_it_for_other_
                                                                                           tmp_path):
     args = ["predict", "--model", str(tiny_model), "--support", str(small_jsonl), "--text", "pizza example", "--json"]
     result = runner.invoke(app, [*args, "--strategy", "contrastive", "--adapt-seconds", "0.5",
-                                 "--adapt-top-layers", "1"])
+                                 "--adapt-top-layers", "1", "--adapt-batches", "nearest"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output.strip().splitlines()[-1])["label"] in {"weather", "music", "food", "travel"}
     refused = runner.invoke(app, [*args, "--adapt-seconds", "0.5"])  # the default strategy tunes nothing

@@ -78,6 +78,7 @@ BAD_TASKS = [
     ({"support": SUPPORT, "strategy": "contrastive", "adapt_seconds": "soon"}, 400, "adapt_seconds: Input should be"),
     ({"support": SUPPORT, "strategy": "contrastive", "adapt_top_layers": 0}, 400, "adapt_top_layers: Input should be"),
     ({"support": SUPPORT, "strategy": "contrastive", "adapt_top_layers": 1.5}, 400, "adapt_top_layers: Input should"),
+    ({"support": SUPPORT, "strategy": "contrastive", "adapt_batches": "hardest"}, 400, "adapt_batches: Input should"),
     ({"support": SUPPORT, "extra": 1}, 400, "extra: Extra inputs are not permitted"),
     ({"support": [{"text": "a", "label": "b", "domain": "c"}]}, 400, "Extra inputs are not permitted"),
     ([1, 2, 3], 400, "Input should be a valid dictionary"),
@@ -200,6 +201,8 @@ def test_the_pyfunc_keeps_tasks_and_answers_by_task_id(model_dir):
         pyfunc.predict(None, frame, {"adapt_seconds": 5.0})
     with pytest.raises(MlflowException, match="adapt_top_layers: 0 is not a number of layers"):
         pyfunc.predict(None, frame, {"strategy": "contrastive", "adapt_top_layers": 0})
+    with pytest.raises(MlflowException, match="adapt_batches: unknown 'hardest'"):
+        pyfunc.predict(None, frame, {"strategy": "contrastive", "adapt_batches": "hardest"})
 
 
 def test_a_promotion_while_serving_moves_new_tasks_to_the_new_version(tmp_path, tiny_encoder_config):
@@ -283,18 +286,20 @@ def test_a_contrastive_task_keeps_the_tuning_budget_it_asked_for_across_a_restar
     monkeypatch.setattr(metanlp.tasks, "strategy_learner", recording)
     client = client_for(model_dir, tasks_dir=tmp_path / "tasks")
     plain = client.post("/tasks", json={"support": SUPPORT, "strategy": "contrastive"}).json()
-    asked = {"adapt_seconds": 20, "adapt_top_layers": 1}
+    asked = {"adapt_seconds": 20, "adapt_top_layers": 1, "adapt_batches": "nearest"}
     task = client.post("/tasks", json={"support": SUPPORT, "strategy": "contrastive", **asked})
     assert task.status_code == 201, task.text
     task = task.json()
     assert task["task_id"] != plain["task_id"] and task["adapt_top_layers"] == 1 and task["adapt_seconds"] == 20
     assert "adapt_seconds" not in plain
     assert budgets[0] is None and (budgets[1].seconds, budgets[1].top_layers) == (20, 1)
+    assert budgets[1].contrastive_batches == "nearest" and task["adapt_batches"] == "nearest"
     query = {"texts": ["walk the puppy", "plant tulips"], "top_k": 3}
     first = client.post(f"/tasks/{task['task_id']}/predict", json=query).json()["predictions"]
     restarted = client_for(model_dir, tasks_dir=tmp_path / "tasks")
     again = restarted.post(f"/tasks/{task['task_id']}/predict", json=query).json()["predictions"]
-    assert (budgets[-1].seconds, budgets[-1].top_layers) == (20, 1)  # adapted again with the budget it asked
+    # adapted again with the budget it asked
+    assert (budgets[-1].seconds, budgets[-1].top_layers, budgets[-1].contrastive_batches) == (20, 1, "nearest")
     assert [p["top"] for p in again] == [p["top"] for p in first]
     assert restarted.get(f"/tasks/{task['task_id']}").json()["adapt_top_layers"] == 1
 
