@@ -11,9 +11,8 @@ Strategies, applied in this order when combined:
   a supervised contrastive loss (same-class support rows together, others apart) on class-balanced batches
   of classes at random, or (`AdaptBudget.contrastive_batches = "nearest"`) each a class and the classes
   nearest it under the starting weights, the confusions of a fine-grained label space; no head is trained,
-  the learner's own adaptation
-  (prototypes) then runs on the tuned encoder. The steps are chosen as for `finetune`, by the nearest-prototype
-  loss of the held-out shot, checked every few steps;
+  the learner's own adaptation (prototypes) then runs on the tuned encoder. The steps are chosen as for
+  `finetune`, by the nearest-prototype loss of the held-out shot, checked every few steps;
 - `fused`: the fine-tuned weights averaged with the starting ones, (1 - a) * start + a * tuned, with a
   chosen on the same held-out shot (model fusion);
 - `prototypes`: no weight change (the learner's own adaptation: class means of the support set);

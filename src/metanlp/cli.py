@@ -536,7 +536,7 @@ def adapt(
     learner = load_learner(model).to(resolve_device(device))
     budget = AdaptBudget(finetune_steps=steps, contrastive_steps=contrastive_steps, selfsup_steps=selfsup_steps,
                          seconds=seconds, top_layers=top_layers, refit=refit, seed=seed,
-                         **({"contrastive_batches": batches} if batches else {}))
+                         contrastive_batches=batches or AdaptBudget.contrastive_batches)
     adapted, summary = domain_adapt(learner, support_set.texts, support_set.labels, texts, _csv(strategy), budget)
     record = {"support": support, "unlabeled": unlabeled, **summary.__dict__}
     save_learner(adapted, out, provenance=learner.provenance.model_copy(update={"adapted": record}), force=force)

@@ -53,7 +53,7 @@ class UnknownTask(TaskError):
 
 
 def task_id(model_version: str, strategy: str, texts: list[str], labels: list[str],
-            budget: dict[str, float | int] | None = None) -> str:
+            budget: dict[str, float | int | str] | None = None) -> str:
     """`budget`: the tuning budget the task asked for, if any (left out when none, so the ids of tasks that ask
     none stay what they were)."""
     payload = json.dumps([model_version, strategy, texts, labels, *([budget] if budget else [])], ensure_ascii=False)
