@@ -523,7 +523,7 @@ def adapt(
 ) -> None:
     """Adapt a model to a new domain from its support set (and unlabeled text); `predict`, `evaluate` and
     the registry take the result like any model."""
-    from metanlp.adaptation import AdaptBudget, domain_adapt
+    from metanlp.adaptation import domain_adapt
     from metanlp.atomic import check_replaceable
     from metanlp.encoder import resolve_device
     from metanlp.learners import load_learner, save_learner
@@ -534,9 +534,9 @@ def adapt(
     support_set = load_labelled(support, text_column=text_column, label_column=label_column)
     texts = read_texts(unlabeled) if unlabeled else None
     learner = load_learner(model).to(resolve_device(device))
-    budget = AdaptBudget(finetune_steps=steps, contrastive_steps=contrastive_steps, selfsup_steps=selfsup_steps,
-                         seconds=seconds, top_layers=top_layers, refit=refit, seed=seed,
-                         contrastive_batches=batches or AdaptBudget.contrastive_batches)
+    budget = _adapt_budget({"finetune_steps": steps, "contrastive_steps": contrastive_steps,
+                            "selfsup_steps": selfsup_steps, "seconds": seconds, "top_layers": top_layers,
+                            "refit": refit, "seed": seed, "contrastive_batches": batches})
     adapted, summary = domain_adapt(learner, support_set.texts, support_set.labels, texts, _csv(strategy), budget)
     record = {"support": support, "unlabeled": unlabeled, **summary.__dict__}
     save_learner(adapted, out, provenance=learner.provenance.model_copy(update={"adapted": record}), force=force)

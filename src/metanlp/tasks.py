@@ -133,6 +133,12 @@ def strategy_learner(learner: Learner, strategy: str, budget: AdaptBudget | None
     raise AssertionError(f"strategy {strategy!r} is in STRATEGIES but has no learner here")
 
 
+def task_learner(learner: Learner, task: Task) -> Learner:
+    """The learner that adapts `task` on `learner`'s model: its strategy, with the tuning budget it asked for."""
+    return strategy_learner(learner, task.strategy, tuning_budget(task.strategy, task.adapt_seconds,
+                                                                  task.adapt_top_layers, task.adapt_batches))
+
+
 def task_records(folder: Path) -> list[Task]:
     """The task records a store keeps in `folder` (`<id>.json`), oldest first; files that are not task
     records are left alone."""
@@ -172,10 +178,9 @@ class TaskStore:
         """The task of this support set (adapted now unless it is cached); returns it and whether it was.
         `adapt_seconds`, `adapt_top_layers`, `adapt_batches`: the budget of a `contrastive` task's tuning
         (`tuning_budget`)."""
-        learner = strategy_learner(learner, strategy,
-                                   tuning_budget(strategy, adapt_seconds, adapt_top_layers, adapt_batches))
         task = Task("", model_version, strategy, sorted(set(labels)), list(texts), list(labels),
                     adapt_seconds=adapt_seconds, adapt_top_layers=adapt_top_layers, adapt_batches=adapt_batches)
+        learner = task_learner(learner, task)
         task.id = task_id(model_version, strategy, task.texts, task.labels, task.budget())
         with self._lock:
             if task.id in self._adapted:
@@ -201,9 +206,7 @@ class TaskStore:
             task.model_version = current
             if self.folder is not None:
                 self._state_path(identifier).unlink(missing_ok=True)  # made by a model no longer loaded
-        learner = strategy_learner(learners[task.model_version], task.strategy,
-                                   tuning_budget(task.strategy, task.adapt_seconds, task.adapt_top_layers,
-                                                 task.adapt_batches))
+        learner = task_learner(learners[task.model_version], task)
         classifier = self._restore(learner, task)
         if classifier is None:
             classifier = self._adapt(learner, task)
