@@ -93,6 +93,11 @@ class AdaptBudget:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # the CLI, the service and the pyfunc check these under their own field names first; this guards direct use
+        if not self.seconds > 0:
+            raise DataError(f"seconds: must be > 0, got {self.seconds!r}")
+        if self.top_layers is not None and self.top_layers < 1:
+            raise DataError(f"top_layers: must be at least 1 (or None for every weight), got {self.top_layers!r}")
         if self.contrastive_batches not in CONTRASTIVE_BATCHES:
             raise DataError(f"contrastive_batches: unknown {self.contrastive_batches!r}; choose from "
                             f"{list(CONTRASTIVE_BATCHES)}")

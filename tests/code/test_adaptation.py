@@ -55,7 +55,7 @@ def test_finetune_respects_the_step_budget_and_leaves_the_learner_alone(learner,
 def test_seconds_budget_stops_fine_tuning(learner, corpus):
     texts, labels = support_of(corpus)
     _, report = domain_adapt(learner, texts, labels, strategies=["finetune"],
-                             budget=AdaptBudget(finetune_steps=500, seconds=0.0, lr=1e-3))
+                             budget=AdaptBudget(finetune_steps=500, seconds=1e-9, lr=1e-3))
     assert report.finetune_steps <= 1  # the held-out pass stopped after its first step
 
 
@@ -228,6 +228,15 @@ def test_contrastive_batches_take_a_class_and_the_classes_nearest_it(learner, co
     assert AdaptBudget().contrastive_batches == "random"
     with pytest.raises(DataError, match="contrastive_batches: unknown 'hardest'"):
         AdaptBudget(contrastive_batches="hardest")
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("seconds", 0.0, "seconds: must be > 0"), ("seconds", -1.0, "seconds: must be > 0"),
+    ("top_layers", 0, "top_layers: must be at least 1")])
+def test_a_budget_without_time_or_layers_is_refused_by_name(field, value, message):
+    from metanlp.data.load import DataError
+    with pytest.raises(DataError, match=message):
+        AdaptBudget(**{field: value})
 
 
 @pytest.mark.parametrize("objective", ["contrastive", "head"])
