@@ -152,6 +152,9 @@ def train(
     pooling: Annotated[Literal["mean", "cls"], typer.Option(help="sentence embedding: mean of tokens or [CLS]")
                        ] = "mean",
     max_length: Annotated[int, typer.Option(min=8, help="tokens per text (longer texts are cut)")] = 64,
+    keep_tail: Annotated[float, typer.Option(
+        min=0, max=0.99, help="a longer text keeps this share of --max-length from its end, the middle cut out "
+        "(0: the start only)")] = 0.0,
     split_by: Annotated[Literal["domain", "random"] | None, typer.Option(
         help="split classes by whole domains or at random (default: domain when the data has domains)")] = None,
     train_domains: Annotated[str | None, typer.Option(help="comma-separated domains for meta-training")] = None,
@@ -209,7 +212,7 @@ def train(
                          val_episode=EpisodeConfig(ways=ways, shots=1, queries=queries))
     spec_learner = _learner_config(learner, inner_steps=inner_steps, inner_lr=inner_lr, adapt=adapt,
                                    top_layers=top_layers, label_prior=label_prior, supcon=supcon)
-    encoder_config = EncoderConfig(name_or_path=encoder, pooling=pooling, max_length=max_length)
+    encoder_config = EncoderConfig(name_or_path=encoder, pooling=pooling, max_length=max_length, keep_tail=keep_tail)
     spaces = {}
     if pool is not None:
         from metanlp.data.pool import read_pool, role_set

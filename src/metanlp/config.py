@@ -35,6 +35,18 @@ class EncoderConfig(_Strict):
     max_length: int = Field(64, ge=8, le=512)
     # "sdpa" is fastest; second-order gradients on CPU need "eager" (flash SDPA has no double backward).
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    # A text longer than max_length keeps its first tokens and this share of max_length from its end, the middle
+    # cut out (head+tail truncation, Sun et al. 2019: a review's verdict is often in its last sentences); 0: the
+    # first max_length tokens only, as the tokenizer truncates.
+    keep_tail: float = Field(0.0, ge=0, lt=1)
+
+    @model_serializer(mode="wrap")
+    def _without_unset_keep_tail(self, handler):
+        # Written only when set, so models saved before the field existed keep their exact bytes (and DVC hashes).
+        data = handler(self)
+        if isinstance(data, dict) and not data.get("keep_tail"):
+            data.pop("keep_tail", None)
+        return data
 
 
 class SplitConfig(_Strict):

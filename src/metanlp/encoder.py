@@ -133,11 +133,23 @@ class TextEncoder(nn.Module):
         return next(self.model.parameters()).device
 
     def tokenize(self, texts: list[str]) -> TokenizedTexts:
+        if self.config.keep_tail:
+            return self.tokenize_head_and_tail(list(texts))
         encoded = self.tokenizer(
             list(texts), padding="longest", truncation=True, max_length=self.config.max_length,
             return_tensors="pt",
         )
         return TokenizedTexts(list(texts), encoded["input_ids"], encoded["attention_mask"])
+
+    def tokenize_head_and_tail(self, texts: list[str]) -> TokenizedTexts:
+        """A long text's first tokens and its last `keep_tail` share of max_length, the middle cut out; the
+        tokenizer's own start and end tokens stay, as they are the first and last ids of the whole text."""
+        length = self.config.max_length
+        tail = max(1, round(length * self.config.keep_tail))
+        full = self.tokenizer(texts, truncation=False, verbose=False)["input_ids"]  # long texts are cut below
+        ids = [row if len(row) <= length else row[: length - tail] + row[len(row) - tail:] for row in full]
+        padded = self.tokenizer.pad({"input_ids": ids}, padding="longest", return_tensors="pt")
+        return TokenizedTexts(texts, padded["input_ids"], padded["attention_mask"])
 
     def forward(self, batch: TokenBatch) -> torch.Tensor:
         return self.with_layer_states(batch, False)[0]

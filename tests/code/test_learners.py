@@ -85,6 +85,33 @@ def test_tokenisation_trims_padding_per_batch(tiny_encoder_config):
     torch.testing.assert_close(encoder.embed(tokens, rows=[1]), full[1:], atol=1e-5, rtol=1e-4)
 
 
+def test_head_and_tail_truncation_keeps_a_long_texts_start_and_end(tmp_path, tiny_encoder_config):
+    """`keep_tail` cuts a long text's middle out: its first tokens and the last share of max_length stay, with the
+    tokenizer's start and end tokens; short texts, and keep_tail 0, tokenise as the tokenizer truncates."""
+    from pydantic import ValidationError
+
+    from metanlp.encoder import TextEncoder
+
+    texts = ["short text", "opening words " + " ".join(["filler"] * 40) + " closing verdict"]
+    head_only = TextEncoder.from_config(tiny_encoder_config.model_copy(update={"max_length": 16}))
+    both = TextEncoder.from_config(tiny_encoder_config.model_copy(update={"max_length": 16, "keep_tail": 0.5}))
+    decode = head_only.tokenizer.decode
+    cut, whole = head_only.tokenize(texts), both.tokenize(texts)
+    assert whole.input_ids.shape == cut.input_ids.shape == (2, 16)
+    assert torch.equal(whole.input_ids[0], cut.input_ids[0]) and torch.equal(whole.lengths, cut.lengths)
+    start, end = decode(whole.input_ids[1][:8]), decode(whole.input_ids[1][8:])
+    assert start.startswith("[CLS] opening words") and end.endswith("closing verdict [SEP]")
+    assert "closing" not in decode(cut.input_ids[1]) and decode(cut.input_ids[1]).endswith("[SEP]")
+    # saved with the model, and not written when unset (older models keep their bytes)
+    learner = build_learner("protonet", both.config)
+    save_learner(learner, tmp_path / "model")
+    assert json.loads((tmp_path / "model" / "learner.json").read_text())["encoder"]["keep_tail"] == 0.5
+    assert load_learner(tmp_path / "model").encoder.config.keep_tail == 0.5
+    assert "keep_tail" not in head_only.config.model_dump()
+    with pytest.raises(ValidationError, match="keep_tail"):
+        type(tiny_encoder_config).model_validate({**tiny_encoder_config.model_dump(), "keep_tail": 1.0})
+
+
 def _format_one(directory, learner: dict, section: str, options: dict):
     """A model folder as metanlp wrote it before learner specs were a union: name + family section."""
     spec = json.loads((directory / "learner.json").read_text())
