@@ -145,7 +145,7 @@ class TextEncoder(nn.Module):
         """A long text's first tokens and its last `keep_tail` share of max_length, the middle cut out; the
         tokenizer's own start and end tokens stay, as they are the first and last ids of the whole text."""
         length = self.config.max_length
-        tail = max(1, round(length * self.config.keep_tail))
+        tail = min(length - 1, max(1, round(length * self.config.keep_tail)))  # the start token always stays
         full = self.tokenizer(texts, truncation=False, verbose=False)["input_ids"]  # long texts are cut below
         ids = [row if len(row) <= length else row[: length - tail] + row[len(row) - tail:] for row in full]
         padded = self.tokenizer.pad({"input_ids": ids}, padding="longest", return_tensors="pt")

@@ -102,6 +102,8 @@ def test_head_and_tail_truncation_keeps_a_long_texts_start_and_end(tmp_path, tin
     start, end = decode(whole.input_ids[1][:8]), decode(whole.input_ids[1][8:])
     assert start.startswith("[CLS] opening words") and end.endswith("closing verdict [SEP]")
     assert "closing" not in decode(cut.input_ids[1]) and decode(cut.input_ids[1]).endswith("[SEP]")
+    most = TextEncoder.from_config(tiny_encoder_config.model_copy(update={"max_length": 8, "keep_tail": 0.99}))
+    assert decode(most.tokenize(texts).input_ids[1]).startswith("[CLS] filler")  # never the start token cut
     # saved with the model, and not written when unset (older models keep their bytes)
     learner = build_learner("protonet", both.config)
     save_learner(learner, tmp_path / "model")
