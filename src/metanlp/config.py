@@ -27,6 +27,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def without_unset(data, field: str):
+    """A model's dump without `field` when it is at its off value (0): fields added later are written only when
+    set, so models saved before they existed keep their exact bytes (and DVC hashes)."""
+    if isinstance(data, dict) and not data.get(field):
+        data.pop(field, None)
+    return data
+
+
 class EncoderConfig(_Strict):
     """Which pretrained encoder, and how a text becomes one vector."""
 
@@ -42,11 +50,7 @@ class EncoderConfig(_Strict):
 
     @model_serializer(mode="wrap")
     def _without_unset_keep_tail(self, handler):
-        # Written only when set, so models saved before the field existed keep their exact bytes (and DVC hashes).
-        data = handler(self)
-        if isinstance(data, dict) and not data.get("keep_tail"):
-            data.pop("keep_tail", None)
-        return data
+        return without_unset(handler(self), "keep_tail")
 
 
 class SplitConfig(_Strict):
@@ -220,11 +224,7 @@ class ProtoNetConfig(_Strict):
 
     @model_serializer(mode="wrap")
     def _without_unset_label_prior(self, handler):
-        # Written only when set, so models saved before the field existed keep their exact bytes (and DVC hashes).
-        data = handler(self)
-        if isinstance(data, dict) and not data.get("label_prior"):
-            data.pop("label_prior", None)
-        return data
+        return without_unset(handler(self), "label_prior")
 
     def search_space(self, trial) -> dict:
         """The values an Optuna trial tries, as dotted keys of `meta_train` (its `learner` and `train`)."""
