@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from metanlp.config import GradientConfig
-from metanlp.data.load import DataError
+from metanlp.data.load import DataError, quote
 from metanlp.encoder import TokenizedTexts, autocast
 from metanlp.learners.base import Classifier, Learner, support_targets
 from metanlp.learners.encoder_split import EncoderSplit
@@ -57,6 +57,14 @@ ENCODER_STRATEGIES = ("selfsup", "contrastive", "finetune", "fused")  # those th
 FUSION_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 HELD_OUT_SCALES = (5.0, 10.0, 20.0, 40.0, 80.0)  # cosine temperatures the contrastive held-out loss is taken at
 CONTRASTIVE_BATCHES = ("nearest", "random")  # AdaptBudget.contrastive_batches
+
+
+class BudgetError(DataError):
+    """An `AdaptBudget` value out of range; `field` names it, so an entry point can say it in its own words."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
 
 
 @dataclass(frozen=True)
@@ -93,14 +101,13 @@ class AdaptBudget:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        # the CLI, the service and the pyfunc check these under their own field names first; this guards direct use
         if not self.seconds > 0:
-            raise DataError(f"seconds: must be > 0, got {self.seconds!r}")
+            raise BudgetError("seconds", f"{self.seconds} is not a positive number of seconds")
         if self.top_layers is not None and self.top_layers < 1:
-            raise DataError(f"top_layers: must be at least 1 (or None for every weight), got {self.top_layers!r}")
+            raise BudgetError("top_layers", f"{self.top_layers} is not a number of layers (1 or more)")
         if self.contrastive_batches not in CONTRASTIVE_BATCHES:
-            raise DataError(f"contrastive_batches: unknown {self.contrastive_batches!r}; choose from "
-                            f"{list(CONTRASTIVE_BATCHES)}")
+            raise BudgetError("contrastive_batches", f"unknown {quote(self.contrastive_batches)}; choose from "
+                                                     f"{list(CONTRASTIVE_BATCHES)}")
 
 
 @dataclass

@@ -105,15 +105,12 @@ def tuning_budget(strategy: str, seconds: float | None, top_layers: int | None, 
     if strategy != "contrastive":
         raise TaskError(f"{', '.join(names)}: only strategy 'contrastive' tunes the encoder, so only it takes them "
                         f"(this one is {quote(strategy)})")
-    if seconds is not None and not seconds > 0:
-        raise TaskError(f"{names[0]}: {seconds} is not a positive number of seconds")
-    if top_layers is not None and top_layers < 1:
-        raise TaskError(f"{names[1]}: {top_layers} is not a number of layers (1 or more)")
-    from metanlp.adaptation import CONTRASTIVE_BATCHES, AdaptBudget
+    from metanlp.adaptation import AdaptBudget, BudgetError
 
-    if batches is not None and batches not in CONTRASTIVE_BATCHES:
-        raise TaskError(f"{names[2]}: unknown {quote(batches)}; choose from {list(CONTRASTIVE_BATCHES)}")
-    return AdaptBudget(**{k: v for k, v in given.items() if v is not None})
+    try:  # the budget checks its values; the message names them as the caller does
+        return AdaptBudget(**{k: v for k, v in given.items() if v is not None})
+    except BudgetError as err:
+        raise TaskError(f"{dict(zip(given, names, strict=True))[err.field]}: {err.reason}") from err
 
 
 def strategy_learner(learner: Learner, strategy: str, budget: AdaptBudget | None = None) -> Learner:

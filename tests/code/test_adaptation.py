@@ -231,8 +231,9 @@ def test_contrastive_batches_take_a_class_and_the_classes_nearest_it(learner, co
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
-    ("seconds", 0.0, "seconds: must be > 0"), ("seconds", -1.0, "seconds: must be > 0"),
-    ("top_layers", 0, "top_layers: must be at least 1")])
+    ("seconds", 0.0, "seconds: 0.0 is not a positive number of seconds"),
+    ("seconds", -1.0, "seconds: -1.0 is not a positive number of seconds"),
+    ("top_layers", 0, r"top_layers: 0 is not a number of layers \(1 or more\)")])
 def test_a_budget_without_time_or_layers_is_refused_by_name(field, value, message):
     from metanlp.data.load import DataError
     with pytest.raises(DataError, match=message):
