@@ -19,6 +19,7 @@ from metanlp.config import (
     DEFAULT_ENCODER,
     EMBEDDED_SPLIT,
     LEARNER_KINDS,
+    DefaultAdaptation,
     DistilConfig,
     DistributedConfig,
     EncoderConfig,
@@ -178,6 +179,11 @@ def train(
     supcon: Annotated[float | None, typer.Option(
         min=0, help="ProtoNet: add this weight times a supervised contrastive loss over each episode's rows to the "
                     "prototype loss (0: off, the default here; params.yaml's pipeline uses 1)")] = None,
+    default_adaptation: Annotated[Literal["contrastive", "untuned"], typer.Option(
+        help="what `predict` and the service do with a new support set unless asked otherwise (written in "
+             "learner.json): contrastive (the top two layers tuned on the support first, seconds to a minute: "
+             "README 'The default adaptation') or untuned (the learner's own rule alone, milliseconds)")
+    ] = "contrastive",
     ways: Annotated[int, typer.Option(help="classes per training and validation episode (validation: 1-shot)")
                     ] = 5,
     shots: Annotated[int, typer.Option(help="support examples per class in an episode")] = 5,
@@ -241,7 +247,8 @@ def train(
             raise DataError(f"{len(leaked)} texts are both in the training classes and in the validation ones "
                             f"(e.g. {quote(leaked[0], 80)}): validation would not be on unseen examples")
         provenance = Provenance(split=split, classes=classes.to_dict(), train_data=data)
-    spec = LearnerSpec(learner=spec_learner, encoder=encoder_config, provenance=provenance)
+    spec = LearnerSpec(learner=spec_learner, encoder=encoder_config, provenance=provenance,
+                       adaptation=DefaultAdaptation() if default_adaptation == "contrastive" else None)
     checkpoint_dir = out.with_name(out.name + ".checkpoint") if checkpoint else None
     with joined(device) as world:
         if checkpoint_dir is not None and checkpoint_dir.exists() and world.main:
@@ -401,10 +408,11 @@ def predict(
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI for models:/ (default: "
                                                           "MLFLOW_TRACKING_URI, then mlflow/ here)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
-    strategy: Annotated[str, typer.Option(help="how the model adapts to the support: default (its own, "
-                                               "milliseconds), logreg, or contrastive (the encoder tuned on the "
-                                               "support first: seconds to minutes; it gained on COVID-vaccine "
-                                               "intents, lost on CLINC150: see README)")] = "default",
+    strategy: Annotated[str, typer.Option(help="how the model adapts to the support: default (as its "
+                                               "learner.json says: the pipeline's champion tunes its top two "
+                                               "layers contrastively first, seconds to a minute), untuned (its "
+                                               "own rule alone, milliseconds), logreg, or contrastive with the "
+                                               "--adapt-* budget below")] = "default",
     adapt_seconds: Annotated[float | None, typer.Option(
         min=0.001, help="--strategy contrastive: wall-clock cap of the encoder tuning, its held-out checks "
                         "included (default 90)")] = None,

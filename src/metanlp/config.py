@@ -455,6 +455,20 @@ class Provenance(_Strict):
         return data
 
 
+class DefaultAdaptation(_Strict):
+    """What a model does with a new support set when asked for its default (`metanlp predict`, the service and
+    the MLflow pyfunc; strategy "default"): its encoder tuned on the support by `strategy` within this budget,
+    then its own rule (prototypes, its inner loop). Written in learner.json; a model without it adapts by its own
+    rule alone. Episodic evaluation and the benchmark's model rows always measure the untuned rule (`--adapt`
+    adds the tuned ones), so a budget chosen here never changes what the weights are scored at.
+    The defaults are the recipe that won on held-out sets (README "The default adaptation")."""
+
+    strategy: Literal["contrastive"] = "contrastive"
+    seconds: float = Field(90.0, gt=0)  # wall-clock cap, the held-out checks included
+    top_layers: int | None = Field(2, ge=1)  # tune only the top N encoder layers (None: every weight)
+    batches: Literal["random", "nearest"] = "nearest"  # the classes of a contrastive batch
+
+
 # learner.json of metanlp before the union: the learner's name, and its options in a section of its family.
 _LEGACY_SECTIONS = {"protonet": "protonet", "frozen": "protonet", "finetune": "finetune"}
 
@@ -466,6 +480,11 @@ class LearnerSpec(_Strict):
     learner: LearnerConfig
     encoder: EncoderConfig
     provenance: Provenance = Provenance()
+    adaptation: DefaultAdaptation | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unset_adaptation(self, handler):
+        return without_unset(handler(self), "adaptation")
 
     @model_validator(mode="before")
     @classmethod
@@ -553,6 +572,8 @@ class MetaTrainParams(_Strict):
     learner: LearnerConfig = ProtoNetConfig()
     encoder: EncoderConfig = EncoderConfig()
     train: TrainConfig = TrainConfig(episodes=300, val_every=50, val_episodes=60)
+    # written into the model's learner.json: what strategy "default" does (null: the learner's own rule alone)
+    adaptation: DefaultAdaptation | None = DefaultAdaptation()
 
     @model_validator(mode="before")
     @classmethod

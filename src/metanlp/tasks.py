@@ -33,12 +33,14 @@ if TYPE_CHECKING:  # annotation only: adaptation is imported when a task tunes t
 
 DEFAULT_STRATEGY = "default"
 STRATEGIES = {
-    DEFAULT_STRATEGY: "the model's own adaptation (prototypes, or its inner loop)",
+    DEFAULT_STRATEGY: "what the model was saved to do: the encoder tuning its learner.json names under "
+                      "`adaptation` (the pipeline's champion: contrastive, the top two layers, nearest-class batches, "
+                      "at most 90 s), then its own rule; a model without one adapts by its own rule alone",
+    "untuned": "the model's own rule alone (prototypes, or its inner loop), no encoder tuning: milliseconds",
     "logreg": "a logistic-regression head fitted on the model's embeddings (what SetFit puts on its encoder)",
     "contrastive": "the encoder first fine-tuned contrastively on the support set (SetFit-style, from the model's "
                    "weights; seconds to a minute or two on a CPU, and the task keeps its own encoder copy), then "
-                   "the model's own adaptation: it gained on 181 COVID-vaccine intents and on sentiment, topic and "
-                   "intent sets, and lost on CLINC150 (README)",
+                   "the model's own rule, with the budget the request gives (AdaptBudget's defaults otherwise)",
 }
 
 
@@ -103,8 +105,8 @@ def tuning_budget(strategy: str, seconds: float | None, top_layers: int | None, 
     if all(v is None for v in given.values()):
         return None
     if strategy != "contrastive":
-        raise TaskError(f"{', '.join(names)}: only strategy 'contrastive' tunes the encoder, so only it takes them "
-                        f"(this one is {quote(strategy)})")
+        raise TaskError(f"{', '.join(names)}: only strategy 'contrastive' takes them (this one is {quote(strategy)}; "
+                        "'default' tunes as the model's learner.json says)")
     from metanlp.adaptation import AdaptBudget, BudgetError
 
     try:  # the budget checks its values; the message names them as the caller does
@@ -117,7 +119,13 @@ def strategy_learner(learner: Learner, strategy: str, budget: AdaptBudget | None
     """The learner that adapts a task of this strategy on `learner`'s model; `budget` (an
     `adaptation.AdaptBudget`, its defaults when None) bounds the encoder tuning of `contrastive`."""
     check_strategy(strategy)
-    if strategy == DEFAULT_STRATEGY:
+    if strategy == DEFAULT_STRATEGY and learner.adaptation is not None:
+        from metanlp.adaptation import AdaptBudget
+
+        saved = learner.adaptation  # a budget is refused for "default" (tuning_budget): the model's own applies
+        return strategy_learner(learner, saved.strategy, AdaptBudget(
+            seconds=saved.seconds, top_layers=saved.top_layers, contrastive_batches=saved.batches))
+    if strategy in (DEFAULT_STRATEGY, "untuned"):
         return learner
     if strategy == "logreg":
         from metanlp.learners import build_learner

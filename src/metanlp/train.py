@@ -227,5 +227,6 @@ def train_learner(spec: LearnerSpec, train_data: LabelledTexts, val_data: Labell
                                          checkpoint_dir, train_spaces=train_spaces, val_spaces=val_spaces,
                                          force=force))
     learner = build_learner(spec.learner, spec.encoder, spec.provenance)
+    learner.adaptation = spec.adaptation
     return meta_train(learner, train_data, val_data, config, out_dir, show_progress, checkpoint_dir,
                       on_validation=on_validation, train_spaces=train_spaces, val_spaces=val_spaces, force=force)

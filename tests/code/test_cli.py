@@ -27,6 +27,8 @@ def test_train_writes_a_model_with_its_split_and_history(tiny_model):
     spec = json.loads((tiny_model / "learner.json").read_text())
     assert spec["learner"]["kind"] == "protonet"
     assert set(spec["provenance"]["classes"]) == {"train", "val", "test"}
+    # predict and the service tune its top two layers on a support set first unless told otherwise
+    assert spec["adaptation"] == {"strategy": "contrastive", "seconds": 90.0, "top_layers": 2, "batches": "nearest"}
     assert (tiny_model / "history.json").is_file() and (tiny_model / "learning_curve.png").is_file()
 
 
@@ -90,7 +92,7 @@ def test_predict_takes_a_budget_for_contrastive_tuning_and_refuses_it_for_other_
                                  "--adapt-top-layers", "1", "--adapt-batches", "nearest"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output.strip().splitlines()[-1])["label"] in {"weather", "music", "food", "travel"}
-    refused = runner.invoke(app, [*args, "--adapt-seconds", "0.5"])  # the default strategy tunes nothing
+    refused = runner.invoke(app, [*args, "--adapt-seconds", "0.5"])  # a budget is for "contrastive" alone
     assert refused.exit_code != 0 and "only strategy 'contrastive'" in refused.output
     from metanlp.adaptation import AdaptBudget
     from metanlp.learners import load_learner

@@ -198,6 +198,9 @@ def test_the_scoring_flow_labels_a_file_with_the_registered_champion(train_flow,
                                    texts=str(tiny_project / "texts.txt"), out=str(tiny_project / "scores.csv"),
                                    tracking_uri=f"sqlite:///{tiny_project / 'mlflow' / 'mlflow.db'}")
     assert summary["texts"] == 40 and summary["model_version"] == alias(tiny_project, "champion")
+    # the champion adapts as params.yaml's meta_train.adaptation says (the scores above came through it)
+    saved = json.loads((tiny_project / "artifacts" / "model" / "learner.json").read_text())["adaptation"]
+    assert saved == yaml.safe_load((tiny_project / "params.yaml").read_text())["meta_train"]["adaptation"]
     import pandas as pd
 
     scored = pd.read_csv(tiny_project / "scores.csv")

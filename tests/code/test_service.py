@@ -71,7 +71,7 @@ BAD_TASKS = [
     ({"support": [{"text": "x" * 301, "label": "a"}, {"text": "b", "label": "c"}]}, 413, "301 characters"),
     ({"support": [{"text": f"t{i}", "label": str(i % 2)} for i in range(51)]}, 413, "51 rows"),
     ({"support": SUPPORT, "strategy": "magic"}, 400, "strategy: unknown"),
-    ({"support": SUPPORT, "adapt_seconds": 5}, 400, "only strategy 'contrastive' tunes the encoder"),
+    ({"support": SUPPORT, "adapt_seconds": 5}, 400, "only strategy 'contrastive' takes them"),
     ({"support": SUPPORT, "strategy": "logreg", "adapt_top_layers": 1}, 400, "this one is 'logreg'"),
     ({"support": SUPPORT, "strategy": "contrastive", "adapt_seconds": 0}, 400, "adapt_seconds: Input should be gr"),
     ({"support": SUPPORT, "strategy": "contrastive", "adapt_seconds": 301}, 400, "adapt_seconds: 301, over the limit"),
@@ -254,6 +254,47 @@ def test_a_task_may_choose_its_adaptation_strategy_and_keeps_it_across_a_restart
     again = restarted.post(f"/tasks/{logreg['task_id']}/predict", json=query).json()["predictions"]
     assert restarted.get(f"/tasks/{logreg['task_id']}").json()["restored"]
     assert [p["top"] for p in again] == [p["top"] for p in by_logreg]
+
+
+@pytest.fixture(scope="module")
+def tuned_by_default(tmp_path_factory, tiny_encoder_config):
+    """A model whose learner.json says its default adaptation tunes the encoder (as the pipeline's champion)."""
+    from metanlp.config import DefaultAdaptation
+
+    learner = build_learner("protonet", tiny_encoder_config)
+    learner.adaptation = DefaultAdaptation(seconds=20, top_layers=1, batches="nearest")
+    return save_learner(learner, tmp_path_factory.mktemp("tuned") / "model")
+
+
+def test_a_default_task_tunes_as_the_models_learner_json_says_and_untuned_does_not(tuned_by_default, model_dir):
+    from metanlp.adaptation import AdaptBudget, DomainAdaptedLearner
+    from metanlp.tasks import TaskError, strategy_learner, tuning_budget
+
+    saved = json.loads((tuned_by_default / "learner.json").read_text())["adaptation"]
+    assert saved == {"strategy": "contrastive", "seconds": 20.0, "top_layers": 1, "batches": "nearest"}
+    assert "adaptation" not in json.loads((model_dir / "learner.json").read_text())  # unset: not written
+    learner = load_learner(tuned_by_default)
+    default = strategy_learner(learner, "default")
+    assert isinstance(default, DomainAdaptedLearner) and default.strategies == ["contrastive"]
+    assert default.budget == AdaptBudget(seconds=20, top_layers=1, contrastive_batches="nearest")
+    assert strategy_learner(learner, "untuned") is learner
+    assert strategy_learner(load_learner(model_dir), "default").adaptation is None  # its own rule alone
+    with pytest.raises(TaskError, match="only strategy 'contrastive'"):
+        tuning_budget("default", 5.0, None)
+
+    client = client_for(tuned_by_default)
+    more = [{"text": "mow the lawn", "label": "garden"}, {"text": "brush the horse", "label": "pets"},
+            {"text": "renew the passport", "label": "travel"}]
+    query = {"texts": ["walk the puppy", "plant tulips", "pack a bag"], "top_k": 3}
+    answers = {}
+    for asked in ({}, {"strategy": "contrastive", "adapt_seconds": 20, "adapt_top_layers": 1,
+                       "adapt_batches": "nearest"}, {"strategy": "untuned"}):
+        task = client.post("/tasks", json={"support": SUPPORT + more, **asked})
+        assert task.status_code == 201, task.text
+        answers[asked.get("strategy", "default")] = [
+            p["top"] for p in client.post(f"/tasks/{task.json()['task_id']}/predict", json=query).json()["predictions"]]
+    assert answers["default"] == answers["contrastive"]  # the same seeded tuning, the same budget
+    assert answers["default"] != answers["untuned"]  # and a tuned encoder: other scores
 
 
 def test_a_contrastive_task_is_adapted_again_after_a_restart_with_the_same_answers(model_dir, tmp_path):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from metanlp.config import LearnerSpec, Provenance
+from metanlp.config import DefaultAdaptation, LearnerSpec, Provenance
 from metanlp.data.episodes import Episode
 from metanlp.data.load import DataError, LabelledTexts
 from metanlp.encoder import TextEncoder, TokenBatch, TokenizedTexts
@@ -111,6 +111,7 @@ class Learner(nn.Module):
         self.encoder = encoder
         self.config = config
         self.provenance = provenance or Provenance()
+        self.adaptation: DefaultAdaptation | None = None  # what strategy "default" tunes first (learner.json)
 
     @property
     def name(self) -> str:
@@ -152,4 +153,5 @@ class Learner(nn.Module):
         """Read back what `save_extra` wrote, after the weights are loaded."""
 
     def spec(self) -> LearnerSpec:
-        return LearnerSpec(learner=self.config, encoder=self.encoder.config, provenance=self.provenance)
+        return LearnerSpec(learner=self.config, encoder=self.encoder.config, provenance=self.provenance,
+                           adaptation=self.adaptation)

@@ -71,6 +71,7 @@ def load_learner(directory: str | Path, attn_implementation: str | None = None) 
         encoder_config = encoder_config.model_copy(update={"attn_implementation": attn_implementation})
     encoder = TextEncoder.from_architecture(directory / ENCODER_DIR, encoder_config)
     learner = build_learner(spec.learner, encoder, spec.provenance)
+    learner.adaptation = spec.adaptation
     try:
         missing, unexpected = load_model(learner, str(directory / WEIGHTS_FILE), strict=False)
     except (SafetensorError, OSError) as err:  # never anything else: a file that is not safetensors is refused

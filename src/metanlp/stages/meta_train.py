@@ -34,7 +34,7 @@ def train_model(params: MetaTrainParams, root: Path, data: DataParams, out_dir: 
 
     manifest = read_json(root / MANIFEST, "build_corpus")
     drawn_from = {"pool": data.pool} if data.pool is not None else {"split": data.split}
-    spec = LearnerSpec(learner=params.learner, encoder=params.encoder,
+    spec = LearnerSpec(learner=params.learner, encoder=params.encoder, adaptation=params.adaptation,
                        provenance=Provenance(classes=manifest["classes"], train_data=manifest["source"], **drawn_from))
     train, val = load_split(root, "train"), load_split(root, "val")
     return train_learner(spec, train, val, params.train, out_dir, show_progress, checkpoint_dir=checkpoint_dir,
