@@ -688,6 +688,26 @@ def distil(
                f"written to {out}")
 
 
+@app.command()
+@cli_errors
+def average(
+    model: Annotated[list[Path], typer.Option(help="a metanlp model folder (repeat: at least two of one learner "
+                                                   "and encoder, e.g. the same training with other seeds)")],
+    out: Annotated[Path, typer.Option(help="folder for the averaged model")],
+    force: Annotated[bool, typer.Option(help="replace --out even if it is not an output of this command")] = False,
+) -> None:
+    """Average models' weights into one model of the same size (a model soup): trained from the same start with
+    other seeds, the mean is often better than each and costs nothing at prediction."""
+    from metanlp.atomic import check_replaceable
+    from metanlp.learners import save_learner
+    from metanlp.learners.averaging import average_learners
+    from metanlp.learners.persistence import SPEC_FILE
+
+    check_replaceable(out, SPEC_FILE, force)
+    save_learner(average_learners(model), out, force=force)
+    typer.echo(f"the mean of {len(model)} models' weights written to {out}")
+
+
 def _model_option(value: str) -> tuple[str, Path]:
     name, _, path = value.rpartition("=")
     if not path:

@@ -445,14 +445,12 @@ class Provenance(_Strict):
     adapted: dict | None = None  # domain adaptation applied after meta-training (metanlp adapt)
     distilled: dict | None = None  # the teacher and recipe of a distilled student (metanlp distil)
     pool: TaskPool | None = None  # the task pool meta-training drew from (its eval datasets were held out)
+    averaged: list[str] | None = None  # the model folders whose weights these are the mean of (metanlp average)
 
     @model_serializer(mode="wrap")
-    def _without_unset_distilled(self, handler):
-        # Written only when set, so models saved before the field existed keep their exact bytes (and DVC hashes).
-        data = handler(self)
-        if isinstance(data, dict) and data.get("distilled") is None:
-            data.pop("distilled", None)
-        return data
+    def _without_unset_fields(self, handler):
+        # Written only when set, so models saved before the fields existed keep their exact bytes (and DVC hashes).
+        return without_unset(without_unset(handler(self), "distilled"), "averaged")
 
 
 class DefaultAdaptation(_Strict):

@@ -1,0 +1,53 @@
+"""Weight averaging (a "model soup", Wortsman et al. 2022): models meta-trained from the same pretrained start
+with different seeds, averaged tensor by tensor into one model of the same size and speed. Averaging only makes
+sense between models of one learner, encoder and shape; anything else is refused, naming the model that differs."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from metanlp.data.load import DataError
+from metanlp.learners.base import Learner
+from metanlp.learners.persistence import load_learner
+
+
+def average_learners(directories: list[Path]) -> Learner:
+    """The first model with every floating-point tensor replaced by its mean over all the models; integer
+    tensors (ids, counts) must agree. Its provenance is the first model's with `averaged` naming them all."""
+    if len(directories) < 2:
+        raise DataError(f"averaging needs at least two models, got {len(directories)}")
+    learners = [load_learner(directory) for directory in directories]
+    first = learners[0]
+    states = [learner.state_dict() for learner in learners]
+    for directory, learner, state in zip(directories[1:], learners[1:], states[1:], strict=True):
+        if (learner.config, learner.encoder.config) != (first.config, first.encoder.config):
+            raise DataError(f"{directory}: not the learner and encoder of {directories[0]} "
+                            f"({learner.config.kind}, {learner.encoder.config.name_or_path} against "
+                            f"{first.config.kind}, {first.encoder.config.name_or_path}, or their options differ)")
+        if _kept_beside(learner) != _kept_beside(first):  # e.g. label base rates (the same rows give the same)
+            raise DataError(f"{directory}: what it keeps beside its weights ({list(learner.saved_beside)}) differs "
+                            f"from {directories[0]}'s, and a mean of weights cannot merge it")
+        for name, tensor in states[0].items():
+            other = state.get(name)
+            if other is None or other.shape != tensor.shape:
+                raise DataError(f"{directory}: tensor {name!r} is missing or of another shape than in "
+                                f"{directories[0]}")
+            if not tensor.is_floating_point() and not torch.equal(other, tensor):
+                raise DataError(f"{directory}: integer tensor {name!r} differs from {directories[0]}'s")
+    averaged = {name: (torch.stack([state[name].float() for state in states]).mean(0).to(tensor.dtype)
+                       if tensor.is_floating_point() else tensor)
+                for name, tensor in states[0].items()}
+    first.load_state_dict(averaged)
+    first.provenance = first.provenance.model_copy(update={"averaged": [str(d) for d in directories]})
+    return first
+
+
+def _kept_beside(learner: Learner) -> dict[str, bytes]:
+    """The files `save_extra` writes beside the weights, by relative path."""
+    with tempfile.TemporaryDirectory() as folder:
+        learner.save_extra(Path(folder))
+        return {str(path.relative_to(folder)): path.read_bytes()
+                for path in sorted(Path(folder).rglob("*")) if path.is_file()}
