@@ -409,10 +409,10 @@ def predict(
                                                           "MLFLOW_TRACKING_URI, then mlflow/ here)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     strategy: Annotated[str, typer.Option(help="how the model adapts to the support: default (as its "
-                                               "learner.json says: the pipeline's champion tunes its top two "
-                                               "layers contrastively first, seconds to a minute), untuned (its "
-                                               "own rule alone, milliseconds), logreg, or contrastive with the "
-                                               "--adapt-* budget below")] = "default",
+                                               "learner.json says: models of the pipeline and of `train` tune "
+                                               "their top two layers contrastively first, seconds to a minute), "
+                                               "untuned (its own rule alone, milliseconds), logreg, or "
+                                               "contrastive with the --adapt-* budget below")] = "default",
     adapt_seconds: Annotated[float | None, typer.Option(
         min=0.001, help="--strategy contrastive: wall-clock cap of the encoder tuning, its held-out checks "
                         "included (default 90)")] = None,
