@@ -4,14 +4,13 @@ sense between models of one learner, encoder and shape; anything else is refused
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import torch
 
 from metanlp.data.load import DataError
 from metanlp.learners.base import Learner
-from metanlp.learners.persistence import load_learner
+from metanlp.learners.persistence import kept_beside, load_learner
 
 
 def average_learners(directories: list[Path]) -> Learner:
@@ -22,12 +21,13 @@ def average_learners(directories: list[Path]) -> Learner:
     learners = [load_learner(directory) for directory in directories]
     first = learners[0]
     states = [learner.state_dict() for learner in learners]
+    first_beside = kept_beside(directories[0])
     for directory, learner, state in zip(directories[1:], learners[1:], states[1:], strict=True):
         if (learner.config, learner.encoder.config) != (first.config, first.encoder.config):
             raise DataError(f"{directory}: not the learner and encoder of {directories[0]} "
                             f"({learner.config.kind}, {learner.encoder.config.name_or_path} against "
                             f"{first.config.kind}, {first.encoder.config.name_or_path}, or their options differ)")
-        if _kept_beside(learner) != _kept_beside(first):  # e.g. label base rates (the same rows give the same)
+        if kept_beside(directory) != first_beside:  # e.g. label base rates (the same rows give the same)
             raise DataError(f"{directory}: what it keeps beside its weights ({list(learner.saved_beside)}) differs "
                             f"from {directories[0]}'s, and a mean of weights cannot merge it")
         for name, tensor in states[0].items():
@@ -44,10 +44,3 @@ def average_learners(directories: list[Path]) -> Learner:
     first.provenance = first.provenance.model_copy(update={"averaged": [str(d) for d in directories]})
     return first
 
-
-def _kept_beside(learner: Learner) -> dict[str, bytes]:
-    """The files `save_extra` writes beside the weights, by relative path."""
-    with tempfile.TemporaryDirectory() as folder:
-        learner.save_extra(Path(folder))
-        return {str(path.relative_to(folder)): path.read_bytes()
-                for path in sorted(Path(folder).rglob("*")) if path.is_file()}

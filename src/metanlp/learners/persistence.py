@@ -15,12 +15,12 @@ from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from metanlp.atomic import replace_directory
+from metanlp.atomic import file_digest, replace_directory
 from metanlp.config import LearnerSpec, Provenance, describe_validation_error
 from metanlp.data.load import DataError
 from metanlp.encoder import TextEncoder
 from metanlp.learners.base import Learner
-from metanlp.learners.registry import build_learner
+from metanlp.learners.registry import LEARNERS, build_learner
 
 SPEC_FILE, WEIGHTS_FILE, ENCODER_DIR = "learner.json", "model.safetensors", "encoder"
 
@@ -61,6 +61,14 @@ def read_spec(directory: str | Path) -> LearnerSpec:
             hint = (f"; it was written by an earlier metanlp and its options do not fit the {raw['learner']!r} "
                     "learner: set the learner's kind to one whose options these are (e.g. 'maml') or retrain")
         raise DataError(f"{path}: not a valid learner spec: {describe_validation_error(err)}{hint}") from err
+
+
+def kept_beside(directory: str | Path) -> dict[str, str]:
+    """The digest of each file or folder the model's learner keeps beside its weights (`Learner.saved_beside`:
+    ProtoNet's label base rates, a memory learner's memory), those present, by name."""
+    directory = Path(directory)
+    names = LEARNERS[read_spec(directory).learner.kind].saved_beside
+    return {name: file_digest(directory / name) for name in names if (directory / name).exists()}
 
 
 def load_learner(directory: str | Path, attn_implementation: str | None = None) -> Learner:

@@ -23,8 +23,7 @@ import yaml
 from metanlp.atomic import file_digest
 from metanlp.config import PipelineParams
 from metanlp.evaluation import mean_ci
-from metanlp.learners import LEARNERS, read_spec
-from metanlp.learners.persistence import SPEC_FILE, WEIGHTS_FILE
+from metanlp.learners.persistence import SPEC_FILE, WEIGHTS_FILE, kept_beside
 from metanlp.stages.build_corpus import MANIFEST
 from metanlp.stages.common import Stage, StageError, read_json, run_record, write_json
 from metanlp.stages.evaluate import METRICS, RESULTS, TIMINGS, read_timings, timing_metrics
@@ -147,8 +146,7 @@ def model_digest(model_dir: Path) -> str:
     label base rates, a memory learner's memory), not its reports."""
     parts = [file_digest(model_dir / name) for name in (SPEC_FILE, WEIGHTS_FILE)]
     # only those present, so a model without them keeps the digest it was registered under
-    beside = LEARNERS[read_spec(model_dir).learner.kind].saved_beside
-    parts += [file_digest(model_dir / name) for name in beside if (model_dir / name).exists()]
+    parts += kept_beside(model_dir).values()
     return hashlib.md5("".join(parts).encode()).hexdigest()
 
 
