@@ -121,11 +121,9 @@ def strategy_learner(learner: Learner, strategy: str, budget: AdaptBudget | None
     `adaptation.AdaptBudget`, its defaults when None) bounds the encoder tuning of `contrastive`."""
     check_strategy(strategy)
     if strategy == DEFAULT_STRATEGY and learner.adaptation is not None:
-        from metanlp.adaptation import AdaptBudget
-
         saved = learner.adaptation  # a budget is refused for "default" (tuning_budget): the model's own applies
-        return strategy_learner(learner, saved.strategy, AdaptBudget(
-            seconds=saved.seconds, top_layers=saved.top_layers, contrastive_batches=saved.batches))
+        return strategy_learner(learner, saved.strategy,
+                                tuning_budget(saved.strategy, saved.seconds, saved.top_layers, saved.batches))
     if strategy in (DEFAULT_STRATEGY, "untuned"):
         return learner
     if strategy == "logreg":
