@@ -128,15 +128,19 @@ def fuse(start: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], factor:
 
 
 def held_out_split(targets: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """One shot of every class held out (the rest trains); None when some class has a single shot."""
+    """One shot of every class that has two or more held out (the rest trains, a class's single shot included:
+    real label spaces have rare classes, and one of them must not stop the tuning of all the others); None when
+    every class has a single shot."""
     rng = np.random.default_rng(seed)
     train, held = [], []
     for c in np.unique(targets):
         rows = rng.permutation(np.flatnonzero(targets == c))
-        if len(rows) < 2:
-            return None
-        held.append(rows[0])
-        train.extend(rows[1:])
+        if len(rows) > 1:
+            held.append(rows[0])
+            rows = rows[1:]
+        train.extend(rows)
+    if not held:
+        return None
     return np.sort(np.asarray(train)), np.sort(np.asarray(held))
 
 
@@ -301,15 +305,15 @@ class _Tuner:
     def choose_and_train(self, steps_cap: int, started: float, score_every: int = 1, fused: bool = False,
                          report: AdaptReport | None = None, one_shot_steps: int | None = None
                          ) -> tuple[dict[str, torch.Tensor], int, float]:
-        """Steps chosen on a held-out shot per class (none if no step beats the start; `one_shot_steps` when a
-        class has one shot, in a pass on every row): the weights, the steps and the fusion factor. The choosing
+        """Steps chosen on a held-out shot per class (none if no step beats the start; `one_shot_steps` when
+        every class has one shot, in a pass on every row): the weights, the steps and the fusion factor. The choosing
         pass's weights at the chosen step are kept and it gets the whole budget; with `budget.refit` a second
         pass on every row trains that many steps, and each pass gets half the seconds."""
         b = self.budget
         deadline = started + b.seconds
         split = held_out_split(self.targets.cpu().numpy(), b.seed)
         factor = 1.0
-        if split is None:  # one shot: nothing to hold out
+        if split is None:  # one shot of every class: nothing to hold out
             steps = b.one_shot_steps if one_shot_steps is None else one_shot_steps
             factor = 0.5 if fused else 1.0
         else:

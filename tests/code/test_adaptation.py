@@ -39,7 +39,10 @@ def test_fusion_endpoints_are_the_two_models():
 def test_held_out_split_keeps_one_shot_per_class():
     fit, held = held_out_split(np.array([0, 0, 0, 1, 1, 1]), seed=0)
     assert sorted(np.array([0, 0, 0, 1, 1, 1])[held]) == [0, 1] and len(fit) == 4
-    assert held_out_split(np.array([0, 1, 1]), seed=0) is None
+    # a class with a single shot trains with it and is not scored; the others still hold one out
+    fit, held = held_out_split(np.array([0, 1, 1]), seed=0)
+    assert 0 in fit and len(fit) == 2 and len(held) == 1 and held[0] in (1, 2)
+    assert held_out_split(np.array([0, 1, 2]), seed=0) is None  # one shot of every class: nothing to hold out
 
 
 def test_finetune_respects_the_step_budget_and_leaves_the_learner_alone(learner, corpus):
@@ -177,6 +180,28 @@ def test_slow_held_out_checks_stay_inside_the_seconds_cap(learner, corpus, refit
     # before stop 34 one check ran past the cap (2.9 s with refit off); the margin is one tiny step on a loaded CI
     assert time.perf_counter() - started < budget.seconds + 0.3
     assert steps < 100_000
+
+
+def test_a_class_with_one_shot_does_not_stop_the_tuning_of_the_others(learner, corpus):
+    """Real label spaces have rare classes (ATIS: 4 of 21 intents with fewer than 5 training rows, some with one):
+    before stop 39 a single one-shot class left the whole support untuned."""
+    from metanlp.adaptation import _Tuner
+
+    class Recording(_Tuner):
+        def train(self, rows, steps, **kwargs):
+            result = super().train(rows, steps, **kwargs)
+            self.runs.append((rows.tolist(), result[3]))
+            return result
+
+    texts, labels = support_of(corpus, classes=4, shots=4)
+    texts, labels = texts[:13], labels[:13]  # the fourth class keeps a single shot, row 12
+    targets = support_targets(labels)[1]
+    tuner = Recording(learner, learner.encoder.tokenize(texts), targets, 4,
+                      AdaptBudget(lr=1e-3, batch_size=8, seconds=60.0), "contrastive")
+    tuner.runs = []
+    tuner.choose_and_train(6, time.perf_counter(), score_every=2, one_shot_steps=0)
+    [(rows, steps)] = tuner.runs  # one pass: the steps are chosen on the held-out shots of the three other classes
+    assert 12 in rows and len(rows) == 10 and steps == 6
 
 
 def test_contrastive_batches_hold_several_rows_of_few_classes(learner, corpus):
