@@ -4,8 +4,8 @@ Strategies, applied in this order when combined:
 - `selfsup`: a bounded number of masked-LM steps on the domain's unlabeled text (the support texts when
   there is none), with an L2 pull toward the starting weights so the encoder does not drift far;
 - `finetune`: encoder fine-tuning with a cosine head initialised from the class prototypes (Proto-MAML
-  style); the number of steps is chosen on the support set itself: one shot per class is held out, the
-  rest trains, and the weights at the step with the lowest held-out loss are kept (the start, if no step
+  style); the number of steps is chosen on the support set itself: one shot of each class that has two or
+  more is held out, the rest trains, and the weights at the step with the lowest held-out loss are kept (the start, if no step
   beats it); with `AdaptBudget.refit` all shots then train again for that many steps;
 - `contrastive`: SetFit-style contrastive fine-tuning of the encoder, started from the meta-learned weights:
   a supervised contrastive loss (same-class support rows together, others apart) on class-balanced batches
@@ -70,7 +70,7 @@ class BudgetError(DataError):
 @dataclass(frozen=True)
 class AdaptBudget:
     finetune_steps: int = 30  # upper bound; the held-out shot picks the number actually used
-    one_shot_steps: int = 5  # with one shot per class nothing can be held out: this many steps
+    one_shot_steps: int = 5  # with one shot of every class nothing can be held out: this many steps
     selfsup_steps: int = 20
     contrastive_steps: int = 40  # upper bound, as finetune_steps
     contrastive_every: int = 5  # the held-out shot is scored every this many contrastive steps
