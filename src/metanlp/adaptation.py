@@ -5,8 +5,8 @@ Strategies, applied in this order when combined:
   there is none), with an L2 pull toward the starting weights so the encoder does not drift far;
 - `finetune`: encoder fine-tuning with a cosine head initialised from the class prototypes (Proto-MAML
   style); the number of steps is chosen on the support set itself: one shot of each class that has two or
-  more is held out, the rest trains, and the weights at the step with the lowest held-out loss are kept (the start, if no step
-  beats it); with `AdaptBudget.refit` all shots then train again for that many steps;
+  more is held out, the rest trains, and the weights at the step with the lowest held-out loss are kept (the
+  start, if no step beats it); with `AdaptBudget.refit` all shots then train again for that many steps;
 - `contrastive`: SetFit-style contrastive fine-tuning of the encoder, started from the meta-learned weights:
   a supervised contrastive loss (same-class support rows together, others apart) on class-balanced batches
   of classes at random, or (`AdaptBudget.contrastive_batches = "nearest"`) each a class and the classes
