@@ -181,7 +181,7 @@ def train(
                     "prototype loss (0: off, the default here; params.yaml's pipeline uses 1)")] = None,
     default_adaptation: Annotated[Literal["contrastive", "untuned"], typer.Option(
         help="what `predict` and the service do with a new support set unless asked otherwise (written in "
-             "learner.json): contrastive (the top two layers tuned on the support first, seconds to a minute: "
+             "learner.json): contrastive (the top four layers tuned on the support first, seconds to a minute: "
              "README 'The default adaptation') or untuned (the learner's own rule alone, milliseconds)")
     ] = "contrastive",
     ways: Annotated[int, typer.Option(help="classes per training and validation episode (validation: 1-shot)")
@@ -410,7 +410,7 @@ def predict(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     strategy: Annotated[str, typer.Option(help="how the model adapts to the support: default (as its "
                                                "learner.json says: models of the pipeline and of `train` tune "
-                                               "their top two layers contrastively first, seconds to a minute), "
+                                               "their top four layers contrastively first, seconds to a minute), "
                                                "untuned (its own rule alone, milliseconds), logreg, or "
                                                "contrastive with the --adapt-* budget below")] = "default",
     adapt_seconds: Annotated[float | None, typer.Option(

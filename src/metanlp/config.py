@@ -463,7 +463,9 @@ class DefaultAdaptation(_Strict):
 
     strategy: Literal["contrastive"] = "contrastive"
     seconds: float = Field(90.0, gt=0)  # wall-clock cap, the held-out checks included
-    top_layers: int | None = Field(2, ge=1)  # tune only the top N encoder layers (None: every weight)
+    # tune only the top N encoder layers (None: every weight); 4 of MiniLM's 6: +1.0 / +0.9 pp over the top 2 on
+    # four held-out kinds and +8 at 5 shots on ATIS, level on 150-181 fine-grained intents, in about 1.8x the time
+    top_layers: int | None = Field(4, ge=1)
     batches: Literal["random", "nearest"] = "nearest"  # the classes of a contrastive batch
 
 

@@ -27,8 +27,8 @@ def test_train_writes_a_model_with_its_split_and_history(tiny_model):
     spec = json.loads((tiny_model / "learner.json").read_text())
     assert spec["learner"]["kind"] == "protonet"
     assert set(spec["provenance"]["classes"]) == {"train", "val", "test"}
-    # predict and the service tune its top two layers on a support set first unless told otherwise
-    assert spec["adaptation"] == {"strategy": "contrastive", "seconds": 90.0, "top_layers": 2, "batches": "nearest"}
+    # predict and the service tune its top four layers on a support set first unless told otherwise
+    assert spec["adaptation"] == {"strategy": "contrastive", "seconds": 90.0, "top_layers": 4, "batches": "nearest"}
     assert (tiny_model / "history.json").is_file() and (tiny_model / "learning_curve.png").is_file()
 
 
