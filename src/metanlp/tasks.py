@@ -34,8 +34,8 @@ if TYPE_CHECKING:  # annotation only: adaptation is imported when a task tunes t
 DEFAULT_STRATEGY = "default"
 STRATEGIES = {
     DEFAULT_STRATEGY: "what the model was saved to do: the encoder tuning its learner.json names under "
-                      "`adaptation` (what the pipeline and `metanlp train` write: contrastive, the top two layers, "
-                      "nearest-class batches, at most 90 s), then its own rule; a model without one adapts by its "
+                      "`adaptation` (what the pipeline and `metanlp train` write: contrastive on the top layers, "
+                      "nearest-class batches and cap it names), then its own rule; a model without one adapts by its "
                       "own rule alone",
     "untuned": "the model's own rule alone (prototypes, or its inner loop), no encoder tuning: milliseconds",
     "logreg": "a logistic-regression head fitted on the model's embeddings (what SetFit puts on its encoder)",
