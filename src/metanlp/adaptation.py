@@ -192,6 +192,22 @@ class _Tuner:
                                          attention_mask=attention_mask)
         return self.split.top(weights, hidden, mask, attention_mask).float()
 
+    @torch.no_grad()
+    def embed_rows(self, weights, rows, chunk: int = 128) -> torch.Tensor:
+        """`embed` without gradients for many rows (a held-out check, the prototypes), in chunks of rows sorted by
+        length: one batch of every support row is padded to the longest of them (about 5x the time on 1,810
+        COVID questions, whose mean is a quarter of the longest)."""
+        rows = np.asarray(rows)
+        order = np.argsort(self.tokens.lengths[torch.as_tensor(rows, dtype=torch.long)].numpy(), kind="stable")
+        out = None
+        for start in range(0, len(rows), chunk):
+            part = order[start : start + chunk]
+            embedded = self.embed(weights, rows[part])
+            if out is None:
+                out = embedded.new_empty(len(rows), embedded.shape[1])
+            out[torch.as_tensor(part, device=out.device)] = embedded
+        return out
+
     def class_groups(self, rows: np.ndarray) -> list[np.ndarray]:
         """The rows of each class that has at least two of them (a row alone in its class has no positive)."""
         row_targets = self.targets[rows].cpu().numpy()
@@ -285,7 +301,7 @@ class _Tuner:
         if at_start and key in self.start_prototypes:
             return self.start_prototypes[key] * scale
         with torch.no_grad():
-            protos = F.normalize(prototypes(self.embed(weights or self.start, rows), self.targets[rows],
+            protos = F.normalize(prototypes(self.embed_rows(weights or self.start, rows), self.targets[rows],
                                             self.n_classes), dim=-1)
         if at_start:
             self.start_prototypes[key] = protos
@@ -298,8 +314,8 @@ class _Tuner:
         where the ranking of the classes got worse."""
         with torch.no_grad():
             if head is not None:
-                return float(F.cross_entropy(self.embed(weights, rows) @ head.T, self.targets[rows]))
-            cosines = self.embed(weights, rows) @ self.prototype_head(fit_rows, weights, scale=1.0).T
+                return float(F.cross_entropy(self.embed_rows(weights, rows) @ head.T, self.targets[rows]))
+            cosines = self.embed_rows(weights, rows) @ self.prototype_head(fit_rows, weights, scale=1.0).T
             return min(float(F.cross_entropy(cosines * scale, self.targets[rows])) for scale in HELD_OUT_SCALES)
 
     def choose_and_train(self, steps_cap: int, started: float, score_every: int = 1, fused: bool = False,

@@ -288,6 +288,25 @@ def test_tuning_the_top_layers_runs_the_bottom_once_and_changes_only_the_top(lea
     assert torch.allclose(top.embed(tuned, rows), whole.embed(whole_weights, rows), atol=1e-5)
 
 
+@pytest.mark.parametrize("top_layers", [None, 1])
+def test_held_out_checks_embed_in_length_sorted_chunks_to_the_same_embeddings(learner, corpus, top_layers):
+    """The checks and prototypes embed many rows in chunks sorted by length (less padding): each row gets the
+    embedding one batch of all of them gives, in the order asked for."""
+    from metanlp.adaptation import _Tuner
+
+    texts, labels = support_of(corpus, classes=4, shots=4)
+    texts = [text + " and more" * (i % 5) for i, text in enumerate(texts)]  # lengths that differ
+    tokens = learner.encoder.tokenize(texts)
+    learner.eval()
+    tuner = _Tuner(learner, tokens, support_targets(labels)[1], 4, AdaptBudget(top_layers=top_layers), "contrastive")
+    rows = np.random.default_rng(0).permutation(len(texts))
+    assert len(set(tokens.lengths[torch.as_tensor(rows)].tolist())) > 2
+    with torch.no_grad():
+        one_batch = tuner.embed(tuner.start, rows)
+    chunked = tuner.embed_rows(tuner.start, rows, chunk=3)
+    assert chunked.shape == one_batch.shape
+    assert torch.allclose(chunked, one_batch, atol=1e-5)
+
 def test_without_refit_the_weights_of_the_best_held_out_step_are_kept(learner, corpus):
     """`refit=False`: no second pass on every row; the choosing pass's weights at its lowest held-out loss."""
     from metanlp.adaptation import _Tuner
