@@ -307,6 +307,7 @@ def test_held_out_checks_embed_in_length_sorted_chunks_to_the_same_embeddings(le
     assert chunked.shape == one_batch.shape
     assert torch.allclose(chunked, one_batch, atol=1e-5)
 
+
 def test_without_refit_the_weights_of_the_best_held_out_step_are_kept(learner, corpus):
     """`refit=False`: no second pass on every row; the choosing pass's weights at its lowest held-out loss."""
     from metanlp.adaptation import _Tuner
