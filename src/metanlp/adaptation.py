@@ -169,10 +169,8 @@ class _Tuner:
     def run_bottom(self, split: EncoderSplit, chunk: int = 128) -> torch.Tensor:
         """The token states of every support row after the layers that stay fixed, padded to the longest row:
         [rows, width, hidden]."""
-        order = np.argsort(self.tokens.lengths.numpy(), kind="stable")
         states = None
-        for start in range(0, len(order), chunk):
-            rows = order[start : start + chunk]
+        for rows in self.tokens.chunks_by_length(np.arange(len(self.tokens)), chunk):
             hidden, _ = split.bottom(self.tokens.batch(rows))
             if states is None:
                 states = hidden.new_zeros(len(self.tokens), self.tokens.input_ids.shape[1], hidden.shape[-1])
@@ -198,12 +196,10 @@ class _Tuner:
         length: one batch of every support row is padded to the longest of them (about 5x the time on 1,810
         COVID questions, whose mean is a quarter of the longest)."""
         rows = np.asarray(rows)
-        order = np.argsort(self.tokens.lengths[torch.as_tensor(rows, dtype=torch.long)].numpy(), kind="stable")
         out = None
-        for start in range(0, len(rows), chunk):
-            part = order[start : start + chunk]
+        for part in self.tokens.chunks_by_length(rows, chunk):
             embedded = self.embed(weights, rows[part])
-            if out is None:
+            if out is None:  # as wide as `embed` gives (a subclass may embed in a space of its own)
                 out = embedded.new_empty(len(rows), embedded.shape[1])
             out[torch.as_tensor(part, device=out.device)] = embedded
         return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,13 @@ class TokenizedTexts:
     def real_tokens(self, rows: np.ndarray | list[int]) -> int:
         """How many real (non-padding) tokens these rows hold."""
         return int(self.lengths[torch.as_tensor(np.asarray(rows), dtype=torch.long)].sum())
+
+    def chunks_by_length(self, rows: np.ndarray, size: int) -> Iterator[np.ndarray]:
+        """Positions in `rows`, sorted by their texts' length, in chunks of `size`: a batch of one chunk is padded
+        to little more than its own rows (one batch of all of them, to the longest)."""
+        order = np.argsort(self.lengths[torch.as_tensor(rows, dtype=torch.long)].numpy(), kind="stable")
+        for start in range(0, len(order), size):
+            yield order[start : start + size]
 
     def batch(self, rows: np.ndarray | list[int] | None = None) -> TokenBatch:
         if rows is None:
@@ -168,10 +176,8 @@ class TextEncoder(nn.Module):
         rows = np.arange(len(tokens)) if rows is None else np.asarray(rows)
         was_training = self.training
         self.eval()  # inference embeddings never use dropout, whatever mode the caller left us in
-        order = np.argsort(tokens.lengths[torch.as_tensor(rows, dtype=torch.long)].numpy(), kind="stable")
         out = torch.empty(len(rows), self.dim)
-        for start in range(0, len(rows), batch_size):
-            chunk = order[start : start + batch_size]
+        for chunk in tokens.chunks_by_length(rows, batch_size):
             with autocast(self.device):
                 out[torch.as_tensor(chunk)] = self(tokens.batch(rows[chunk])).float().cpu()
         self.train(was_training)
