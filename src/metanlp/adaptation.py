@@ -408,12 +408,11 @@ def transductive(learner: Learner, classifier: Classifier, texts: list[str], lab
     counts = torch.bincount(targets, minlength=len(classifier.classes))
     protos, scale, distance = state["prototypes"].float(), state["scale"].float(), learner.config.distance
     support = learner.encoder.embed(learner.encoder.tokenize(list(texts))).float() if check else None
-    prior = learner.class_log_prior(classifier.classes)  # learned label base rates stay in every logit
 
     def logits(queries: TokenizedTexts) -> torch.Tensor:
         embedded = learner.encoder.embed(queries).float()
         plain = protos.to(embedded.device)
-        offset = None if prior is None else prior.to(embedded.device)
+        offset = learner.label_offsets(classifier.classes, embedded)  # learned base rates and head stay in every logit
         proportions = proportion_rows > 0 and len(embedded) >= proportion_rows * len(plain)
         if check and not refinement_helps(support.to(embedded.device), targets.to(embedded.device), embedded,
                                           distance, scale, steps, proportions):

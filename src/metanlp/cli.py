@@ -176,6 +176,10 @@ def train(
     label_prior: Annotated[float | None, typer.Option(
         min=0, help="ProtoNet: add the label names' base rates in the meta-training tasks, times this weight, to "
                     "a new task's logits (1: Bayes' rule; for new tasks of the training tasks' kind)")] = None,
+    label_head: Annotated[float | None, typer.Option(
+        min=0, help="ProtoNet: fit a linear classifier of the training rows' label names on the trained model's "
+                    "embeddings, and add its logits, times this weight, to a new task's classes of those names "
+                    "(a new domain of the training tasks' kind)")] = None,
     supcon: Annotated[float | None, typer.Option(
         min=0, help="ProtoNet: add this weight times a supervised contrastive loss over each episode's rows to the "
                     "prototype loss (0: off, the default here; params.yaml's pipeline uses 1)")] = None,
@@ -217,7 +221,8 @@ def train(
                          episode=EpisodeConfig(ways=ways, shots=shots, queries=queries),
                          val_episode=EpisodeConfig(ways=ways, shots=1, queries=queries))
     spec_learner = _learner_config(learner, inner_steps=inner_steps, inner_lr=inner_lr, adapt=adapt,
-                                   top_layers=top_layers, label_prior=label_prior, supcon=supcon)
+                                   top_layers=top_layers, label_prior=label_prior, label_head=label_head,
+                                   supcon=supcon)
     encoder_config = EncoderConfig(name_or_path=encoder, pooling=pooling, max_length=max_length, keep_tail=keep_tail)
     spaces = {}
     if pool is not None:

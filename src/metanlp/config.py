@@ -219,12 +219,18 @@ class ProtoNetConfig(_Strict):
     # "positive"), learned from the training rows' counts at the end of meta-training and added, times this
     # weight, to the logits of a new task's classes of those names (1: Bayes' rule); 0 is off.
     label_prior: float = Field(0.0, ge=0)
+    # Label head: a linear classifier of the label names met in meta-training (multinomial logistic regression on
+    # the unit embeddings of every training row, C = 1), fitted at the end of meta-training; its logits for a new
+    # task's classes of those names, times this weight, are added to the prototypes' (a name it never met adds
+    # 0). What past tasks taught about a name that a few examples cannot show (a new product area of a known
+    # sentiment task); 0 is off.
+    label_head: float = Field(0.0, ge=0)
 
     meta_trainable: ClassVar[bool] = True
 
     @model_serializer(mode="wrap")
-    def _without_unset_label_prior(self, handler):
-        return without_unset(handler(self), "label_prior")
+    def _without_unset_label_options(self, handler):
+        return without_unset(without_unset(handler(self), "label_prior"), "label_head")
 
     def search_space(self, trial) -> dict:
         """The values an Optuna trial tries, as dotted keys of `meta_train` (its `learner` and `train`)."""
@@ -245,6 +251,7 @@ class FrozenConfig(ProtoNetConfig):
     kind: Literal["frozen"] = "frozen"
     learn_scale: Literal[False] = False
     label_prior: Literal[0.0] = 0.0  # nothing is meta-trained, so no base rates are learned
+    label_head: Literal[0.0] = 0.0  # nor a label head
 
     meta_trainable: ClassVar[bool] = False
 
@@ -396,6 +403,7 @@ class MemoryConfig(ProtoNetConfig):
 
     kind: Literal["memory"] = "memory"
     label_prior: Literal[0.0] = 0.0  # ProtoNet's base rates are not carried into a memory learner
+    label_head: Literal[0.0] = 0.0  # nor its label head
     label_names: float = Field(0.0, ge=0)  # a fixed weight: its prototypes also hold borrowed rows
     capacity: int = Field(20000, ge=1)  # rows kept; see the module for the eviction rule
     neighbours: int = Field(8, ge=0)  # memory rows borrowed per support class

@@ -27,8 +27,10 @@ def average_learners(directories: list[Path]) -> Learner:
             raise DataError(f"{directory}: not the learner and encoder of {directories[0]} "
                             f"({learner.config.kind}, {learner.encoder.config.name_or_path} against "
                             f"{first.config.kind}, {first.encoder.config.name_or_path}, or their options differ)")
-        if kept_beside(directory) != first_beside:  # e.g. label base rates (the same rows give the same)
-            raise DataError(f"{directory}: what it keeps beside its weights ({list(learner.saved_beside)}) differs "
+        beside = kept_beside(directory)  # e.g. label base rates (the same rows give the same)
+        differing = sorted(name for name in {*beside, *first_beside} if beside.get(name) != first_beside.get(name))
+        if differing:
+            raise DataError(f"{directory}: what it keeps beside its weights ({differing}) differs "
                             f"from {directories[0]}'s, and a mean of weights cannot merge it")
         for name, tensor in states[0].items():
             other = state.get(name)

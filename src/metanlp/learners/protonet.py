@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from metanlp.config import FrozenConfig, ProtoNetConfig, Provenance, uses_label_names
@@ -21,9 +24,12 @@ from metanlp.data.load import DataError, LabelledTexts
 from metanlp.data.pool import label_base_rates, split_label
 from metanlp.encoder import TextEncoder, TokenizedTexts, autocast
 from metanlp.learners.base import Classifier, Learner, check_state, support_targets
+from metanlp.learners.logreg import fit_logistic_regression
 
 LABEL_PRIOR_FILE = "label_prior.json"  # the learned label base rates, beside the weights
+LABEL_HEAD_FILE = "label_head.safetensors"  # the label head's weight and bias; its label names in the metadata
 LABEL_NAME_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)  # what `label_names: auto` chooses from
+LABEL_HEAD_ITERATIONS = 500  # L-BFGS iterations of the label head's fit
 
 
 def prototypes(embeddings: torch.Tensor, targets: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -138,9 +144,62 @@ def refine_prototypes(protos: torch.Tensor, counts: torch.Tensor, queries: torch
     return refined, logits
 
 
+@dataclass(frozen=True)
+class LabelHead:
+    """A linear classifier of label names on unit embeddings: row i of `weight` and `bias` scores `names[i]`."""
+
+    names: tuple[str, ...]
+    weight: torch.Tensor  # [names, dim]
+    bias: torch.Tensor  # [names]
+
+    @classmethod
+    def fit(cls, embedded: torch.Tensor, names: list[str]) -> LabelHead | None:
+        """Multinomial logistic regression of `names` (one per row) on the unit `embedded` rows, at C = 1 (the
+        rows' summed cross-entropy against half the squared weights); None with fewer than two names."""
+        vocabulary = sorted(set(names))
+        if len(vocabulary) < 2:
+            return None
+        index = {name: i for i, name in enumerate(vocabulary)}
+        targets = torch.tensor([index[name] for name in names])
+        weight, bias = fit_logistic_regression(F.normalize(embedded.float().cpu(), dim=-1), targets,
+                                               len(vocabulary), C=1.0, max_iter=LABEL_HEAD_ITERATIONS)
+        return cls(tuple(vocabulary), weight, bias)
+
+    def logits(self, embedded: torch.Tensor, classes: list[str]) -> torch.Tensor | None:
+        """[queries, classes]: the head's logits of the classes it knows by name, 0 for the others; None if it
+        knows none of them."""
+        index = {name: i for i, name in enumerate(self.names)}
+        known = [(column, index[c]) for column, c in enumerate(classes) if c in index]
+        if not known:
+            return None
+        columns, rows = (list(values) for values in zip(*known, strict=True))
+        weight, bias = self.weight.to(embedded.device), self.bias.to(embedded.device)
+        out = torch.zeros(len(embedded), len(classes), device=embedded.device)
+        out[:, columns] = F.normalize(embedded.float(), dim=-1) @ weight[rows].T + bias[rows]
+        return out
+
+    def save(self, path: Path) -> None:
+        save_file({"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}, str(path),
+                  metadata={"names": json.dumps(list(self.names))})
+
+    @classmethod
+    def load(cls, path: Path, dim: int) -> LabelHead:
+        try:
+            with safe_open(str(path), framework="pt") as tensors:
+                names = json.loads((tensors.metadata() or {}).get("names", "null"))
+                weight, bias = tensors.get_tensor("weight"), tensors.get_tensor("bias")
+        except (OSError, SafetensorError, json.JSONDecodeError) as err:
+            raise DataError(f"{path}: the model's label_head needs its label head ({err})") from err
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names) \
+                or tuple(weight.shape) != (len(names), dim) or tuple(bias.shape) != (len(names),):
+            raise DataError(f"{path}: not a label head of {dim}-dimensional embeddings (its names, weight "
+                            f"[names, {dim}] and bias [names] do not agree)")
+        return cls(tuple(names), weight.float(), bias.float())
+
+
 class ProtoNet(Learner):
     meta_trainable = True
-    saved_beside = (LABEL_PRIOR_FILE,)
+    saved_beside = (LABEL_PRIOR_FILE, LABEL_HEAD_FILE)
 
     def __init__(self, encoder: TextEncoder, config: ProtoNetConfig | None = None,
                  provenance: Provenance | None = None) -> None:
@@ -148,10 +207,15 @@ class ProtoNet(Learner):
         self.log_scale = nn.Parameter(torch.tensor(math.log(self.config.init_scale)),
                                       requires_grad=self.config.learn_scale)
         self.label_rates: dict[str, float] = {}  # `label_prior`: label name -> base rate, from meta-training
+        self.label_head: LabelHead | None = None  # `label_head`: fitted on the training rows after meta-training
 
     def learn_from_training_rows(self, data: LabelledTexts) -> None:
         if self.config.label_prior > 0:
             self.label_rates = label_base_rates(data)
+        if self.config.label_head > 0:
+            with torch.no_grad():
+                embedded = self.encoder.embed(self.tokens(data.texts))
+            self.label_head = LabelHead.fit(embedded, [split_label(label)[1] for label in data.labels])
 
     def class_log_prior(self, classes: list[str]) -> torch.Tensor | None:
         """The learned base rates of `classes` times `label_prior` (0 for a name never met in meta-training),
@@ -161,9 +225,22 @@ class ProtoNet(Learner):
             return None
         return self.config.label_prior * torch.tensor([r or 0.0 for r in rates])
 
+    def label_offsets(self, classes: list[str], embedded: torch.Tensor) -> torch.Tensor | None:
+        """What meta-training taught about the names of `classes`, added to the logits of the `embedded`
+        queries: the label base rates ([classes]) and the label head's logits ([queries, classes]), each times
+        its weight; None when neither applies."""
+        prior = self.class_log_prior(classes)
+        head = None if self.label_head is None else self.label_head.logits(embedded, classes)
+        if head is None:
+            return None if prior is None else prior.to(embedded.device)
+        head = self.config.label_head * head
+        return head if prior is None else head + prior.to(embedded.device)
+
     def save_extra(self, directory: Path) -> None:
         if self.config.label_prior > 0:
             (directory / LABEL_PRIOR_FILE).write_text(json.dumps(self.label_rates, indent=2, sort_keys=True))
+        if self.label_head is not None:
+            self.label_head.save(directory / LABEL_HEAD_FILE)
 
     def load_extra(self, directory: Path) -> None:
         if self.config.label_prior > 0:
@@ -175,6 +252,8 @@ class ProtoNet(Learner):
             if not isinstance(rates, dict) or not all(isinstance(v, int | float) for v in rates.values()):
                 raise DataError(f"{path}: not a mapping of label names to numbers")
             self.label_rates = {str(k): float(v) for k, v in rates.items()}
+        if self.config.label_head > 0 and (directory / LABEL_HEAD_FILE).exists():
+            self.label_head = LabelHead.load(directory / LABEL_HEAD_FILE, self.encoder.dim)
 
     def episode_loss(self, tokens: TokenizedTexts, episode: Episode):
         n_support = len(episode.support)
@@ -256,12 +335,11 @@ class ProtoNet(Learner):
     def restore(self, classes: list[str], state: dict[str, torch.Tensor]) -> Classifier:
         check_state(state, {"prototypes": (len(classes), self.encoder.dim), "scale": ()})
         protos, scale = state["prototypes"].float(), state["scale"].float()
-        prior = self.class_log_prior(classes)
 
         def logits(queries: TokenizedTexts) -> torch.Tensor:
             embedded = self.encoder.embed(queries)
             return query_logits(embedded, protos.to(embedded.device), None, self.config.distance, scale, False,
-                                None if prior is None else prior.to(embedded.device))
+                                self.label_offsets(classes, embedded))
 
         return Classifier(classes, self.encoder, logits, state)
 
