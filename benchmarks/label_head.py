@@ -17,13 +17,12 @@ from pathlib import Path
 from metanlp.data.load import DataError
 from metanlp.data.pool import read_pool, role_set
 from metanlp.learners.persistence import load_learner, save_learner
-from metanlp.learners.protonet import ProtoNet
 from metanlp.train import HISTORY_FILE
 
 
 def with_label_head(model: Path, pool: Path, weight: float, out: Path, force: bool = False) -> Path:
     learner = load_learner(model)
-    if not isinstance(learner, ProtoNet) or learner.config.kind != "protonet":
+    if learner.config.kind != "protonet":
         raise DataError(f"{model}: a label head is for meta-trained ProtoNet models, not {learner.config.kind!r}")
     learner.config = learner.config.model_copy(update={"label_head": weight})
     task_pool, root = read_pool(pool)

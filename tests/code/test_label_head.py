@@ -51,7 +51,8 @@ def test_the_head_is_a_logistic_regression_of_the_names_on_unit_embeddings():
     assert torch.allclose(head.weight, weight) and torch.allclose(head.bias, bias)
     scores = head.logits(embedded, list(head.names))
     assert (scores.argmax(dim=1) == targets).float().mean() > 0.8  # it learned the names it was given
-    assert LabelHead.fit(embedded, ["positive"] * 40) is None  # one name: nothing to tell apart
+    with pytest.raises(DataError, match="at least two label names"):  # one name: nothing to tell apart
+        LabelHead.fit(embedded, ["positive"] * 40)
 
 
 def test_the_head_logits_are_added_to_the_classes_it_names(encoder):
@@ -105,6 +106,9 @@ def test_the_head_survives_save_and_load_and_a_damaged_one_is_refused(encoder, t
     with pytest.raises(DataError, match=f"{LABEL_HEAD_FILE}: not a label head of {encoder.dim}-dimensional"):
         load_learner(tmp_path / "m")
     path.write_bytes(b"not safetensors")
+    with pytest.raises(DataError, match=f"{LABEL_HEAD_FILE}: the model's label_head needs its label head"):
+        load_learner(tmp_path / "m")
+    path.unlink()
     with pytest.raises(DataError, match=f"{LABEL_HEAD_FILE}: the model's label_head needs its label head"):
         load_learner(tmp_path / "m")
 

@@ -153,12 +153,12 @@ class LabelHead:
     bias: torch.Tensor  # [names]
 
     @classmethod
-    def fit(cls, embedded: torch.Tensor, names: list[str]) -> LabelHead | None:
+    def fit(cls, embedded: torch.Tensor, names: list[str]) -> LabelHead:
         """Multinomial logistic regression of `names` (one per row) on the unit `embedded` rows, at C = 1 (the
-        rows' summed cross-entropy against half the squared weights); None with fewer than two names."""
+        rows' summed cross-entropy against half the squared weights)."""
         vocabulary = sorted(set(names))
         if len(vocabulary) < 2:
-            return None
+            raise DataError(f"a label head needs at least two label names in the training rows, got {vocabulary}")
         index = {name: i for i, name in enumerate(vocabulary)}
         targets = torch.tensor([index[name] for name in names])
         weight, bias = fit_logistic_regression(F.normalize(embedded.float().cpu(), dim=-1), targets,
@@ -252,7 +252,7 @@ class ProtoNet(Learner):
             if not isinstance(rates, dict) or not all(isinstance(v, int | float) for v in rates.values()):
                 raise DataError(f"{path}: not a mapping of label names to numbers")
             self.label_rates = {str(k): float(v) for k, v in rates.items()}
-        if self.config.label_head > 0 and (directory / LABEL_HEAD_FILE).exists():
+        if self.config.label_head > 0:
             self.label_head = LabelHead.load(directory / LABEL_HEAD_FILE, self.encoder.dim)
 
     def episode_loss(self, tokens: TokenizedTexts, episode: Episode):
