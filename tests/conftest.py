@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -47,6 +48,21 @@ def shared_data() -> Path:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+def review_pool_train_args(folder: Path, counts: dict[str, dict[str, int]]) -> list[str]:
+    """`metanlp train` arguments (less --out) for one episode of the tiny random BERT on a pool written to
+    `folder`: a review-sentiment task per key of `counts` (label -> rows), in a train file (meta_train) and a
+    test file of the same rows (meta_val)."""
+    for split in ("train", "test"):
+        write_jsonl(folder / f"reviews_{split}.jsonl", [
+            {"text": f"{'good' if label == 'positive' else 'bad'} {task} {split} {i}", "label": label, "task": task}
+            for task, labels in counts.items() for label, n in labels.items() for i in range(n)])
+    pool = {"tasks": [{"name": "src", "path": "reviews_train.jsonl", "role": "meta_train", "task_column": "task"},
+                      {"name": "val", "path": "reviews_test.jsonl", "role": "meta_val", "task_column": "task"}]}
+    (folder / "pool.yaml").write_text(yaml.safe_dump(pool))
+    return ["train", "--pool", str(folder / "pool.yaml"), "--encoder", "tiny-random-bert", "--episodes", "1",
+            "--ways", "2", "--shots", "1", "--queries", "1", "--val-episodes", "2", "--no-checkpoint", "--quiet"]
 
 
 @pytest.fixture

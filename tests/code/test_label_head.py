@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from conftest import write_jsonl
+from conftest import review_pool_train_args
 from metanlp.cli import app
 from metanlp.config import ProtoNetConfig
 from metanlp.data.load import DataError, LabelledTexts
@@ -124,16 +123,7 @@ def test_transductive_refinement_keeps_the_head(encoder):
 
 
 def test_train_fits_the_head_and_the_script_gives_a_saved_model_the_same(tmp_path):
-    for split in ("train", "test"):
-        write_jsonl(tmp_path / f"reviews_{split}.jsonl", [
-            {"text": f"{word} {task} {split} {i}", "label": label, "task": task}
-            for task in ("toys", "books") for label, word in (("positive", "good"), ("negative", "bad"))
-            for i in range(6)])
-    pool = {"tasks": [{"name": "src", "path": "reviews_train.jsonl", "role": "meta_train", "task_column": "task"},
-                      {"name": "val", "path": "reviews_test.jsonl", "role": "meta_val", "task_column": "task"}]}
-    (tmp_path / "pool.yaml").write_text(yaml.safe_dump(pool))
-    args = ["train", "--pool", str(tmp_path / "pool.yaml"), "--encoder", "tiny-random-bert", "--episodes", "1",
-            "--ways", "2", "--shots", "1", "--queries", "1", "--val-episodes", "2", "--no-checkpoint", "--quiet"]
+    args = review_pool_train_args(tmp_path, {task: {"positive": 6, "negative": 6} for task in ("toys", "books")})
     result = CliRunner().invoke(app, [*args, "--label-head", "2", "--out", str(tmp_path / "with_head")])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "with_head" / "learner.json").read_text())["learner"]["label_head"] == 2.0

@@ -10,10 +10,9 @@ import math
 
 import numpy as np
 import pytest
-import yaml
 from typer.testing import CliRunner
 
-from conftest import write_jsonl
+from conftest import review_pool_train_args
 from metanlp.cli import app
 from metanlp.config import ProtoNetConfig
 from metanlp.data.load import DataError, LabelledTexts
@@ -112,16 +111,8 @@ def test_transductive_refinement_keeps_the_rates(encoder):
 
 
 def test_train_learns_the_rates_of_its_pool_and_other_learners_refuse_the_option(tmp_path):
-    for split in ("train", "test"):  # two review tasks, 3:1 and 1:1 positive
-        write_jsonl(tmp_path / f"reviews_{split}.jsonl", [
-            {"text": f"{word} {task} {split} {i}", "label": label, "task": task}
-            for task, counts in (("toys", {"positive": 9, "negative": 3}), ("books", {"positive": 6, "negative": 6}))
-            for label, word in (("positive", "good"), ("negative", "bad")) for i in range(counts[label])])
-    pool = {"tasks": [{"name": "src", "path": "reviews_train.jsonl", "role": "meta_train", "task_column": "task"},
-                      {"name": "val", "path": "reviews_test.jsonl", "role": "meta_val", "task_column": "task"}]}
-    (tmp_path / "pool.yaml").write_text(yaml.safe_dump(pool))
-    args = ["train", "--pool", str(tmp_path / "pool.yaml"), "--encoder", "tiny-random-bert", "--episodes", "1",
-            "--ways", "2", "--shots", "1", "--queries", "1", "--val-episodes", "2", "--no-checkpoint", "--quiet"]
+    args = review_pool_train_args(tmp_path, {"toys": {"positive": 9, "negative": 3},  # 3:1 and 1:1 positive
+                                             "books": {"positive": 6, "negative": 6}})
     result = CliRunner().invoke(app, [*args, "--label-prior", "1", "--out", str(tmp_path / "m")])
     assert result.exit_code == 0, result.output
     rates = json.loads((tmp_path / "m" / "label_prior.json").read_text())
