@@ -55,7 +55,8 @@ def test_the_head_is_a_logistic_regression_of_the_names_on_unit_embeddings():
 
 
 def test_the_head_logits_are_added_to_the_classes_it_names(encoder):
-    head = LabelHead(("negative", "positive"), torch.randn(2, encoder.dim), torch.tensor([-0.3, 0.3]))
+    weight = torch.randn(2, encoder.dim, generator=torch.Generator().manual_seed(0))
+    head = LabelHead(("negative", "positive"), weight, torch.tensor([-0.3, 0.3]))
     plain = build_learner(ProtoNetConfig(), encoder).eval()
     weighted = build_learner(ProtoNetConfig(label_head=2.0), encoder).eval()
     weighted.label_head = head
