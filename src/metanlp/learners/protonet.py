@@ -212,9 +212,8 @@ class ProtoNet(Learner):
     def learn_from_training_rows(self, data: LabelledTexts) -> None:
         if self.config.label_prior > 0:
             self.label_rates = label_base_rates(data)
-        if self.config.label_head > 0:
-            with torch.no_grad():
-                embedded = self.encoder.embed(self.tokens(data.texts))
+        if self.config.label_head > 0:  # `embed` runs without gradients, in eval mode
+            embedded = self.encoder.embed(self.tokens(data.texts))
             self.label_head = LabelHead.fit(embedded, [split_label(label)[1] for label in data.labels])
 
     def class_log_prior(self, classes: list[str]) -> torch.Tensor | None:
