@@ -27,7 +27,6 @@ def with_label_head(model: Path, pool: Path, weight: float, out: Path, force: bo
     learner.config = learner.config.model_copy(update={"label_head": weight})
     task_pool, root = read_pool(pool)
     train_set, _ = role_set(task_pool, root, "meta_train")
-    learner.eval()
     learner.learn_from_training_rows(train_set)
     history = model / HISTORY_FILE
     return save_learner(learner, out, force=force,

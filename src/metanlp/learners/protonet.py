@@ -117,10 +117,10 @@ def class_proportions(logits: torch.Tensor, counts: torch.Tensor | None = None, 
 
 def query_logits(queries: torch.Tensor, protos: torch.Tensor, counts: torch.Tensor | None, distance: str,
                  scale: torch.Tensor, proportions: bool, offset: torch.Tensor | None = None) -> torch.Tensor:
-    """The queries' logits under `protos` (plus a fixed per-class `offset`: learned label base rates), plus, with
-    `proportions`, the batch's log class proportions estimated from them: the refinement's E-step (their softmax
-    is each query's weight in each class) and its answer; `counts` (the support's rows per class) are pooled into
-    that estimate."""
+    """The queries' logits under `protos` (plus an `offset`, per class or per query and class: what meta-training
+    taught about the label names, `ProtoNet.label_offsets`), plus, with `proportions`, the batch's log class
+    proportions estimated from them: the refinement's E-step (their softmax is each query's weight in each
+    class) and its answer; `counts` (the support's rows per class) are pooled into that estimate."""
     logits = prototype_logits(queries, protos, distance, scale)
     logits = logits if offset is None else logits + offset
     return logits + class_proportions(logits, counts) if proportions else logits
